@@ -1,0 +1,186 @@
+"""Settings from the environment and `.env`, and how every script starts and exits."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+from urllib.parse import urlsplit, urlunsplit
+
+from dotenv import dotenv_values
+from redis.exceptions import RedisError
+
+DEFAULTS: dict[str, str] = {
+    "REDIS_URL": "redis://localhost:6379/0",
+    "REDIS_MAX_CONNECTIONS": "5",
+    "STREAM_KEY": "orders",
+    "FULFILLMENT_GROUP": "fulfillment_group",
+    "EMAIL_GROUP": "email_group",
+    "CONSUMER_NAME": "",  # empty: host name and pid, unique per process
+    "BATCH_SIZE": "100",
+    "BLOCK_MS": "2000",
+    "SOCKET_TIMEOUT_MS": "5000",
+    "CLAIM_IDLE_MS": "60000",
+    "MAX_DELIVERIES": "5",
+    "RETRY_DELAY_MS": "1000",
+    "MAX_PAYLOAD_BYTES": "65536",
+    "DEAD_LETTER_STREAM": "orders:dead-letter",
+    "LOG_LEVEL": "INFO",
+}
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class CliError(Exception):
+    """An error that ends a script with one line on stderr and `exit_code`."""
+
+    exit_code = 1
+
+
+class ConfigError(CliError):
+    """A bad setting or bad command-line input: exit code 2."""
+
+    exit_code = 2
+
+
+def redact_url(url: str) -> str:
+    """Return `url` with any password replaced by `***`, safe to log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a script needs to know, read once at start; never holds live objects."""
+
+    redis_url: str = field(repr=False)
+    redis_max_connections: int
+    stream_key: str
+    fulfillment_group: str
+    email_group: str
+    consumer_name: str
+    batch_size: int
+    block_ms: int
+    socket_timeout_ms: int
+    claim_idle_ms: int
+    max_deliveries: int
+    retry_delay_ms: int
+    max_payload_bytes: int
+    dead_letter_stream: str
+    log_level: str
+
+    @property
+    def groups(self) -> tuple[str, str]:
+        """Both consumer groups: each of them gets every order."""
+        return (self.fulfillment_group, self.email_group)
+
+    @property
+    def safe_redis_url(self) -> str:
+        """The Redis URL with its password hidden, for log lines."""
+        return redact_url(self.redis_url)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Build settings from a mapping of variables; raise ConfigError naming a bad one."""
+        get = _Reader({**DEFAULTS, **{k: v for k, v in env.items() if k in DEFAULTS}})
+        url = get.text("REDIS_URL")
+        scheme = urlsplit(url).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(
+                f"REDIS_URL must start with redis://, rediss:// or unix://, got {scheme or 'no'} scheme"
+            )
+        settings = cls(
+            redis_url=url,
+            redis_max_connections=get.integer("REDIS_MAX_CONNECTIONS", low=1),
+            stream_key=get.text("STREAM_KEY"),
+            fulfillment_group=get.text("FULFILLMENT_GROUP"),
+            email_group=get.text("EMAIL_GROUP"),
+            consumer_name=get.text("CONSUMER_NAME", empty_ok=True) or f"{socket.gethostname()}-{os.getpid()}",
+            batch_size=get.integer("BATCH_SIZE", low=1, high=10_000),
+            block_ms=get.integer("BLOCK_MS", low=1),
+            socket_timeout_ms=get.integer("SOCKET_TIMEOUT_MS", low=100),
+            claim_idle_ms=get.integer("CLAIM_IDLE_MS", low=1),
+            max_deliveries=get.integer("MAX_DELIVERIES", low=1),
+            retry_delay_ms=get.integer("RETRY_DELAY_MS", low=0),
+            max_payload_bytes=get.integer("MAX_PAYLOAD_BYTES", low=64),
+            dead_letter_stream=get.text("DEAD_LETTER_STREAM"),
+            log_level=get.text("LOG_LEVEL").upper(),
+        )
+        if settings.block_ms >= settings.socket_timeout_ms:
+            raise ConfigError(
+                f"BLOCK_MS ({settings.block_ms}) must be below SOCKET_TIMEOUT_MS "
+                f"({settings.socket_timeout_ms}), or every idle blocking read times out"
+            )
+        if settings.fulfillment_group == settings.email_group:
+            raise ConfigError("FULFILLMENT_GROUP and EMAIL_GROUP must differ, or they share the orders")
+        if settings.dead_letter_stream == settings.stream_key:
+            raise ConfigError("DEAD_LETTER_STREAM must differ from STREAM_KEY")
+        if settings.log_level not in logging.getLevelNamesMapping():
+            raise ConfigError(
+                f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, got {settings.log_level!r}"
+            )
+        return settings
+
+
+class _Reader:
+    """Typed access to raw variables, each error naming its variable."""
+
+    def __init__(self, raw: Mapping[str, str]) -> None:
+        self.raw = raw
+
+    def text(self, name: str, *, empty_ok: bool = False) -> str:
+        value = self.raw[name].strip()
+        if not value and not empty_ok:
+            raise ConfigError(f"{name} must not be empty")
+        return value
+
+    def integer(self, name: str, *, low: int, high: int | None = None) -> int:
+        value = self.raw[name].strip()
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
+        if number < low or (high is not None and number > high):
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise ConfigError(f"{name} must be {bounds}, got {number}")
+        return number
+
+
+def load_settings(env: Mapping[str, str] | None = None, env_file: str = ".env") -> Settings:
+    """Read settings from `.env` overlaid by the real environment (the environment wins)."""
+    file_values = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+    return Settings.from_env({**file_values, **(os.environ if env is None else env)})
+
+
+def configure_logging(level: str) -> None:
+    """Send log lines to stderr in one plain format."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+
+
+def run_script(prog: str, main: Callable[[Settings], Coroutine[Any, Any, int]]) -> NoReturn:
+    """Load settings, set up logging, run `main`; turn known failures into one line and an exit code."""
+    code: int
+    try:
+        settings = load_settings()
+        configure_logging(settings.log_level)
+        code = asyncio.run(main(settings))
+    except CliError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        code = error.exit_code
+    except RedisError as error:
+        print(f"{prog}: error: Redis failed: {type(error).__name__}: {error}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Set-up-as-you-go entry point: `./dev.sh demo` runs the pipeline, `./dev.sh test` runs lint and tests.
+# Creates .venv and installs the requirements when they change; finds or installs a Redis.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+usage() {
+  echo "usage: ./dev.sh demo [--count N] | test [PYTEST ARGS] | bench [ARGS] | run MODULE [ARGS]" >&2
+  exit 2
+}
+
+ensure_venv() {
+  if [ ! -x .venv/bin/python ]; then
+    "${PYTHON:-python3}" -m venv .venv || {
+      echo "dev.sh: cannot create a virtual environment; install python3-venv (Debian) or Python 3.11+" >&2
+      exit 1
+    }
+  fi
+  local want
+  want=$(cat requirements*.txt | sha256sum | cut -d' ' -f1)
+  if [ "$(cat .venv/.installed 2>/dev/null)" != "$want" ]; then
+    echo "dev.sh: installing requirements into .venv" >&2
+    .venv/bin/python -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+    echo "$want" > .venv/.installed
+  fi
+}
+
+# A local redis-server binary, installing Debian's package where this user may.
+ensure_redis_server() {
+  command -v redis-server >/dev/null && return 0
+  if command -v apt-get >/dev/null; then
+    local sudo=""
+    [ "$(id -u)" = 0 ] || { command -v sudo >/dev/null && sudo -n true 2>/dev/null && sudo="sudo -n"; } || return 1
+    echo "dev.sh: installing redis-server with apt-get" >&2
+    $sudo apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
+  fi
+  command -v redis-server >/dev/null
+}
+
+no_redis() {
+  echo "dev.sh: no Redis: set $1, start Docker (then docker compose up -d), or install redis-server (apt-get install redis-server / brew install redis)" >&2
+  exit 1
+}
+
+cmd=${1:-}
+[ -n "$cmd" ] || usage
+shift
+case "$cmd" in
+  demo)
+    ensure_venv
+    if [ -z "${REDIS_URL:-}" ]; then
+      if docker info >/dev/null 2>&1; then
+        docker compose up -d --wait
+      else
+        ensure_redis_server || no_redis REDIS_URL  # the demo starts a throwaway server itself
+      fi
+    fi
+    exec .venv/bin/python -m demo "$@"
+    ;;
+  test)
+    ensure_venv
+    if [ -z "${TEST_REDIS_URL:-}" ]; then ensure_redis_server || no_redis TEST_REDIS_URL; fi
+    .venv/bin/ruff format --check --diff .
+    .venv/bin/ruff check .
+    .venv/bin/mypy
+    exec .venv/bin/python -m pytest "$@"
+    ;;
+  bench)
+    ensure_venv
+    [ -n "${REDIS_URL:-}" ] || ensure_redis_server || no_redis REDIS_URL
+    exec .venv/bin/python -m bench "$@"
+    ;;
+  run)
+    [ $# -ge 1 ] || usage
+    ensure_venv
+    exec .venv/bin/python -m "$@"
+    ;;
+  *) usage ;;
+esac

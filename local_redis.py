@@ -1,0 +1,107 @@
+"""A throwaway redis-server on a free loopback port, for the demo, the benchmark and the tests."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOW_TO_GET_REDIS = (
+    "no Redis found: run `docker compose up -d`, install redis-server "
+    "(`apt-get install redis-server`, `brew install redis`), or set REDIS_URL"
+)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class LocalRedis:
+    """A redis-server child process; `restart()` keeps its port and data directory."""
+
+    port: int
+    directory: Path
+    args: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Start the server and wait until it accepts connections."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise FileNotFoundError(HOW_TO_GET_REDIS)
+        command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
+        command += ["--save", "", "--logfile", "redis.log", *self.args]
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                log = (self.directory / "redis.log").read_text(errors="replace")[-500:]
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}: {log}")
+            if _answers_ping(self.port):
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise TimeoutError(f"redis-server on port {self.port} did not answer within {timeout_s}s")
+
+    def stop(self) -> None:
+        """Terminate the server (SIGTERM, then SIGKILL) and reap it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        """Stop the server and remove its data directory."""
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def start_local_redis(*args: str) -> LocalRedis:
+    """Start a redis-server in a new temporary directory; extra `args` go on its command line."""
+    tmp = tempfile.TemporaryDirectory(prefix="orders-redis-")
+    server = LocalRedis(port=free_port(), directory=Path(tmp.name), args=list(args), _tmp=tmp)
+    try:
+        server.start()
+    except Exception:
+        tmp.cleanup()
+        raise
+    return server
+
+
+def _answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False

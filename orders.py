@@ -1,0 +1,177 @@
+"""The order schema: strict parsing, validation and serialization. No Redis here.
+
+Payloads are untrusted: they are size-capped before decoding, parsed strictly (a JSON
+object, no NaN/Infinity, no duplicate keys, no huge numbers) and validated. Error
+messages name the problem, never the payload's values, so they are safe to log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+MAX_ITEMS = 1000
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+_FIELDS = ("order_id", "customer_email", "items", "total", "created_at")
+
+
+class InvalidOrder(ValueError):
+    """The payload is not a valid order; the message is safe to log."""
+
+
+@dataclass(frozen=True)
+class Item:
+    sku: str
+    qty: int
+
+
+@dataclass(frozen=True)
+class Order:
+    """One order as it travels on the stream."""
+
+    order_id: str
+    customer_email: str
+    items: tuple[Item, ...] = ()
+    total: float | None = None
+    created_at: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready form; optional fields that are unset are left out."""
+        data: dict[str, Any] = {"order_id": self.order_id, "customer_email": self.customer_email}
+        if self.items:
+            data["items"] = [{"sku": item.sku, "qty": item.qty} for item in self.items]
+        if self.total is not None:
+            data["total"] = self.total
+        if self.created_at is not None:
+            data["created_at"] = self.created_at
+        return data
+
+
+def serialize(order: Order) -> bytes:
+    """Compact UTF-8 JSON, the value of the stream entry's `data` field."""
+    return json.dumps(order.to_dict(), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def parse_order(payload: bytes | str, max_bytes: int) -> Order:
+    """Parse and validate one payload; raise InvalidOrder (safe to log) when it is not an order."""
+    raw = payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
+    if len(raw) > max_bytes:
+        raise InvalidOrder(f"payload is {len(raw)} bytes, over the {max_bytes}-byte cap")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidOrder("payload is not valid UTF-8") from None
+    try:
+        value = json.loads(
+            text,
+            object_pairs_hook=_object_without_duplicates,
+            parse_constant=_reject_constant,
+            parse_int=_bounded_int,
+            parse_float=_finite_float,
+        )
+    except json.JSONDecodeError as error:
+        raise InvalidOrder(f"payload is not JSON ({error.msg} at char {error.pos})") from None
+    except RecursionError:
+        raise InvalidOrder("payload is nested too deeply") from None
+    return order_from_dict(value)
+
+
+def order_from_dict(value: object) -> Order:
+    """Validate an already-decoded JSON value as an order."""
+    if not isinstance(value, dict):
+        raise InvalidOrder(f"payload must be a JSON object, got {_json_type(value)}")
+    unknown = set(value) - set(_FIELDS)
+    if unknown:
+        raise InvalidOrder(f"{len(unknown)} unexpected field(s); allowed: {', '.join(_FIELDS)}")
+    order_id = _string(value, "order_id", max_len=128)
+    email = _string(value, "customer_email", max_len=254)
+    if not _EMAIL.fullmatch(email):
+        raise InvalidOrder("customer_email does not look like an e-mail address")
+    created_at = value.get("created_at")
+    if created_at is not None:
+        created_at = _string(value, "created_at", max_len=64)
+        try:
+            datetime.fromisoformat(created_at)
+        except ValueError:
+            raise InvalidOrder("created_at must be an ISO 8601 time") from None
+    return Order(
+        order_id=order_id,
+        customer_email=email,
+        items=_items(value.get("items", [])),
+        total=_total(value.get("total")),
+        created_at=created_at,
+    )
+
+
+def _string(obj: dict[str, Any], name: str, *, max_len: int) -> str:
+    value = obj.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidOrder(f"{name} must be a non-empty string")
+    if len(value) > max_len:
+        raise InvalidOrder(f"{name} is longer than {max_len} characters")
+    if not value.isprintable():
+        raise InvalidOrder(f"{name} contains control characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidOrder(f"{name} contains a lone surrogate") from None
+    return value
+
+
+def _items(value: object) -> tuple[Item, ...]:
+    if not isinstance(value, list):
+        raise InvalidOrder("items must be a list")
+    if len(value) > MAX_ITEMS:
+        raise InvalidOrder(f"items has more than {MAX_ITEMS} entries")
+    items = []
+    for item in value:
+        if not isinstance(item, dict) or set(item) != {"sku", "qty"}:
+            raise InvalidOrder('each item must be an object with exactly "sku" and "qty"')
+        qty = item["qty"]
+        if type(qty) is not int or not 1 <= qty <= 1_000_000:
+            raise InvalidOrder("item qty must be a whole number from 1 to 1000000")
+        items.append(Item(sku=_string(item, "sku", max_len=64), qty=qty))
+    return tuple(items)
+
+
+def _total(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidOrder("total must be a number")
+    if not math.isfinite(value) or value < 0:
+        raise InvalidOrder("total must be a finite number, not negative")
+    return float(value)
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise InvalidOrder("payload has a duplicate key")
+    return obj
+
+
+def _reject_constant(name: str) -> float:
+    raise InvalidOrder(f"payload contains {name}, which is not JSON")
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits) > 20:
+        raise InvalidOrder("payload contains a number with more than 20 digits")
+    return int(digits)
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise InvalidOrder("payload contains a number out of range")
+    return number
+
+
+def _json_type(value: object) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")

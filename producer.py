@@ -1,0 +1,131 @@
+"""Publish orders to the stream: one at a time, in batches, or from a JSON-lines file."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from config import CliError, ConfigError, Settings, run_script
+from orders import InvalidOrder, Item, Order, parse_order, serialize
+from redisPool import redis_connect
+
+log = logging.getLogger("producer")
+
+CHUNK = 500  # XADDs per round trip in publish_many
+
+
+class PublishError(CliError):
+    """Publishing stopped part way; `published` entries are confirmed in the stream."""
+
+    def __init__(self, published: int, total: int, cause: Exception) -> None:
+        super().__init__(
+            f"published {published} of {total} orders, then Redis failed "
+            f"({type(cause).__name__}: {cause}); the next chunk's outcome is unknown"
+        )
+        self.published = published
+
+
+async def publish(redis: Redis, stream: str, order: Order) -> str:
+    """Append one order; return its entry id once Redis has confirmed it."""
+    entry_id = await redis.xadd(stream, {"data": serialize(order)})
+    return _text(entry_id)
+
+
+async def publish_many(redis: Redis, stream: str, orders: Sequence[Order]) -> list[str]:
+    """Append orders in pipelined chunks; raise PublishError saying how many were confirmed."""
+    ids: list[str] = []
+    for start in range(0, len(orders), CHUNK):
+        pipe = redis.pipeline(transaction=False)
+        for order in orders[start : start + CHUNK]:
+            pipe.xadd(stream, {"data": serialize(order)})
+        try:
+            replies = await pipe.execute()
+        except RedisError as error:
+            raise PublishError(len(ids), len(orders), error) from error
+        ids.extend(_text(reply) for reply in replies)
+    return ids
+
+
+def sample_orders(count: int) -> list[Order]:
+    """`count` made-up orders with unique ids, for demos and load."""
+    now = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    run = uuid.uuid4().hex[:8]
+    return [
+        Order(
+            order_id=f"ord-{run}-{n}",
+            customer_email=f"customer{n}@example.com",
+            items=(Item(sku=f"SKU-{n % 7}", qty=1 + n % 3),),
+            total=round(9.5 + n % 40, 2),
+            created_at=now,
+        )
+        for n in range(1, count + 1)
+    ]
+
+
+def read_orders(lines: Iterable[str], source: str, max_bytes: int) -> list[Order]:
+    """Validate every JSON line first; raise ConfigError naming the first bad line."""
+    orders = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            orders.append(parse_order(line.rstrip("\r\n"), max_bytes))
+        except InvalidOrder as error:
+            raise ConfigError(f"{source} line {number}: {error}; nothing was published") from None
+    return orders
+
+
+def load_file(path: str, max_bytes: int) -> list[Order]:
+    """Read and validate a JSON-lines file, or stdin for `-`."""
+    if path == "-":
+        return read_orders(sys.stdin, "stdin", max_bytes)
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+            return read_orders(handle, path, max_bytes)
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror}") from None
+
+
+def _text(entry_id: bytes | str) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m producer",
+        description="Publish orders to the stream. With no option, publishes 10 sample orders.",
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--count", type=int, default=10, help="publish N sample orders (default 10)")
+    source.add_argument(
+        "--file", metavar="PATH", help="publish orders from a JSON-lines file, or - for stdin"
+    )
+    return parser
+
+
+async def main(settings: Settings, args: argparse.Namespace) -> int:
+    if args.file is not None:
+        orders = load_file(args.file, settings.max_payload_bytes)
+    else:
+        if args.count < 0:
+            raise ConfigError(f"--count must be 0 or more, got {args.count}")
+        orders = sample_orders(args.count)
+    async with redis_connect(settings) as redis:
+        ids = await publish_many(redis, settings.stream_key, orders)
+    if ids:
+        log.info("published %d orders to %s (ids %s .. %s)", len(ids), settings.stream_key, ids[0], ids[-1])
+    else:
+        log.info("nothing to publish")
+    return 0
+
+
+if __name__ == "__main__":
+    arguments = build_parser().parse_args()
+    run_script("producer", lambda settings: main(settings, arguments))

@@ -1,0 +1,78 @@
+"""The one redis.asyncio connection pool of a process: pinged at start, retried, always closed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from redis.asyncio import ConnectionPool, Redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from config import CliError, Settings
+
+log = logging.getLogger("redisPool")
+
+# A script that cannot reach Redis gives up after this long (plus one connect timeout).
+STARTUP_DEADLINE_S = 10.0
+CONNECT_TIMEOUT_S = 2.0
+
+
+class RedisUnavailable(CliError):
+    """Redis could not be reached or refused us at start: exit code 1."""
+
+
+def make_pool(settings: Settings) -> ConnectionPool:
+    """A pool whose socket timeout stays above the blocking-read time and that retries lost connections."""
+    return ConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        socket_timeout=settings.socket_timeout_ms / 1000,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        # Three quick reconnects hide a dropped connection; longer outages reach the caller.
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        health_check_interval=30,
+    )
+
+
+async def wait_until_reachable(redis: Redis, where: str, deadline_s: float = STARTUP_DEADLINE_S) -> None:
+    """PING until Redis answers; raise RedisUnavailable after `deadline_s` or at once on bad credentials."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + deadline_s
+    delay = 0.1
+    while True:
+        try:
+            async with asyncio.timeout(max(give_up - loop.time(), 0.1)):
+                await redis.ping()
+            return
+        except (AuthenticationError, ResponseError) as error:
+            # WRONGPASS, NOAUTH, NOPERM: retrying cannot help.
+            raise RedisUnavailable(f"Redis at {where} refused the connection: {error}") from None
+        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+            if loop.time() + delay >= give_up:
+                reason = str(error) or type(error).__name__
+                raise RedisUnavailable(
+                    f"cannot reach Redis at {where} after {deadline_s:.0f}s: {reason}"
+                ) from None
+            if delay == 0.1:
+                log.warning("Redis at %s not reachable yet (%s); retrying", where, type(error).__name__)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+@asynccontextmanager
+async def redis_connect(settings: Settings) -> AsyncIterator[Redis]:
+    """Yield a client owning the process's pool, after a successful PING; close the pool on exit."""
+    redis = Redis.from_pool(make_pool(settings))
+    try:
+        await wait_until_reachable(redis, settings.safe_redis_url)
+        log.debug("connected to %s", settings.safe_redis_url)
+        yield redis
+    finally:
+        await redis.aclose()

@@ -1,0 +1,326 @@
+"""The consumer loop both services share: at-least-once, acks only what the handler accepted.
+
+Order of work in each turn: flush acks that failed earlier, reclaim entries idle too long
+on other consumers (XAUTOCLAIM), re-read this consumer's own pending entries, then
+block for new ones. Malformed entries and entries delivered MAX_DELIVERIES times move to
+the dead-letter stream in one MULTI with their ack. A Redis outage, a lost group or a
+deleted stream is logged once, then retried with backoff; nothing here crashes on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT, FieldT
+
+from config import Settings, run_script
+from initialization_stream import create_group
+from orders import InvalidOrder, Order, parse_order
+from redisPool import redis_connect
+
+log = logging.getLogger("stream_consumer")
+
+Handler = Callable[[Order], Awaitable[None]]
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+BACKOFF_START_S = 0.1
+BACKOFF_CAP_S = 5.0
+
+
+@dataclass
+class Stats:
+    """Counters for the shutdown summary line."""
+
+    processed: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    reclaimed: int = 0
+    deleted_skipped: int = 0
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name}={value}" for name, value in vars(self).items())
+
+
+def entries_of(reply: Any) -> list[Entry]:
+    """The entries of an XREADGROUP/XAUTOCLAIM reply for one stream, as (id, fields)."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):  # RESP3 shape: {stream: [entries]}
+        reply = list(reply.items())
+    return cast(list[Entry], reply[0][1])
+
+
+@dataclass
+class StreamConsumer:
+    """One consumer of one group; `run()` loops until `stop` is set."""
+
+    redis: Redis
+    settings: Settings
+    group: str
+    name: str
+    handler: Handler
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    stats: Stats = field(default_factory=Stats)
+
+    def __post_init__(self) -> None:
+        self.stream = self.settings.stream_key
+        self.own_cursor: bytes | None = b"0"  # None once own pending entries are read
+        self.claim_cursor = b"0-0"
+        self.unsent_acks: list[bytes] = []
+        self.retry_at: float | None = None
+        self.next_claim = 0.0
+        self.trouble_since: float | None = None
+        self.backoff = BACKOFF_START_S
+
+    async def run(self) -> Stats:
+        """Consume until `stop` is set; the batch in hand is finished and acked before returning."""
+        log.info("consumer %s in group %s on stream %s started", self.name, self.group, self.stream)
+        await self._recover(create_group(self.redis, self.stream, self.group))
+        while not self.stop.is_set():
+            await self._recover(self._turn())
+        await self._recover(self._flush_acks())
+        log.info("consumer %s in group %s stopped: %s", self.name, self.group, self.stats)
+        return self.stats
+
+    async def _turn(self) -> None:
+        await self._flush_acks()
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self.next_claim and await self._reclaim():
+            return
+        if self.retry_at is not None and loop.time() >= self.retry_at:
+            self.retry_at, self.own_cursor = None, b"0"
+        if self.own_cursor is not None:
+            reply = await self.redis.xreadgroup(
+                self.group, self.name, {self.stream: self.own_cursor}, count=self.settings.batch_size
+            )
+            entries = entries_of(reply)
+            if not entries:
+                self.own_cursor = None
+                return
+            # Advance past what was read so an entry that keeps failing cannot spin here.
+            self.own_cursor = entries[-1][0]
+            await self._handle(entries, await self._delivery_counts([e[0] for e in entries]))
+            return
+        reply = await self.redis.xreadgroup(
+            self.group, self.name, {self.stream: ">"}, count=self.settings.batch_size, block=self._block_ms()
+        )
+        await self._handle(entries_of(reply), {})
+
+    def _block_ms(self) -> int:
+        """Block for new entries, but wake in time for the next reclaim or retry."""
+        now = asyncio.get_running_loop().time()
+        wake = min(self.next_claim, self.retry_at or self.next_claim)
+        return max(1, min(self.settings.block_ms, int((wake - now) * 1000)))
+
+    async def _reclaim(self) -> bool:
+        """Take over one page of entries idle too long anywhere in the group; True if work was found."""
+        cursor, claimed, deleted = (
+            await self.redis.xautoclaim(
+                self.stream,
+                self.group,
+                self.name,
+                min_idle_time=self.settings.claim_idle_ms,
+                start_id=self.claim_cursor,
+                count=self.settings.batch_size,
+            )
+        )[:3]
+        self.claim_cursor = cursor
+        if cursor in (b"0-0", "0-0"):
+            interval = max(self.settings.claim_idle_ms / 2000, 0.05)
+            self.next_claim = asyncio.get_running_loop().time() + interval
+        # Redis drops entries deleted from the stream from the pending list itself.
+        self.stats.deleted_skipped += len(deleted)
+        if not claimed:
+            return False
+        log.info(
+            "claimed %d entries idle over %d ms in group %s",
+            len(claimed),
+            self.settings.claim_idle_ms,
+            self.group,
+        )
+        self.stats.reclaimed += len(claimed)
+        entries = cast(list[Entry], claimed)
+        await self._handle(entries, await self._delivery_counts([e[0] for e in entries]))
+        return True
+
+    async def _delivery_counts(self, ids: list[bytes]) -> dict[bytes, int]:
+        """How many times each of these redelivered entries has been delivered, this time included."""
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
+        counts = {}
+        for rows in await pipe.execute():
+            for row in rows:
+                counts[row["message_id"]] = row["times_delivered"]
+        return counts
+
+    async def _handle(self, entries: list[Entry], deliveries: dict[bytes, int]) -> None:
+        """Run the handler over a batch; ack the successes in one XACK, dead-letter the poison."""
+        max_deliveries = self.settings.max_deliveries
+        for entry_id, fields in entries:
+            if not fields:  # deleted or trimmed while pending: nothing left to process
+                self.unsent_acks.append(entry_id)
+                self.stats.deleted_skipped += 1
+                continue
+            delivery = deliveries.get(entry_id, 1)
+            try:
+                order = self._parse(fields)
+            except InvalidOrder as error:
+                await self._dead_letter(entry_id, fields, delivery, f"invalid order: {error}", None)
+                continue
+            if delivery > max_deliveries:
+                reason = f"delivered {delivery} times without an ack (limit {max_deliveries})"
+                await self._dead_letter(entry_id, fields, delivery, reason, order.order_id)
+                continue
+            try:
+                await self.handler(order)
+            except Exception as error:
+                self.stats.failed += 1
+                log.exception(
+                    "handler failed for order %s (entry %s, delivery %d of %d)",
+                    order.order_id,
+                    entry_id.decode(),
+                    delivery,
+                    max_deliveries,
+                )
+                if delivery >= max_deliveries:
+                    reason = f"handler failed {delivery} times, last: {type(error).__name__}: {error}"
+                    await self._dead_letter(entry_id, fields, delivery, reason, order.order_id)
+                elif self.retry_at is None:
+                    delay = self.settings.retry_delay_ms / 1000
+                    self.retry_at = asyncio.get_running_loop().time() + delay
+                continue
+            # Kept across failures: a later turn acks what the handler already accepted.
+            self.unsent_acks.append(entry_id)
+            self.stats.processed += 1
+        await self._flush_acks()
+
+    def _parse(self, fields: dict[bytes, bytes]) -> Order:
+        payload = fields.get(b"data")
+        if payload is None:
+            raise InvalidOrder("entry has no 'data' field")
+        return parse_order(payload, self.settings.max_payload_bytes)
+
+    async def _flush_acks(self) -> None:
+        if self.unsent_acks:
+            await self.redis.xack(self.stream, self.group, *self.unsent_acks)
+            self.unsent_acks.clear()
+
+    async def _dead_letter(
+        self, entry_id: bytes, fields: dict[bytes, bytes], delivery: int, reason: str, order_id: str | None
+    ) -> None:
+        """Copy the entry to the dead-letter stream and ack it, atomically."""
+        record: dict[FieldT, EncodableT] = dict(fields.items())
+        record |= {
+            b"group": self.group,
+            b"consumer": self.name,
+            b"source_id": entry_id,
+            b"deliveries": delivery,
+            b"error": reason,
+            b"dead_lettered_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        }
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(self.settings.dead_letter_stream, record)
+        pipe.xack(self.stream, self.group, entry_id)
+        await pipe.execute()
+        self.stats.dead_lettered += 1
+        log.warning(
+            "dead-lettered entry %s (order %s) to %s: %s",
+            entry_id.decode(),
+            order_id or "unknown",
+            self.settings.dead_letter_stream,
+            reason,
+        )
+
+    async def _recover(self, step: Awaitable[object]) -> None:
+        """Run one step; on a Redis failure log once, back off, and set up to re-read own entries."""
+        loop = asyncio.get_running_loop()
+        try:
+            await step
+        except (RedisConnectionError, RedisTimeoutError) as error:
+            if self.trouble_since is None:
+                self.trouble_since = loop.time()
+                log.warning("Redis unreachable (%s: %s); retrying with backoff", type(error).__name__, error)
+        except ResponseError as error:
+            message = str(error)
+            if message.startswith(("NOGROUP", "UNBLOCKED")):
+                # The group or the stream vanished (FLUSHALL, a restart without persistence).
+                log.error(
+                    "group %s on stream %s is gone (%s); recreating it from id 0",
+                    self.group,
+                    self.stream,
+                    message.split(" ", 1)[0],
+                )
+                await self._recover(create_group(self.redis, self.stream, self.group))
+                self.own_cursor = b"0"
+                return
+            if self.trouble_since is None:
+                self.trouble_since = loop.time()
+                log.error("Redis refused a command (%s); retrying with backoff", message)
+        except RedisError as error:
+            if self.trouble_since is None:
+                self.trouble_since = loop.time()
+                log.error("Redis error (%s: %s); retrying with backoff", type(error).__name__, error)
+        else:
+            if self.trouble_since is not None:
+                log.warning("Redis is back after %.1f s; resuming", loop.time() - self.trouble_since)
+                self.trouble_since, self.backoff = None, BACKOFF_START_S
+            return
+        # A reply lost in the failure may have delivered entries to us: read our own pending again.
+        self.own_cursor = b"0"
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), self.backoff)
+        self.backoff = min(self.backoff * 2, BACKOFF_CAP_S)
+
+
+async def consume(
+    redis: Redis, settings: Settings, group: str, name: str, handler: Handler, stop: asyncio.Event
+) -> Stats:
+    """Consume `settings.stream_key` as `name` in `group` until `stop` is set."""
+    return await StreamConsumer(redis, settings, group, name, handler, stop).run()
+
+
+async def serve(settings: Settings, group: str, handler: Handler) -> int:
+    """Run one consumer until SIGINT/SIGTERM: the first drains, a second exits at once."""
+    stop = asyncio.Event()
+    task = asyncio.current_task()
+    forced: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            log.warning("second %s: exiting now; unacked entries stay pending for reclaim", name)
+            forced.append(signum)
+            if task is not None:
+                task.cancel()
+        else:
+            log.info("%s: finishing the batch in hand, then exiting (send it again to exit at once)", name)
+            stop.set()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        async with redis_connect(settings) as redis:
+            await consume(redis, settings, group, settings.consumer_name, handler, stop)
+    except asyncio.CancelledError:
+        if not forced:
+            raise
+        return 128 + forced[0]
+    return 0
+
+
+def run_service(prog: str, group_of: Callable[[Settings], str], handler: Handler) -> None:
+    """The whole `main` of a consumer script: pick its group from the settings and serve."""
+    run_script(prog, lambda settings: serve(settings, group_of(settings), handler))

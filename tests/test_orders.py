@@ -1,0 +1,67 @@
+"""The order schema: valid orders round-trip, every kind of bad payload is refused safely."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orders import InvalidOrder, Item, Order, parse_order, serialize
+
+CAP = 65536
+GOOD = {
+    "order_id": "ord-42",
+    "customer_email": "ann@example.com",
+    "items": [{"sku": "A1", "qty": 2}],
+    "total": 42.5,
+    "created_at": "2026-11-25T10:00:00Z",
+}
+
+# Each is refused; the secret marker must never appear in the error message.
+BAD_PAYLOADS: dict[str, bytes] = {
+    "not json": b"hello SECRET",
+    "json array": b'["SECRET"]',
+    "json string": b'"SECRET"',
+    "missing order_id": b'{"customer_email": "SECRET@example.com"}',
+    "missing email": b'{"order_id": "SECRET"}',
+    "bad email": b'{"order_id": "a", "customer_email": "SECRET"}',
+    "extra field": b'{"order_id": "a", "customer_email": "a@b.co", "SECRET": 1}',
+    "wrong type id": b'{"order_id": 7, "customer_email": "a@b.co"}',
+    "empty id": b'{"order_id": " ", "customer_email": "a@b.co"}',
+    "bool total": b'{"order_id": "a", "customer_email": "a@b.co", "total": true}',
+    "negative total": b'{"order_id": "a", "customer_email": "a@b.co", "total": -1}',
+    "NaN": b'{"order_id": "a", "customer_email": "a@b.co", "total": NaN}',
+    "Infinity": b'{"order_id": "a", "customer_email": "a@b.co", "total": Infinity}',
+    "huge float": b'{"order_id": "a", "customer_email": "a@b.co", "total": 1e999}',
+    "duplicate key": b'{"order_id": "a", "order_id": "SECRET", "customer_email": "a@b.co"}',
+    "5000 digits": b'{"order_id": "a", "customer_email": "a@b.co", "total": ' + b"9" * 5000 + b"}",
+    "deep nesting": b"[" * 100_000 + b"]" * 100_000,
+    "lone surrogate": b'{"order_id": "\\ud800SECRET", "customer_email": "a@b.co"}',
+    "invalid utf-8": b'{"order_id": "\xff\xfeSECRET", "customer_email": "a@b.co"}',
+    "over the cap": b'{"order_id": "SECRET", "customer_email": "a@b.co", "x": "' + b"x" * CAP + b'"}',
+    "bad item": b'{"order_id": "a", "customer_email": "a@b.co", "items": [{"sku": "SECRET"}]}',
+    "zero qty": b'{"order_id": "a", "customer_email": "a@b.co", "items": [{"sku": "A", "qty": 0}]}',
+    "bad time": b'{"order_id": "a", "customer_email": "a@b.co", "created_at": "SECRET"}',
+    "control chars": b'{"order_id": "a\\u0000", "customer_email": "a@b.co"}',
+}
+
+
+def test_valid_order_parses_and_round_trips() -> None:
+    order = parse_order(json.dumps(GOOD).encode(), CAP)
+    assert order == Order("ord-42", "ann@example.com", (Item("A1", 2),), 42.5, "2026-11-25T10:00:00Z")
+    assert parse_order(serialize(order), CAP) == order
+    assert json.loads(serialize(order)) == GOOD
+
+
+def test_minimal_order_needs_only_id_and_email() -> None:
+    order = parse_order('{"order_id": "x", "customer_email": "b@c.io"}', CAP)
+    assert order == Order("x", "b@c.io")
+    assert json.loads(serialize(order)) == {"order_id": "x", "customer_email": "b@c.io"}
+
+
+@pytest.mark.parametrize("name", list(BAD_PAYLOADS))
+def test_bad_payload_is_refused_without_echoing_it(name: str) -> None:
+    with pytest.raises(InvalidOrder) as refused:
+        parse_order(BAD_PAYLOADS[name], CAP)
+    assert "SECRET" not in str(refused.value)
+    assert str(refused.value)
