@@ -117,6 +117,8 @@ class Settings:
             dead_letter_stream=get.text("DEAD_LETTER_STREAM"),
             log_level=get.text("LOG_LEVEL").upper(),
         )
+        if any(char.isspace() for char in settings.consumer_name):
+            raise ConfigError("CONSUMER_NAME must not contain spaces")
         if settings.block_ms >= settings.socket_timeout_ms:
             raise ConfigError(
                 f"BLOCK_MS ({settings.block_ms}) must be below SOCKET_TIMEOUT_MS "

@@ -17,4 +17,9 @@ async def handle(order: Order) -> None:
 
 
 if __name__ == "__main__":
-    run_service("consumer1", lambda settings: settings.fulfillment_group, handle)
+    run_service(
+        "consumer1",
+        "Fulfillment service: consume orders as a member of FULFILLMENT_GROUP.",
+        lambda settings: settings.fulfillment_group,
+        handle,
+    )

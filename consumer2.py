@@ -17,4 +17,9 @@ async def handle(order: Order) -> None:
 
 
 if __name__ == "__main__":
-    run_service("consumer2", lambda settings: settings.email_group, handle)
+    run_service(
+        "consumer2",
+        "Email service: consume orders as a member of EMAIL_GROUP.",
+        lambda settings: settings.email_group,
+        handle,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 
 from redis.asyncio import Redis
@@ -41,4 +42,8 @@ async def main(settings: Settings) -> int:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(
+        prog="python -m initialization_stream",
+        description="Create STREAM_KEY and both consumer groups (from id 0). Safe to run twice.",
+    ).parse_args()
     run_script("initialization_stream", main)

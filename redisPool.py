@@ -38,6 +38,7 @@ def make_pool(settings: Settings) -> ConnectionPool:
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         health_check_interval=30,
+        client_name=settings.consumer_name,  # CLIENT LIST then shows which consumer is which
     )
 
 

@@ -9,6 +9,7 @@ deleted stream is logged once, then retried with backoff; nothing here crashes o
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -321,6 +322,11 @@ async def serve(settings: Settings, group: str, handler: Handler) -> int:
     return 0
 
 
-def run_service(prog: str, group_of: Callable[[Settings], str], handler: Handler) -> None:
+def run_service(prog: str, description: str, group_of: Callable[[Settings], str], handler: Handler) -> None:
     """The whole `main` of a consumer script: pick its group from the settings and serve."""
+    argparse.ArgumentParser(
+        prog=f"python -m {prog}",
+        description=f"{description} Runs until SIGINT/SIGTERM: the first finishes the batch in hand, "
+        "a second exits at once. Settings come from the environment and .env (see .env.example).",
+    ).parse_args()
     run_script(prog, lambda settings: serve(settings, group_of(settings), handler))

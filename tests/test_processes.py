@@ -1,0 +1,218 @@
+"""Behaviour about processes, with real processes: signals, kill -9, Redis restarts, exit codes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Script, group_done, run_script, script_env, wait_until
+from redis.asyncio import Redis
+
+from local_redis import LocalRedis, free_port
+from orders import serialize
+from producer import publish_many, sample_orders
+
+Start = Callable[..., Script]
+STREAM = "orders"
+
+
+async def blocked_reader(redis: Redis, name: str) -> bool:
+    """True when the consumer named `name` sits in a blocking XREADGROUP."""
+    clients = await redis.client_list()
+    return any(c["cmd"] == "xreadgroup" and "b" in c["flags"] and c["name"] == name for c in clients)
+
+
+async def pending(redis: Redis, group: str, consumer: str | None = None) -> int:
+    if consumer is None:
+        summary = await redis.xpending(STREAM, group)
+        return int(summary["pending"])
+    rows = await redis.xpending_range(STREAM, group, "-", "+", 1000, consumername=consumer)
+    return len(rows)
+
+
+def no_traceback(*outputs: str) -> None:
+    for output in outputs:
+        assert "Traceback" not in output
+
+
+async def test_sigterm_finishes_the_batch_and_exits_0_with_nothing_pending(
+    redis: Redis, redis_url: str, scripts: Start
+) -> None:
+    consumer = scripts("consumer1", script_env(redis_url, CONSUMER_NAME="c1", BATCH_SIZE="50"))
+    await wait_until(lambda: blocked_reader(redis, "c1"), "the consumer to block on XREADGROUP")
+    await publish_many(redis, STREAM, sample_orders(3000))
+    await wait_until(lambda: "fulfilling order" in consumer.output(), "the first order to be handled")
+    consumer.process.send_signal(signal.SIGTERM)
+    assert consumer.wait(15) == 0
+    assert await pending(redis, "fulfillment_group") == 0
+    output = consumer.output()
+    assert "SIGTERM: finishing the batch in hand" in output
+    assert "stopped: processed=" in output
+    no_traceback(output)
+
+
+async def test_a_second_signal_exits_at_once(redis: Redis, redis_url: str, scripts: Start) -> None:
+    env = script_env(redis_url, CONSUMER_NAME="c1", BLOCK_MS="4000")
+    consumer = scripts("consumer2", env)
+    await wait_until(lambda: blocked_reader(redis, "c1"), "the consumer to block on XREADGROUP")
+    consumer.process.send_signal(signal.SIGINT)
+    await wait_until(lambda: "SIGINT: finishing" in consumer.output(), "the first signal to be seen")
+    started = time.monotonic()
+    consumer.process.send_signal(signal.SIGINT)
+    assert consumer.wait(5) == 128 + signal.SIGINT
+    assert time.monotonic() - started < 2.0  # well before the 4 s blocking read ends
+    no_traceback(consumer.output())
+
+
+@pytest.mark.parametrize("restart_as", ["same name", "new name"])
+async def test_work_held_by_a_killed_consumer_is_finished(
+    redis: Redis, redis_url: str, scripts: Start, restart_as: str
+) -> None:
+    victim = scripts("consumer1", script_env(redis_url, CONSUMER_NAME="victim", BLOCK_MS="4000"))
+    await wait_until(lambda: blocked_reader(redis, "victim"), "the victim to block on XREADGROUP")
+    # Stopped while blocked: Redis still delivers to it, so the orders sit in its pending list.
+    victim.process.send_signal(signal.SIGSTOP)
+    orders = sample_orders(6)
+    async with redis.pipeline(transaction=True) as multi:  # one MULTI: the blocked read gets all six
+        for order in orders:
+            multi.xadd(STREAM, {"data": serialize(order)})
+        await multi.execute()
+    await wait_until(lambda: pending(redis, "fulfillment_group", "victim"), "delivery to the victim")
+    victim.process.kill()
+    victim.wait()
+    assert await pending(redis, "fulfillment_group", "victim") == len(orders)
+
+    name = "victim" if restart_as == "same name" else "rescuer"
+    rescuer = scripts("consumer1", script_env(redis_url, CONSUMER_NAME=name, CLAIM_IDLE_MS="300"))
+    await wait_until(lambda: group_done(redis, STREAM, "fulfillment_group"), "the orders to be finished")
+    output = rescuer.output()
+    assert all(f"fulfilling order {o.order_id}:" in output for o in orders)
+    if restart_as == "new name":
+        assert "claimed 6 entries" in output
+
+
+async def test_consumers_ride_out_a_redis_crash_and_restart(own_server: LocalRedis, scripts: Start) -> None:
+    env = script_env(own_server.url)
+    consumers = [
+        scripts("consumer1", {**env, "CONSUMER_NAME": "f1"}),
+        scripts("consumer2", {**env, "CONSUMER_NAME": "e1"}),
+    ]
+    client = Redis.from_url(own_server.url)
+    try:
+        before, after = sample_orders(20), sample_orders(20)
+        await wait_until(lambda: blocked_reader(client, "f1"), "consumer1 to start")
+        await wait_until(lambda: blocked_reader(client, "e1"), "consumer2 to start")
+        await publish_many(client, STREAM, before)
+        own_server.kill()  # SIGKILL; AOF with appendfsync always keeps every acknowledged write
+        own_server.start()
+        await client.connection_pool.disconnect()
+        await publish_many(client, STREAM, after)
+        await wait_until(lambda: group_done(client, STREAM, "fulfillment_group"), "consumer1 to catch up", 30)
+        await wait_until(lambda: group_done(client, STREAM, "email_group"), "consumer2 to catch up", 30)
+    finally:
+        await client.aclose()
+    for consumer in consumers:
+        assert consumer.process.poll() is None, "a consumer died with Redis"
+        output = consumer.output()
+        assert all(o.order_id in output for o in before + after)
+        assert output.count("Redis unreachable") <= 1  # warned once per outage, not per retry
+        no_traceback(output)
+
+
+async def test_unreachable_redis_ends_scripts_with_one_line_and_exit_1(scripts: Start) -> None:
+    env = script_env(f"redis://:hunter2@127.0.0.1:{free_port()}/0")
+    started = time.monotonic()
+    runs = [scripts(module, env) for module in ("producer", "consumer1", "initialization_stream")]
+    for run in runs:
+        assert run.wait(20) == 1
+    assert time.monotonic() - started < 16
+    for run, module in zip(runs, ("producer", "consumer1", "initialization_stream"), strict=True):
+        output = run.output()
+        assert output.strip().splitlines()[-1].startswith(f"{module}: error: cannot reach Redis at")
+        assert "hunter2" not in output
+        no_traceback(output)
+
+
+async def test_wrong_password_is_a_clear_error(tmp_path: Path) -> None:
+    server = LocalRedis(free_port(), tmp_path, ["--requirepass", "right-pw"])
+    server.start()
+    try:
+        url = f"redis://:wrong-pw@127.0.0.1:{server.port}/0"
+        result = run_script("producer", script_env(url))
+    finally:
+        server.stop()
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("producer: error: Redis at")
+    assert "refused" in result.stderr
+    assert "wrong-pw" not in result.stderr
+    no_traceback(result.stderr)
+
+
+async def test_producer_input_errors_publish_nothing(redis: Redis, redis_url: str, tmp_path: Path) -> None:
+    env = script_env(redis_url)
+    orders = tmp_path / "orders.jsonl"
+    orders.write_text(
+        '{"order_id": "a-1", "customer_email": "a@example.com"}\n'
+        '{"order_id": "a-2", "customer_email": "a@example.com"}\n'
+        '{"order_id": "a-3", "customer_email": "not-an-address"}\n'
+    )
+    cases = [
+        (["--file", str(orders)], "line 3: customer_email does not look like an e-mail address"),
+        (["--count", "-1"], "--count must be 0 or more"),
+        (["--count", "many"], "invalid int value"),
+        (["--count", "1", "--file", str(orders)], "not allowed with argument"),
+        (["--file", str(tmp_path / "missing.jsonl")], "No such file or directory"),
+    ]
+    for args, message in cases:
+        result = run_script("producer", env, *args)
+        assert result.returncode == 2, args
+        assert message in result.stderr
+        assert len(result.stderr.strip().splitlines()) <= 2  # argparse adds its usage line
+    assert await redis.exists(STREAM) == 0
+
+
+async def test_producer_publishes_files_stdin_and_samples(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    env = script_env(redis_url)
+    orders = tmp_path / "orders.jsonl"
+    orders.write_text('{"order_id": "f-1", "customer_email": "f@example.com"}\n\n')
+    assert run_script("producer", env, "--file", str(orders)).returncode == 0
+    stdin = '{"order_id": "s-1", "customer_email": "s@example.com", "total": 3}\n'
+    assert run_script("producer", env, "--file", "-", stdin=stdin).returncode == 0
+    assert run_script("producer", env, "--count", "4").returncode == 0
+    assert run_script("producer", env).returncode == 0  # default: 10 samples
+    entries: Any = await redis.xrange(STREAM)
+    assert len(entries) == 1 + 1 + 4 + 10
+    assert b'"order_id":"f-1"' in entries[0][1][b"data"]
+
+
+def test_every_script_has_help() -> None:
+    for module in ("producer", "consumer1", "consumer2", "initialization_stream", "demo"):
+        result = run_script(module, dict(os.environ), "--help")
+        assert result.returncode == 0, module
+        assert "usage: python -m " + module in result.stdout
+
+
+async def test_demo_shows_fan_out_and_load_balancing(redis: Redis, redis_url: str) -> None:
+    result = run_script("demo", script_env(redis_url), "--count", "6")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    [fulfillment] = [line for line in lines if line.startswith("fulfillment_group: ")]
+    [email] = [line for line in lines if line.startswith("email_group: ")]
+    assert fulfillment.startswith("fulfillment_group: 6/6 orders (fulfillment-1 ")
+    assert "fulfillment-2 " in fulfillment
+    assert fulfillment.endswith("handled twice: 0")
+    assert email == "email_group: 6/6 orders (email-1 6); handled twice: 0"
+
+
+def test_demo_starts_its_own_redis_when_none_answers() -> None:
+    result = run_script("demo", script_env(f"redis://127.0.0.1:{free_port()}/0"), "--count", "2")
+    assert result.returncode == 0, result.stderr
+    assert "started a throwaway redis-server" in result.stdout
+    assert "email_group: 2/2 orders" in result.stdout
