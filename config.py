@@ -176,7 +176,8 @@ def run_script(prog: str, main: Callable[[Settings], Coroutine[Any, Any, int]]) 
     try:
         settings = load_settings()
         configure_logging(settings.log_level)
-        code = asyncio.run(main(settings))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            code = runner.run(main(settings))
     except CliError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         code = error.exit_code
@@ -186,3 +187,12 @@ def run_script(prog: str, main: Callable[[Settings], Coroutine[Any, Any, int]]) 
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (requirements-speed.txt), else asyncio's."""
+    try:
+        import uvloop  # noqa: PLC0415 - optional speedup
+    except ImportError:
+        return None
+    return uvloop.new_event_loop

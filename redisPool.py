@@ -8,11 +8,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.connection import HiredisRespSerializer
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
+from redis.typing import EncodableT
+from redis.utils import HIREDIS_AVAILABLE
 
 from config import CliError, Settings
 
@@ -27,9 +31,41 @@ class RedisUnavailable(CliError):
     """Redis could not be reached or refused us at start: exit code 1."""
 
 
+class _HiredisPacking(AbstractConnection):
+    """Pack commands with hiredis, as redis-py's sync client does.
+
+    redis.asyncio packs in pure Python (redis-py issue #4176), about 2 us per argument: the
+    largest cost of publishing a batch. This borrows the sync client's own serializer.
+    """
+
+    _packer = HiredisRespSerializer()
+
+    def pack_command(self, *args: EncodableT) -> list[bytes]:
+        return self._packer.pack(*args)  # type: ignore[arg-type, no-any-return]
+
+
+class _FastConnection(_HiredisPacking, Connection):
+    pass
+
+
+class _FastSSLConnection(_HiredisPacking, SSLConnection):
+    pass
+
+
+class _FastUnixConnection(_HiredisPacking, UnixDomainSocketConnection):
+    pass
+
+
+_FAST: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    Connection: _FastConnection,
+    SSLConnection: _FastSSLConnection,
+    UnixDomainSocketConnection: _FastUnixConnection,
+}
+
+
 def make_pool(settings: Settings) -> ConnectionPool:
     """A pool whose socket timeout stays above the blocking-read time and that retries lost connections."""
-    return ConnectionPool.from_url(
+    pool = ConnectionPool.from_url(
         settings.redis_url,
         max_connections=settings.redis_max_connections,
         socket_timeout=settings.socket_timeout_ms / 1000,
@@ -40,6 +76,9 @@ def make_pool(settings: Settings) -> ConnectionPool:
         health_check_interval=30,
         client_name=settings.consumer_name,  # CLIENT LIST then shows which consumer is which
     )
+    if HIREDIS_AVAILABLE:
+        pool.connection_class = _FAST.get(pool.connection_class, pool.connection_class)
+    return pool
 
 
 async def wait_until_reachable(redis: Redis, where: str, deadline_s: float = STARTUP_DEADLINE_S) -> None:

@@ -19,8 +19,9 @@ from test_orders import BAD_PAYLOADS
 
 from config import Settings
 from initialization_stream import create_group, initialize
-from orders import Order
-from producer import publish, publish_many, sample_orders
+from local_redis import LocalRedis
+from orders import Order, parse_order
+from producer import CHUNK, PublishError, publish, publish_many, sample_orders
 from stream_consumer import Handler, Stats, consume
 
 
@@ -262,3 +263,45 @@ async def test_flushall_recreates_the_group_and_consumption_goes_on(
     assert recorder.order_ids() == [o.order_id for o in first + second]
     gone = [r for r in caplog.records if r.levelno == logging.ERROR and "is gone" in r.getMessage()]
     assert len(gone) == 1
+
+
+async def test_publish_many_keeps_order_and_falls_back_to_pipelines_without_scripting(
+    own_server: LocalRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    admin = Redis.from_url(own_server.url)
+    await admin.acl_setuser(
+        "noscript", enabled=True, passwords=["+pw"], keys=["~*"], commands=["+@all", "-@scripting"]
+    )
+    no_scripts = Redis.from_url(f"redis://noscript:pw@127.0.0.1:{own_server.port}/0")
+    orders = sample_orders(1200)  # more than two chunks
+    try:
+        caplog.set_level(logging.WARNING)
+        for client, stream in ((admin, "scripted"), (no_scripts, "piped"), (no_scripts, "piped")):
+            ids = await publish_many(client, stream, orders[:600] if stream == "piped" else orders)
+            entries: Any = await admin.xrange(stream)
+            assert [i.decode() for i, _ in entries[-len(ids) :]] == ids
+            got = [parse_order(fields[b"data"], 65536).order_id for _, fields in entries[-len(ids) :]]
+            assert got == [o.order_id for o in orders[: len(ids)]]
+    finally:
+        await no_scripts.aclose()
+        await admin.aclose()
+    refused = [r for r in caplog.records if "refused scripts" in r.getMessage()]
+    assert len(refused) == 1  # said once per client, not once per call
+
+
+async def test_publish_many_reports_a_full_redis_and_claims_nothing_unsent(own_server: LocalRedis) -> None:
+    client = Redis.from_url(own_server.url)
+    try:
+        await client.config_set("maxmemory-policy", "noeviction")
+        used = int((await client.info("memory"))["used_memory"])
+        await client.config_set("maxmemory", used + 2_000_000)
+        orders = sample_orders(50_000)
+        with pytest.raises(PublishError) as failed:
+            await publish_many(client, "orders", orders)
+        in_stream = await client.xlen("orders")
+        assert "OOM" in str(failed.value) or "maxmemory" in str(failed.value)
+        # Every confirmed order is there; at most the two chunks in flight are unknown.
+        assert failed.value.published <= in_stream <= failed.value.published + 2 * CHUNK
+        assert in_stream % CHUNK == 0  # chunks are added whole or not at all
+    finally:
+        await client.aclose()
