@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 try:  # optional speedup (requirements-speed.txt); the strict stdlib parser decides either way
     import orjson
@@ -96,66 +97,75 @@ def parse_order(payload: bytes | str, max_bytes: int) -> Order:
 
 def order_from_dict(value: object) -> Order:
     """Validate an already-decoded JSON value as an order."""
-    if not isinstance(value, dict):
+    if type(value) is not dict:
         raise InvalidOrder(f"payload must be a JSON object, got {_json_type(value)}")
-    unknown = value.keys() - _FIELDS
-    if unknown:
-        raise InvalidOrder(f"{len(unknown)} unexpected field(s); allowed: {', '.join(sorted(_FIELDS))}")
-    order_id = _string(value, "order_id", max_len=128)
-    email = _string(value, "customer_email", max_len=254)
+    if not value.keys() <= _FIELDS:
+        unknown = len(value.keys() - _FIELDS)
+        raise InvalidOrder(f"{unknown} unexpected field(s); allowed: {', '.join(sorted(_FIELDS))}")
+    order_id = value.get("order_id")
+    if not _is_text(order_id, 128):
+        raise InvalidOrder(_text_problem("order_id", order_id, 128))
+    email = value.get("customer_email")
+    if not _is_text(email, 254):
+        raise InvalidOrder(_text_problem("customer_email", email, 254))
     if not _EMAIL.fullmatch(email):
         raise InvalidOrder("customer_email does not look like an e-mail address")
+    items = value.get("items")
+    total = value.get("total")
+    # The comparison is false for NaN and infinities too.
+    if total is not None and (type(total) not in (int, float) or not 0 <= total <= sys.float_info.max):
+        raise InvalidOrder("total must be a finite number, not negative")
     created_at = value.get("created_at")
-    if created_at is not None:
-        created_at = _string(value, "created_at", max_len=64)
-        try:
-            datetime.fromisoformat(created_at)
-        except ValueError:
-            raise InvalidOrder("created_at must be an ISO 8601 time") from None
+    if created_at is not None and not _is_time(created_at):
+        raise InvalidOrder("created_at must be an ISO 8601 time")
     return Order(
-        order_id=order_id,
-        customer_email=email,
-        items=_items(value.get("items", [])),
-        total=_total(value.get("total")),
-        created_at=created_at,
+        order_id,
+        email,
+        () if items is None else _items(items),
+        None if total is None else float(total),
+        created_at,
     )
 
 
-def _string(obj: dict[str, Any], name: str, *, max_len: int) -> str:
-    value = obj.get(name)
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidOrder(f"{name} must be a non-empty string")
+def _is_text(value: object, max_len: int) -> TypeGuard[str]:
+    """A non-blank printable string (lone surrogates are not printable) of at most `max_len`."""
+    return type(value) is str and 0 < len(value) <= max_len and value.isprintable() and not value.isspace()
+
+
+def _text_problem(name: str, value: object, max_len: int) -> str:
+    if type(value) is not str or not value.strip():
+        return f"{name} must be a non-empty string"
     if len(value) > max_len:
-        raise InvalidOrder(f"{name} is longer than {max_len} characters")
-    if not value.isprintable():  # also false for lone surrogates, which cannot be encoded
-        raise InvalidOrder(f"{name} contains control characters or lone surrogates")
-    return value
+        return f"{name} is longer than {max_len} characters"
+    return f"{name} contains control characters or lone surrogates"
+
+
+def _is_time(value: object) -> bool:
+    if not _is_text(value, 64):
+        return False
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _items(value: object) -> tuple[Item, ...]:
-    if not isinstance(value, list):
+    if type(value) is not list:
         raise InvalidOrder("items must be a list")
     if len(value) > MAX_ITEMS:
         raise InvalidOrder(f"items has more than {MAX_ITEMS} entries")
     items = []
     for item in value:
-        if type(item) is not dict or len(item) != 2 or "sku" not in item or "qty" not in item:
+        if type(item) is not dict or len(item) != 2:
             raise InvalidOrder('each item must be an object with exactly "sku" and "qty"')
-        qty = item["qty"]
+        sku, qty = item.get("sku"), item.get("qty")
+        if not _is_text(sku, 64):
+            raise InvalidOrder(_text_problem("item sku", sku, 64))
         if type(qty) is not int or not 1 <= qty <= 1_000_000:
             raise InvalidOrder("item qty must be a whole number from 1 to 1000000")
-        items.append(Item(sku=_string(item, "sku", max_len=64), qty=qty))
+        items.append(Item(sku, qty))
     return tuple(items)
-
-
-def _total(value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidOrder("total must be a number")
-    if not math.isfinite(value) or value < 0:
-        raise InvalidOrder("total must be a finite number, not negative")
-    return float(value)
 
 
 def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

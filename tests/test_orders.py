@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import orders
 from orders import InvalidOrder, Item, Order, parse_order, serialize
 
 CAP = 65536
@@ -44,6 +45,15 @@ BAD_PAYLOADS: dict[str, bytes] = {
     "bad time": b'{"order_id": "a", "customer_email": "a@b.co", "created_at": "SECRET"}',
     "control chars": b'{"order_id": "a\\u0000", "customer_email": "a@b.co"}',
 }
+
+
+@pytest.fixture(autouse=True, params=["orjson", "stdlib only"])
+def json_library(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run every test with the optional orjson fast path and without it."""
+    if request.param == "stdlib only":
+        monkeypatch.setattr(orders, "orjson", None)
+    elif getattr(orders, "orjson", None) is None:
+        pytest.skip("orjson is not installed")
 
 
 def test_valid_order_parses_and_round_trips() -> None:
