@@ -62,6 +62,13 @@ def entries_of(reply: Any) -> list[Entry]:
     return cast(list[Entry], reply[0][1])
 
 
+def _data_of(fields: dict[bytes, bytes]) -> bytes:
+    payload = fields.get(b"data")
+    if payload is None:
+        raise InvalidOrder("entry has no 'data' field")
+    return payload
+
+
 @dataclass
 class StreamConsumer:
     """One consumer of one group; `run()` loops until `stop` is set."""
@@ -169,14 +176,17 @@ class StreamConsumer:
     async def _handle(self, entries: list[Entry], deliveries: dict[bytes, int]) -> None:
         """Run the handler over a batch; ack the successes in one XACK, dead-letter the poison."""
         max_deliveries = self.settings.max_deliveries
+        max_bytes = self.settings.max_payload_bytes
+        acks = self.unsent_acks
+        processed = 0
         for entry_id, fields in entries:
             if not fields:  # deleted or trimmed while pending: nothing left to process
-                self.unsent_acks.append(entry_id)
+                acks.append(entry_id)
                 self.stats.deleted_skipped += 1
                 continue
             delivery = deliveries.get(entry_id, 1)
             try:
-                order = self._parse(fields)
+                order = parse_order(_data_of(fields), max_bytes)
             except InvalidOrder as error:
                 await self._dead_letter(entry_id, fields, delivery, f"invalid order: {error}", None)
                 continue
@@ -203,15 +213,10 @@ class StreamConsumer:
                     self.retry_at = asyncio.get_running_loop().time() + delay
                 continue
             # Kept across failures: a later turn acks what the handler already accepted.
-            self.unsent_acks.append(entry_id)
-            self.stats.processed += 1
+            acks.append(entry_id)
+            processed += 1
+        self.stats.processed += processed
         await self._flush_acks()
-
-    def _parse(self, fields: dict[bytes, bytes]) -> Order:
-        payload = fields.get(b"data")
-        if payload is None:
-            raise InvalidOrder("entry has no 'data' field")
-        return parse_order(payload, self.settings.max_payload_bytes)
 
     async def _flush_acks(self) -> None:
         if self.unsent_acks:
