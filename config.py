@@ -31,6 +31,11 @@ DEFAULTS: dict[str, str] = {
     "MAX_PAYLOAD_BYTES": "65536",
     "DEAD_LETTER_STREAM": "orders:dead-letter",
     "LOG_LEVEL": "INFO",
+    "MAINTENANCE_INTERVAL_MS": "60000",  # 0: consumers never trim or remove stale consumers
+    "RETENTION_KEEP_MS": "0",  # keep acked entries this long (for replay); 0: trim them
+    "RETENTION_KEEP_ENTRIES": "0",  # keep at least this many newest entries
+    "STALE_CONSUMER_MS": "86400000",  # 0: never remove idle consumers
+    "METRICS_PORT": "0",  # 0: no Prometheus endpoint
 }
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -79,6 +84,11 @@ class Settings:
     max_payload_bytes: int
     dead_letter_stream: str
     log_level: str
+    maintenance_interval_ms: int
+    retention_keep_ms: int
+    retention_keep_entries: int
+    stale_consumer_ms: int
+    metrics_port: int
 
     @property
     def groups(self) -> tuple[str, str]:
@@ -116,6 +126,11 @@ class Settings:
             max_payload_bytes=get.integer("MAX_PAYLOAD_BYTES", low=64),
             dead_letter_stream=get.text("DEAD_LETTER_STREAM"),
             log_level=get.text("LOG_LEVEL").upper(),
+            maintenance_interval_ms=get.integer("MAINTENANCE_INTERVAL_MS", low=0),
+            retention_keep_ms=get.integer("RETENTION_KEEP_MS", low=0),
+            retention_keep_entries=get.integer("RETENTION_KEEP_ENTRIES", low=0),
+            stale_consumer_ms=get.integer("STALE_CONSUMER_MS", low=0),
+            metrics_port=get.integer("METRICS_PORT", low=0, high=65535),
         )
         if any(char.isspace() for char in settings.consumer_name):
             raise ConfigError("CONSUMER_NAME must not contain spaces")

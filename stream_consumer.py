@@ -25,8 +25,10 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
-from config import Settings, run_script
+import metrics
+from config import CliError, Settings, run_script
 from initialization_stream import create_group
+from maintenance import Capabilities, detect, run_once
 from orders import InvalidOrder, Order, parse_order
 from redisPool import redis_connect
 
@@ -48,6 +50,7 @@ class Stats:
     dead_lettered: int = 0
     reclaimed: int = 0
     deleted_skipped: int = 0
+    redrives_for_other_groups: int = 0
 
     def __str__(self) -> str:
         return ", ".join(f"{name}={value}" for name, value in vars(self).items())
@@ -90,6 +93,10 @@ class StreamConsumer:
         self.next_claim = 0.0
         self.trouble_since: float | None = None
         self.backoff = BACKOFF_START_S
+        self.next_maintenance = 0.0
+        self.capabilities: Capabilities | None = None
+        self.maintenance_refused = False
+        self.group_bytes = self.group.encode()
 
     async def run(self) -> Stats:
         """Consume until `stop` is set; the batch in hand is finished and acked before returning."""
@@ -106,6 +113,9 @@ class StreamConsumer:
         loop = asyncio.get_running_loop()
         if loop.time() >= self.next_claim and await self._reclaim():
             return
+        if self.settings.maintenance_interval_ms and loop.time() >= self.next_maintenance:
+            self.next_maintenance = loop.time() + self.settings.maintenance_interval_ms / 1000
+            await self._maintain()
         if self.retry_at is not None and loop.time() >= self.retry_at:
             self.retry_at, self.own_cursor = None, b"0"
         if self.own_cursor is not None:
@@ -129,6 +139,8 @@ class StreamConsumer:
         """Block for new entries, but wake in time for the next reclaim or retry."""
         now = asyncio.get_running_loop().time()
         wake = min(self.next_claim, self.retry_at or self.next_claim)
+        if self.settings.maintenance_interval_ms:
+            wake = min(wake, self.next_maintenance)
         return max(1, min(self.settings.block_ms, int((wake - now) * 1000)))
 
     async def _reclaim(self) -> bool:
@@ -162,6 +174,17 @@ class StreamConsumer:
         await self._handle(entries, await self._delivery_counts([e[0] for e in entries]))
         return True
 
+    async def _maintain(self) -> None:
+        """Trim what every group acked and drop stale consumers; a refusal never stops consumption."""
+        try:
+            if self.capabilities is None:
+                self.capabilities = await detect(self.redis)
+            await run_once(self.redis, self.settings, self.capabilities)
+        except ResponseError as error:
+            if not self.maintenance_refused:
+                log.warning("maintenance skipped: Redis refused it (%s); consumption goes on", error)
+                self.maintenance_refused = True
+
     async def _delivery_counts(self, ids: list[bytes]) -> dict[bytes, int]:
         """How many times each of these redelivered entries has been delivered, this time included."""
         pipe = self.redis.pipeline(transaction=False)
@@ -183,6 +206,12 @@ class StreamConsumer:
             if not fields:  # deleted or trimmed while pending: nothing left to process
                 acks.append(entry_id)
                 self.stats.deleted_skipped += 1
+                continue
+            redrive_for = fields.get(b"redrive_for")
+            if redrive_for is not None and redrive_for != self.group_bytes:
+                # Sent back from the dead-letter stream for another group only.
+                acks.append(entry_id)
+                self.stats.redrives_for_other_groups += 1
                 continue
             delivery = deliveries.get(entry_id, 1)
             try:
@@ -317,14 +346,39 @@ async def serve(settings: Settings, group: str, handler: Handler) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
+    stats = Stats()
+    with_metrics = _start_metrics(settings, stats, group, handler)
     try:
         async with redis_connect(settings) as redis:
-            await consume(redis, settings, group, settings.consumer_name, handler, stop)
+            consumer = StreamConsumer(redis, settings, group, settings.consumer_name, handler, stop, stats)
+            if with_metrics is None:
+                await consumer.run()
+            else:
+                collector, consumer.handler = with_metrics
+                refresher = asyncio.create_task(metrics.refresh_forever(collector, redis, settings))
+                try:
+                    await consumer.run()
+                finally:
+                    refresher.cancel()
     except asyncio.CancelledError:
         if not forced:
             raise
         return 128 + forced[0]
     return 0
+
+
+def _start_metrics(
+    settings: Settings, stats: Stats, group: str, handler: Handler
+) -> tuple[metrics.ConsumerCollector, Handler] | None:
+    """Serve Prometheus metrics when METRICS_PORT is set: the collector and the timed handler."""
+    if not settings.metrics_port:
+        return None
+    try:
+        collector = metrics.start(settings.metrics_port, stats, group, settings.consumer_name)
+    except OSError as error:
+        raise CliError(f"cannot serve metrics on port {settings.metrics_port}: {error.strerror}") from None
+    log.info("metrics on http://0.0.0.0:%d/metrics", settings.metrics_port)
+    return collector, metrics.timed(handler, group)
 
 
 def run_service(prog: str, description: str, group_of: Callable[[Settings], str], handler: Handler) -> None:

@@ -1,0 +1,110 @@
+"""Prometheus metrics for a consumer process, served on METRICS_PORT when it is set.
+
+Counters are read from the consumer's Stats when Prometheus scrapes, so they cost nothing on
+the hot path; lag, pending and dead-letter gauges are refreshed from Redis every few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import REGISTRY, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from config import Settings
+from orders import Order
+
+if TYPE_CHECKING:  # stream_consumer imports this module
+    from stream_consumer import Handler, Stats
+
+REFRESH_S = 5.0
+
+HANDLER_SECONDS = Histogram(
+    "orders_handler_seconds",
+    "Time the handler took per order.",
+    ["group"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+COUNTERS = {
+    "processed": "Orders the handler accepted (then acked).",
+    "failed": "Handler failures (each leaves the order pending for a retry).",
+    "dead_lettered": "Entries moved to the dead-letter stream.",
+    "reclaimed": "Entries claimed from consumers that held them too long.",
+    "deleted_skipped": "Pending entries found deleted or trimmed, acked and skipped.",
+}
+
+
+class ConsumerCollector(Collector):
+    """Exposes one consumer's Stats and the latest group gauges."""
+
+    def __init__(self, stats: Stats, group: str, consumer: str) -> None:
+        self.stats, self.group, self.consumer = stats, group, consumer
+        self.lag: dict[str, int] = {}
+        self.pending: dict[str, int] = {}
+        self.dead_letters = 0
+
+    def collect(self) -> Iterator[Metric]:
+        labels = [self.group, self.consumer]
+        for name, text in COUNTERS.items():
+            counter = CounterMetricFamily(f"orders_{name}", text, labels=["group", "consumer"])
+            counter.add_metric(labels, getattr(self.stats, name))
+            yield counter
+        lag = GaugeMetricFamily(
+            "orders_group_lag", "Entries not yet delivered to the group.", labels=["group"]
+        )
+        pending = GaugeMetricFamily(
+            "orders_group_pending", "Entries delivered, not yet acked.", labels=["group"]
+        )
+        for group, value in self.lag.items():
+            lag.add_metric([group], value)
+        for group, value in self.pending.items():
+            pending.add_metric([group], value)
+        yield lag
+        yield pending
+        yield GaugeMetricFamily(
+            "orders_dead_letter_length", "Entries in the dead-letter stream.", self.dead_letters
+        )
+
+    async def refresh(self, redis: Redis, settings: Settings) -> None:
+        groups = await redis.xinfo_groups(settings.stream_key)
+        self.lag = {g["name"].decode(): int(g["lag"] or 0) for g in groups}
+        self.pending = {g["name"].decode(): int(g["pending"]) for g in groups}
+        self.dead_letters = int(await redis.xlen(settings.dead_letter_stream))
+
+
+def timed(handler: Handler, group: str) -> Handler:
+    """The handler, with its duration observed in the histogram."""
+    observe = HANDLER_SECONDS.labels(group).observe
+
+    async def handle(order: Order) -> None:
+        started = time.perf_counter()
+        try:
+            await handler(order)
+        finally:
+            observe(time.perf_counter() - started)
+
+    return handle
+
+
+def start(port: int, stats: Stats, group: str, consumer: str) -> ConsumerCollector:
+    """Serve /metrics on `port` (all interfaces, as scrapers expect) and return the collector."""
+    collector = ConsumerCollector(stats, group, consumer)
+    REGISTRY.register(collector)
+    start_http_server(port)
+    return collector
+
+
+async def refresh_forever(collector: ConsumerCollector, redis: Redis, settings: Settings) -> None:
+    """Keep the gauges fresh until cancelled; Redis trouble leaves the last values in place."""
+    while True:
+        with contextlib.suppress(RedisError):
+            await collector.refresh(redis, settings)
+        await asyncio.sleep(REFRESH_S)
