@@ -80,8 +80,8 @@ async def safe_trim_point(redis: Redis, stream: str) -> StreamId | None:
     for group in groups:
         ms, seq = parse_id(group["last-delivered-id"])
         first_undelivered = (ms, seq + 1)
-        if group["pending"]:
-            summary = await redis.xpending(stream, group["name"])
+        summary = await redis.xpending(stream, group["name"]) if group["pending"] else None
+        if summary and summary["min"] is not None:  # it may have been acked since XINFO
             needed.append(min(first_undelivered, parse_id(summary["min"])))
         else:
             needed.append(first_undelivered)

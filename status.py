@@ -1,0 +1,220 @@
+"""Stream, groups, consumers and dead letters at a glance; with thresholds, a health check.
+
+Exit codes: 0 healthy, 3 a threshold given on the command line is exceeded, 1 Redis
+unreachable, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from config import Settings, run_script
+from deadletter import describe
+from maintenance import detect, parse_id
+from redisPool import redis_connect
+
+UNHEALTHY = 3
+
+
+def _text(value: Any) -> Any:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def age_ms(entry_id: Any, now_ms: int) -> int | None:
+    return None if entry_id is None else max(0, now_ms - parse_id(entry_id)[0])
+
+
+async def collect(redis: Redis, settings: Settings, newest_dead_letters: int = 5) -> dict[str, Any]:
+    """Everything the report shows, as plain data (also the --json output)."""
+    now_ms = int(time.time() * 1000)
+    stream = settings.stream_key
+    capabilities = await detect(redis)
+    report: dict[str, Any] = {
+        "redis_version": ".".join(map(str, capabilities.version)),
+        "stream": stream,
+        "exists": True,
+        "groups": [],
+    }
+    try:
+        info: Any = await redis.xinfo_stream(stream)
+    except ResponseError:  # no such key
+        report.update(exists=False, length=0)
+    else:
+        first, last = info.get("first-entry"), info.get("last-entry")
+        report.update(
+            length=info["length"],
+            first_id=_text(first[0]) if first else None,
+            last_id=_text(last[0]) if last else None,
+            first_age_ms=age_ms(first[0], now_ms) if first else None,
+            last_age_ms=age_ms(last[0], now_ms) if last else None,
+            memory_bytes=await _memory(redis, stream),
+        )
+        for group in await redis.xinfo_groups(stream):
+            report["groups"].append(await _group(redis, stream, group, now_ms))
+    dead_letters: Any = await redis.xrevrange(settings.dead_letter_stream, count=newest_dead_letters)
+    report["dead_letter_stream"] = settings.dead_letter_stream
+    report["dead_letters"] = await redis.xlen(settings.dead_letter_stream)
+    report["newest_dead_letters"] = [describe(i, f, settings.max_payload_bytes) for i, f in dead_letters]
+    return report
+
+
+async def _memory(redis: Redis, key: str) -> int | None:
+    try:
+        usage = await redis.memory_usage(key)
+    except ResponseError:  # an ACL user without MEMORY
+        return None
+    return int(usage) if usage is not None else None
+
+
+async def _group(redis: Redis, stream: str, group: dict[str, Any], now_ms: int) -> dict[str, Any]:
+    name = group["name"]
+    oldest: Any = await redis.xpending_range(stream, name, "-", "+", 1) if group["pending"] else []
+    consumers = await redis.xinfo_consumers(stream, name)
+    return {
+        "name": _text(name),
+        "consumers": len(consumers),
+        "pending": group["pending"],
+        "lag": group.get("lag"),  # None when Redis cannot tell (after deletions)
+        "last_delivered_id": _text(group["last-delivered-id"]),
+        "oldest_pending_age_ms": age_ms(oldest[0]["message_id"], now_ms) if oldest else None,
+        "oldest_pending_idle_ms": oldest[0]["time_since_delivered"] if oldest else None,
+        "consumer_list": [
+            {"name": _text(c["name"]), "pending": c["pending"], "idle_ms": c["idle"]} for c in consumers
+        ],
+    }
+
+
+def problems(report: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """The thresholds exceeded, one readable line each."""
+    found = []
+    for group in report["groups"]:
+        name = group["name"]
+        if args.max_lag is not None and (group["lag"] or 0) > args.max_lag:
+            found.append(f"{name}: lag {group['lag']} > {args.max_lag}")
+        if args.max_pending is not None and group["pending"] > args.max_pending:
+            found.append(f"{name}: pending {group['pending']} > {args.max_pending}")
+        age = group["oldest_pending_age_ms"]
+        if args.max_pending_age is not None and age is not None and age > args.max_pending_age * 1000:
+            found.append(f"{name}: oldest pending {duration(age)} > {args.max_pending_age:g}s")
+    if args.max_dead_letters is not None and report["dead_letters"] > args.max_dead_letters:
+        found.append(f"dead letters {report['dead_letters']} > {args.max_dead_letters}")
+    return found
+
+
+def duration(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KB", "MB"):
+        if value < 1024:
+            return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
+
+
+def render(report: dict[str, Any], found: list[str], color: bool) -> str:
+    """The report as aligned text; exceeded thresholds marked with ! (red on a terminal)."""
+
+    def mark(text: str, bad: bool) -> str:
+        if not bad:
+            return text
+        return f"\033[31m{text} !\033[0m" if color else f"{text} !"
+
+    bad_groups = {line.split(":", 1)[0] for line in found}
+    lines = [f"redis {report['redis_version']}"]
+    if not report["exists"]:
+        lines.append(f"stream {report['stream']}: does not exist (run python -m initialization_stream)")
+    else:
+        lines.append(
+            f"stream {report['stream']}: {report['length']:,} entries, {size(report['memory_bytes'])}, "
+            f"first {report['first_id'] or '-'} ({duration(report['first_age_ms'])} old), "
+            f"last {report['last_id'] or '-'} ({duration(report['last_age_ms'])} old)"
+        )
+    header = (
+        f"  {'group':<22}{'consumers':>10}{'pending':>10}{'lag':>10}  {'oldest pending':<16}last delivered"
+    )
+    lines.append(header)
+    for g in report["groups"]:
+        lag = "?" if g["lag"] is None else f"{g['lag']:,}"
+        row = (
+            f"  {g['name']:<22}{g['consumers']:>10}{g['pending']:>10,}{lag:>10}  "
+            f"{duration(g['oldest_pending_age_ms']):<16}{g['last_delivered_id']}"
+        )
+        lines.append(mark(row, g["name"] in bad_groups))
+        for c in g["consumer_list"]:
+            lines.append(
+                f"      consumer {c['name']:<30} pending {c['pending']:>8,}  idle {duration(c['idle_ms'])}"
+            )
+    dead = f"dead letters in {report['dead_letter_stream']}: {report['dead_letters']:,}"
+    lines.append(mark(dead, any(line.startswith("dead letters") for line in found)))
+    for row in report["newest_dead_letters"]:
+        lines.append(
+            f"  {row['id']}  {row['group']:<18} deliveries {row['deliveries']:<3} {row['error'][:80]}"
+        )
+    lines.append(mark("UNHEALTHY: " + "; ".join(found), True) if found else "healthy")
+    return "\n".join(lines)
+
+
+async def main(settings: Settings, args: argparse.Namespace) -> int:
+    color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    async with redis_connect(settings) as redis:
+        while True:
+            report = await collect(redis, settings)
+            found = problems(report, args)
+            if args.json:
+                print(json.dumps({**report, "problems": found}, indent=2))
+            else:
+                if args.watch and color:
+                    print("\033[2J\033[H", end="")
+                print(render(report, found, color), flush=True)
+            if not args.watch:
+                return UNHEALTHY if found else 0
+            await asyncio.sleep(args.watch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m status",
+        description="Show the stream, its groups and consumers, and the dead letters. With a "
+        "threshold, exit 3 when it is exceeded (a health check for compose or Kubernetes).",
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON document, for machines")
+    parser.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    parser.add_argument("--max-lag", type=int, metavar="N", help="unhealthy when a group's lag exceeds N")
+    parser.add_argument("--max-pending", type=int, metavar="N", help="unhealthy when a group holds over N")
+    parser.add_argument(
+        "--max-pending-age", type=float, metavar="SECONDS", help="unhealthy when an entry is pending longer"
+    )
+    parser.add_argument("--max-dead-letters", type=int, metavar="N", help="unhealthy over N dead letters")
+    return parser
+
+
+if __name__ == "__main__":
+    parser = build_parser()
+    arguments = parser.parse_args()
+    if arguments.watch is not None and arguments.watch <= 0:
+        parser.error("--watch must be more than 0 seconds")
+    limits = (arguments.max_lag, arguments.max_pending, arguments.max_pending_age, arguments.max_dead_letters)
+    if any(limit is not None and limit < 0 for limit in limits):
+        parser.error("thresholds must be 0 or more")
+    run_script("status", lambda settings: main(settings, arguments))
