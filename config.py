@@ -36,6 +36,7 @@ DEFAULTS: dict[str, str] = {
     "RETENTION_KEEP_ENTRIES": "0",  # keep at least this many newest entries
     "STALE_CONSUMER_MS": "86400000",  # 0: never remove idle consumers
     "METRICS_PORT": "0",  # 0: no Prometheus endpoint
+    "DEDUPE_WINDOW_MS": "3600000",  # run a group's handler once per order_id within this; 0: off
 }
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -89,6 +90,7 @@ class Settings:
     retention_keep_entries: int
     stale_consumer_ms: int
     metrics_port: int
+    dedupe_window_ms: int
 
     @property
     def groups(self) -> tuple[str, str]:
@@ -131,6 +133,7 @@ class Settings:
             retention_keep_entries=get.integer("RETENTION_KEEP_ENTRIES", low=0),
             stale_consumer_ms=get.integer("STALE_CONSUMER_MS", low=0),
             metrics_port=get.integer("METRICS_PORT", low=0, high=65535),
+            dedupe_window_ms=get.integer("DEDUPE_WINDOW_MS", low=0),
         )
         if any(char.isspace() for char in settings.consumer_name):
             raise ConfigError("CONSUMER_NAME must not contain spaces")

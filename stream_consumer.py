@@ -27,6 +27,7 @@ from redis.typing import EncodableT, FieldT
 
 import metrics
 from config import CliError, Settings, run_script
+from dedupe import Decision, DedupeGuard
 from initialization_stream import create_group
 from maintenance import Capabilities, detect, run_once
 from orders import InvalidOrder, Order, parse_order
@@ -36,6 +37,7 @@ log = logging.getLogger("stream_consumer")
 
 Handler = Callable[[Order], Awaitable[None]]
 Entry = tuple[bytes, dict[bytes, bytes]]
+Runnable = tuple[bytes, dict[bytes, bytes], Order, int]  # entry id, fields, order, delivery
 
 BACKOFF_START_S = 0.1
 BACKOFF_CAP_S = 5.0
@@ -51,6 +53,8 @@ class Stats:
     reclaimed: int = 0
     deleted_skipped: int = 0
     redrives_for_other_groups: int = 0
+    duplicates_skipped: int = 0
+    busy_elsewhere: int = 0
 
     def __str__(self) -> str:
         return ", ".join(f"{name}={value}" for name, value in vars(self).items())
@@ -89,6 +93,20 @@ class StreamConsumer:
         self.own_cursor: bytes | None = b"0"  # None once own pending entries are read
         self.claim_cursor = b"0-0"
         self.unsent_acks: list[bytes] = []
+        self.unsent_done: list[str] = []  # order ids to mark done with those acks
+        self.dedupe = (
+            DedupeGuard(
+                self.redis,
+                self.stream,
+                self.group,
+                self.name,
+                window_ms=self.settings.dedupe_window_ms,
+                # Longer than the claim time: a slow handler keeps its order from a claimer for a while.
+                lease_ms=2 * self.settings.claim_idle_ms,
+            )
+            if self.settings.dedupe_window_ms
+            else None
+        )
         self.retry_at: float | None = None
         self.next_claim = 0.0
         self.trouble_since: float | None = None
@@ -197,32 +215,24 @@ class StreamConsumer:
         return counts
 
     async def _handle(self, entries: list[Entry], deliveries: dict[bytes, int]) -> None:
-        """Run the handler over a batch; ack the successes in one XACK, dead-letter the poison."""
+        """Run the handler over a batch; commit the successes in one XACK, dead-letter the poison."""
+        runnable = await self._screen(entries, deliveries)
+        if self.dedupe is not None and runnable:
+            decisions = await self.dedupe.admit([order.order_id for _, _, order, _ in runnable])
+            admitted = []
+            for item, decision in zip(runnable, decisions, strict=True):
+                if decision is Decision.RUN:
+                    admitted.append(item)
+                elif decision is Decision.DUPLICATE:
+                    log.info("order %s already handled in this group: acked, not run again", item[2].order_id)
+                    self.unsent_acks.append(item[0])
+                    self.stats.duplicates_skipped += 1
+                else:  # running on another consumer: left pending, looked at again after a claim
+                    self.stats.busy_elsewhere += 1
+            runnable = admitted
         max_deliveries = self.settings.max_deliveries
-        max_bytes = self.settings.max_payload_bytes
-        acks = self.unsent_acks
         processed = 0
-        for entry_id, fields in entries:
-            if not fields:  # deleted or trimmed while pending: nothing left to process
-                acks.append(entry_id)
-                self.stats.deleted_skipped += 1
-                continue
-            redrive_for = fields.get(b"redrive_for")
-            if redrive_for is not None and redrive_for != self.group_bytes:
-                # Sent back from the dead-letter stream for another group only.
-                acks.append(entry_id)
-                self.stats.redrives_for_other_groups += 1
-                continue
-            delivery = deliveries.get(entry_id, 1)
-            try:
-                order = parse_order(_data_of(fields), max_bytes)
-            except InvalidOrder as error:
-                await self._dead_letter(entry_id, fields, delivery, f"invalid order: {error}", None)
-                continue
-            if delivery > max_deliveries:
-                reason = f"delivered {delivery} times without an ack (limit {max_deliveries})"
-                await self._dead_letter(entry_id, fields, delivery, reason, order.order_id)
-                continue
+        for entry_id, fields, order, delivery in runnable:
             try:
                 await self.handler(order)
             except Exception as error:
@@ -241,16 +251,55 @@ class StreamConsumer:
                     delay = self.settings.retry_delay_ms / 1000
                     self.retry_at = asyncio.get_running_loop().time() + delay
                 continue
-            # Kept across failures: a later turn acks what the handler already accepted.
-            acks.append(entry_id)
+            # Kept across failures: a later turn commits what the handler already accepted.
+            self.unsent_acks.append(entry_id)
+            self.unsent_done.append(order.order_id)
             processed += 1
         self.stats.processed += processed
         await self._flush_acks()
 
+    async def _screen(self, entries: list[Entry], deliveries: dict[bytes, int]) -> list[Runnable]:
+        """Ack entries that need no handler, dead-letter the poison; return the orders to run."""
+        max_deliveries = self.settings.max_deliveries
+        max_bytes = self.settings.max_payload_bytes
+        runnable = []
+        for entry_id, fields in entries:
+            if not fields:  # deleted or trimmed while pending: nothing left to process
+                self.unsent_acks.append(entry_id)
+                self.stats.deleted_skipped += 1
+                continue
+            redrive_for = fields.get(b"redrive_for")
+            if redrive_for is not None and redrive_for != self.group_bytes:
+                # Sent back from the dead-letter stream for another group only.
+                self.unsent_acks.append(entry_id)
+                self.stats.redrives_for_other_groups += 1
+                continue
+            delivery = deliveries.get(entry_id, 1)
+            try:
+                order = parse_order(_data_of(fields), max_bytes)
+            except InvalidOrder as error:
+                await self._dead_letter(entry_id, fields, delivery, f"invalid order: {error}", None)
+                continue
+            if delivery > max_deliveries:
+                reason = f"delivered {delivery} times without an ack (limit {max_deliveries})"
+                await self._dead_letter(entry_id, fields, delivery, reason, order.order_id)
+                continue
+            runnable.append((entry_id, fields, order, delivery))
+        return runnable
+
     async def _flush_acks(self) -> None:
-        if self.unsent_acks:
+        """Ack what is done; with the dedupe guard, mark those orders done in the same MULTI."""
+        if not self.unsent_acks:
+            return
+        if self.dedupe is not None and self.unsent_done:
+            pipe = self.redis.pipeline(transaction=True)
+            self.dedupe.mark_done(pipe, self.unsent_done)
+            pipe.xack(self.stream, self.group, *self.unsent_acks)
+            await pipe.execute()
+        else:
             await self.redis.xack(self.stream, self.group, *self.unsent_acks)
-            self.unsent_acks.clear()
+        self.unsent_acks.clear()
+        self.unsent_done.clear()
 
     async def _dead_letter(
         self, entry_id: bytes, fields: dict[bytes, bytes], delivery: int, reason: str, order_id: str | None

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from config import Settings
 from local_redis import LocalRedis, start_local_redis
@@ -105,10 +106,18 @@ async def wait_until(check: Callable[[], object], what: str, timeout: float = 10
 
 
 async def group_done(redis: Redis, stream: str, group: str) -> bool:
-    """True when the group has read everything in the stream and has nothing pending."""
-    for info in await redis.xinfo_groups(stream):
+    """True when the group has been delivered the newest entry and has nothing pending.
+
+    Compares ids rather than trusting `lag`, which Redis 7.0 miscounts after trimming.
+    """
+    try:
+        last = (await redis.xinfo_stream(stream))["last-generated-id"]
+        groups = await redis.xinfo_groups(stream)
+    except ResponseError:  # no stream yet
+        return False
+    for info in groups:
         if info["name"].decode() == group:
-            return bool(info["pending"] == 0 and info["lag"] == 0)
+            return bool(info["pending"] == 0 and info["last-delivered-id"] == last)
     return False
 
 
