@@ -125,7 +125,7 @@ async def test_a_slow_handler_claimed_by_another_consumer_runs_once(redis: Redis
 # --- faults with real processes -----------------------------------------------------
 
 
-class Pipeline_:
+class Services:
     """consumer1 and consumer2 processes against a server of the test's own."""
 
     def __init__(self, server: LocalRedis, scripts: Start, **env: str) -> None:
@@ -155,7 +155,7 @@ def assert_clean(figures: dict[str, int]) -> None:
 
 
 async def test_redis_paused_longer_than_the_socket_timeout(own_server: LocalRedis, scripts: Start) -> None:
-    pipeline = Pipeline_(own_server, scripts)
+    pipeline = Services(own_server, scripts)
     redis = Redis.from_url(own_server.url)
     try:
         await pipeline.started(redis)
@@ -178,7 +178,7 @@ async def test_redis_paused_longer_than_the_socket_timeout(own_server: LocalRedi
 
 
 async def test_client_kill_and_client_pause(own_server: LocalRedis, scripts: Start) -> None:
-    pipeline = Pipeline_(own_server, scripts)
+    pipeline = Services(own_server, scripts)
     redis = Redis.from_url(own_server.url)
     orders = sample_orders(30)
     try:
@@ -190,12 +190,12 @@ async def test_client_kill_and_client_pause(own_server: LocalRedis, scripts: Sta
                 await redis.client_kill_filter(_id=client["id"])
         await publish_many(redis, STREAM, orders[10:20])
         await wait_until(lambda: both_done(redis), "orders after CLIENT KILL")
-        await redis.execute_command("CLIENT", "PAUSE", "2500", "WRITE")  # longer than the socket timeout
+        await redis.client_pause(2500, all=False)  # WRITE only; longer than the socket timeout
         await wait_until(
             lambda: all("Redis unreachable" in o for logs in pipeline.outputs().values() for o in logs),
             "the consumers to time out during the pause",
         )
-        await redis.execute_command("CLIENT", "UNPAUSE")
+        await redis.client_unpause()
         await publish_many(redis, STREAM, orders[20:])
         await wait_until(lambda: both_done(redis), "orders after CLIENT PAUSE", 30)
     finally:
@@ -210,7 +210,7 @@ async def test_redis_killed_under_load_and_restarted(
 ) -> None:
     redis = Redis.from_url(own_server.url)
     await redis.config_set("appendfsync", fsync)
-    pipeline = Pipeline_(own_server, scripts)
+    pipeline = Services(own_server, scripts)
     confirmed: list[Order] = []
     attempted: list[Order] = []
     try:
@@ -257,7 +257,7 @@ async def test_trimmed_pending_entries_are_acked_and_counted(redis: Redis, setti
 
 async def test_an_unsynced_aof_tail_is_survived(own_server: LocalRedis, scripts: Start) -> None:
     redis = Redis.from_url(own_server.url)
-    pipeline = Pipeline_(own_server, scripts)
+    pipeline = Services(own_server, scripts)
     orders = sample_orders(40)
     try:
         await pipeline.started(redis)
