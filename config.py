@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 from redis.exceptions import RedisError
@@ -38,6 +38,12 @@ DEFAULTS: dict[str, str] = {
     "METRICS_PORT": "0",  # 0: no Prometheus endpoint
     "DEDUPE_WINDOW_MS": "3600000",  # run a group's handler once per order_id within this; 0: off
 }
+
+# Query options redis-py understands in a URL; TLS files go here (rediss://host/0?ssl_ca_certs=/ca.pem).
+URL_OPTIONS = {
+    "db", "protocol", "ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile",
+    "ssl_cert_reqs", "ssl_check_hostname", "ssl_min_version", "ssl_password",
+}  # fmt: skip
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -107,10 +113,15 @@ class Settings:
         """Build settings from a mapping of variables; raise ConfigError naming a bad one."""
         get = _Reader({**DEFAULTS, **{k: v for k, v in env.items() if k in DEFAULTS}})
         url = get.text("REDIS_URL")
-        scheme = urlsplit(url).scheme
-        if scheme not in ("redis", "rediss", "unix"):
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss", "unix"):
             raise ConfigError(
-                f"REDIS_URL must start with redis://, rediss:// or unix://, got {scheme or 'no'} scheme"
+                f"REDIS_URL must start with redis://, rediss:// or unix://, got {parts.scheme or 'no'} scheme"
+            )
+        unknown = set(parse_qs(parts.query)) - URL_OPTIONS
+        if unknown:
+            raise ConfigError(
+                f"REDIS_URL has unknown options {sorted(unknown)}; known: {sorted(URL_OPTIONS)}"
             )
         settings = cls(
             redis_url=url,

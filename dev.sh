@@ -37,6 +37,22 @@ ensure_redis_server() {
   command -v redis-server >/dev/null
 }
 
+# docker-compose.yaml needs its ACL users' passwords: keep them in .env, made up once if missing.
+compose_passwords() {
+  touch .env
+  local name
+  for name in REDIS_ADMIN_PASSWORD PRODUCER_PASSWORD CONSUMER_PASSWORD; do
+    if ! grep -qE "^${name}=.+" .env; then
+      sed -i "/^${name}=\$/d" .env
+      echo "${name}=$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(16))')" >> .env
+      echo "dev.sh: made up ${name} in .env" >&2
+    fi
+  done
+  set -a; . ./.env; set +a
+  REDIS_URL="redis://admin:$(.venv/bin/python -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$REDIS_ADMIN_PASSWORD")@127.0.0.1:6379/0"
+  export REDIS_URL
+}
+
 no_redis() {
   echo "dev.sh: no Redis: set $1, start Docker (then docker compose up -d), or install redis-server (apt-get install redis-server / brew install redis)" >&2
   exit 1
@@ -50,6 +66,7 @@ case "$cmd" in
     ensure_venv
     if [ -z "${REDIS_URL:-}" ]; then
       if docker info >/dev/null 2>&1; then
+        compose_passwords
         docker compose up -d --wait
       else
         ensure_redis_server || no_redis REDIS_URL  # the demo starts a throwaway server itself

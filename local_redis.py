@@ -31,6 +31,7 @@ class LocalRedis:
     port: int
     directory: Path
     args: list[str]
+    tls: bool = False  # started with --tls-port: ready once it accepts connections
     process: subprocess.Popen[bytes] | None = None
     _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
 
@@ -51,7 +52,7 @@ class LocalRedis:
             if self.process.poll() is not None:
                 log = (self.directory / "redis.log").read_text(errors="replace")[-500:]
                 raise RuntimeError(f"redis-server exited with {self.process.returncode}: {log}")
-            if _answers_ping(self.port):
+            if _answers_ping(self.port, self.tls):
                 return
             time.sleep(0.02)
         self.stop()
@@ -98,9 +99,11 @@ def start_local_redis(*args: str) -> LocalRedis:
     return server
 
 
-def _answers_ping(port: int) -> bool:
+def _answers_ping(port: int, tls: bool) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            if tls:
+                return True
             sock.sendall(b"PING\r\n")
             return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:

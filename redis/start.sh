@@ -1,0 +1,15 @@
+#!/bin/sh
+# Container entry: render the ACL file from the template with password hashes from the
+# environment, then start Redis as the official image does, with the given options.
+set -eu
+sha() { printf '%s' "$1" | sha256sum | cut -d' ' -f1; }
+: "${REDIS_ADMIN_PASSWORD:?set REDIS_ADMIN_PASSWORD}"
+: "${PRODUCER_PASSWORD:?set PRODUCER_PASSWORD}"
+: "${CONSUMER_PASSWORD:?set CONSUMER_PASSWORD}"
+acl=${ACL_FILE:-/tmp/users.acl}
+sed -e "s/@REDIS_ADMIN_PASSWORD@/$(sha "$REDIS_ADMIN_PASSWORD")/" \
+    -e "s/@PRODUCER_PASSWORD@/$(sha "$PRODUCER_PASSWORD")/" \
+    -e "s/@CONSUMER_PASSWORD@/$(sha "$CONSUMER_PASSWORD")/" \
+    "$(dirname "$0")/users.acl.template" | grep -v -e '^#' -e '^$' > "$acl"  # ACL files take no comments
+[ "${RENDER_ONLY:-}" = 1 ] && exit 0
+exec docker-entrypoint.sh redis-server --aclfile "$acl" "$@"
