@@ -1,0 +1,268 @@
+"""A bounded chaos soak on this machine: publish under consumer and Redis crashes, then check every order.
+
+It starts its own redis-server (AOF, appendfsync always) on 127.0.0.1 and real consumer
+processes (`python -m consumer1`, `python -m consumer2`, two of each), publishes orders
+while a schedule kills consumers (SIGKILL, restarted under the same or a new name) and
+Redis (SIGKILL, restarted from its AOF), heals, waits until both groups have nothing
+pending, and checks per group, from the handlers' own log lines:
+
+  lost                  orders Redis confirmed that a group never handled
+  unexpected            orders handled that were never published
+  effective duplicates  orders whose handler ran more than once in a group
+  raw redeliveries      deliveries beyond the first (handler reruns + duplicates the guard skipped)
+
+Exit 0 only when lost, unexpected and effective duplicates are all 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import re
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from local_redis import LocalRedis, start_local_redis
+from orders import Order
+from producer import CHUNK, PublishError, publish_many, sample_orders
+
+STREAM = "orders"
+DEAD_LETTERS = "orders:dead-letter"
+SERVICES = {"fulfillment_group": "consumer1", "email_group": "consumer2"}
+EFFECT = {
+    "fulfillment_group": re.compile(rb"fulfilling order (\S+):"),
+    "email_group": re.compile(rb"sending confirmation e-mail for order (\S+)\n"),
+}
+SKIPPED = re.compile(rb"order (\S+) already handled in this group")
+CONSUMER_ENV = {
+    "BATCH_SIZE": "50",
+    "BLOCK_MS": "200",
+    "SOCKET_TIMEOUT_MS": "1000",
+    "CLAIM_IDLE_MS": "1000",
+    "RETRY_DELAY_MS": "100",
+    "LOG_LEVEL": "INFO",
+    "MAINTENANCE_INTERVAL_MS": "0",  # keep every entry: the checker reads the whole stream
+}
+
+
+@dataclass
+class Slot:
+    """One consumer position: restarted after each kill, under its old name or a new one."""
+
+    group: str
+    name: str
+    logs: Path
+    process: asyncio.subprocess.Process | None = None
+    generation: int = 0
+    log_files: list[Path] = field(default_factory=list)
+
+    async def start(self, url: str, same_name: bool = True) -> None:
+        if not same_name:
+            self.generation += 1
+        name = self.name if self.generation == 0 else f"{self.name}-{self.generation}"
+        log_file = self.logs / f"{name}-{len(self.log_files)}.log"
+        self.log_files.append(log_file)
+        env = {**_base_env(), **CONSUMER_ENV, "REDIS_URL": url, "CONSUMER_NAME": name}
+        with log_file.open("wb") as out:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", SERVICES[self.group], env=env, stdout=out, stderr=out
+            )
+
+    async def stop(self, sig: int) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(sig)
+            async with asyncio.timeout(30):
+                await self.process.wait()
+        self.process = None
+
+    def output(self) -> bytes:
+        return b"".join(path.read_bytes() for path in self.log_files if path.exists())
+
+
+def _base_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "CONSUMER_"))}
+
+
+@dataclass
+class Ledger:
+    """What the producer knows: confirmed orders, and orders whose outcome is unknown."""
+
+    confirmed: dict[str, Order] = field(default_factory=dict)
+    unknown: dict[str, Order] = field(default_factory=dict)
+
+
+async def produce(redis: Redis, total: int, seconds: float, ledger: Ledger) -> None:
+    """Publish `total` orders evenly over about `seconds`; after a failure, retry what is unknown."""
+    backlog = sample_orders(total)
+    per_second = total / seconds
+    started = time.monotonic()
+    while backlog:
+        sent = len(ledger.confirmed) + len(ledger.unknown)
+        await asyncio.sleep(max(0.0, started + sent / per_second - time.monotonic()))
+        chunk, backlog = backlog[: 4 * CHUNK], backlog[4 * CHUNK :]
+        try:
+            await publish_many(redis, STREAM, chunk)
+            confirmed = chunk
+        except PublishError as error:
+            confirmed = chunk[: error.published]
+            unsure = chunk[error.published :]
+            for order in unsure:
+                ledger.unknown[order.order_id] = order
+            backlog = unsure + backlog  # republish: a second copy is the dedupe guard's job
+            await _reconnect(redis)
+        for order in confirmed:
+            ledger.confirmed[order.order_id] = order
+            ledger.unknown.pop(order.order_id, None)
+
+
+async def _reconnect(redis: Redis) -> None:
+    await redis.connection_pool.disconnect()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(RedisError, OSError):
+            await redis.ping()
+            return
+        await asyncio.sleep(0.1)
+
+
+async def inflict(
+    slots: list[Slot], server: LocalRedis, url: str, kills: int, restarts: int, seconds: float, seed: int
+) -> Counter[str]:
+    """Spread `kills` consumer SIGKILLs and `restarts` Redis SIGKILLs over about `seconds`."""
+    rng = random.Random(seed)
+    schedule = ["consumer"] * kills + ["redis"] * restarts
+    rng.shuffle(schedule)
+    done: Counter[str] = Counter()
+    for fault in schedule:
+        await asyncio.sleep(rng.uniform(0.3, 1.7) * seconds / max(len(schedule), 1))
+        if fault == "redis":
+            server.kill()
+            await asyncio.sleep(rng.uniform(0.1, 1.0))  # down for a while
+            await asyncio.to_thread(server.start)
+        else:
+            slot = rng.choice(slots)
+            await slot.stop(signal.SIGKILL)
+            await slot.start(url, same_name=rng.random() < 0.5)
+        done[fault] += 1
+    return done
+
+
+async def settled(redis: Redis) -> bool:
+    """Both groups delivered the newest entry and hold nothing pending."""
+    try:
+        last = (await redis.xinfo_stream(STREAM))["last-generated-id"]
+        groups = await redis.xinfo_groups(STREAM)
+    except (RedisError, OSError):
+        return False
+    mine = [g for g in groups if g["name"].decode() in SERVICES]
+    return len(mine) == len(SERVICES) and all(
+        g["pending"] == 0 and g["last-delivered-id"] == last for g in mine
+    )
+
+
+def figures(slots: list[Slot], ledger: Ledger) -> dict[str, int]:
+    attempted = set(ledger.confirmed) | set(ledger.unknown)
+    result = Counter[str]()
+    for group in SERVICES:
+        output = b"".join(s.output() for s in slots if s.group == group)
+        ran = Counter(match.decode() for match in EFFECT[group].findall(output))
+        skipped = len(SKIPPED.findall(output))
+        result["lost"] += len(set(ledger.confirmed) - set(ran))
+        result["unexpected"] += len(set(ran) - attempted)
+        reruns = sum(n - 1 for n in ran.values())
+        result["effective_duplicates"] += reruns
+        result["raw_redeliveries"] += reruns + skipped
+    return dict(result)
+
+
+async def soak(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    logs = Path(tempfile.mkdtemp(prefix="chaos-"))
+    server = start_local_redis(
+        "--appendonly", "yes", "--appendfsync", "always", "--maxmemory-policy", "noeviction"
+    )
+    slots = [
+        Slot(group, f"{SERVICES[group]}-{n}", logs)
+        for group in SERVICES
+        for n in range(args.consumers_per_group)
+    ]
+    redis = Redis.from_url(server.url, socket_timeout=5, socket_connect_timeout=2)
+    ledger = Ledger()
+    try:
+        for slot in slots:
+            await slot.start(server.url)
+        producer = asyncio.create_task(produce(redis, args.orders, args.seconds, ledger))
+        faults = await inflict(
+            slots, server, server.url, args.consumer_kills, args.redis_restarts, args.seconds, args.seed
+        )
+        await producer
+        deadline = time.monotonic() + args.settle_timeout
+        while not await settled(redis):
+            if time.monotonic() > deadline:
+                print(f"chaos: the groups did not settle within {args.settle_timeout:.0f}s", file=sys.stderr)
+                break
+            await asyncio.sleep(0.2)
+        dead_lettered = int(await redis.xlen(DEAD_LETTERS))
+        for slot in slots:
+            await slot.stop(signal.SIGTERM)
+    finally:
+        for slot in slots:
+            with contextlib.suppress(ProcessLookupError, TimeoutError):
+                await slot.stop(signal.SIGKILL)
+        await redis.aclose()
+        server.close()
+    result = figures(slots, ledger)
+    print(
+        f"chaos: published={len(ledger.confirmed)} unknown={len(ledger.unknown)} lost={result['lost']} "
+        f"unexpected={result['unexpected']} effective_duplicates={result['effective_duplicates']} "
+        f"raw_redeliveries={result['raw_redeliveries']} dead_lettered={dead_lettered} "
+        f"consumer_kills={faults['consumer']} redis_restarts={faults['redis']} "
+        f"wall={time.monotonic() - started:.1f}s logs={logs}"
+    )
+    clean = result["lost"] == result["unexpected"] == result["effective_duplicates"] == 0
+    return 0 if clean else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m chaos",
+        description="Publish orders while killing consumers and Redis on this machine (a redis-server "
+        "of its own on 127.0.0.1), then check that no order was lost, invented or handled twice. "
+        "Prints one line of figures; exit 0 only when lost, unexpected and duplicates are 0.",
+    )
+    parser.add_argument("--orders", type=int, default=100_000, help="orders to publish (default 100000)")
+    parser.add_argument("--consumer-kills", type=int, default=20, help="consumer SIGKILLs (default 20)")
+    parser.add_argument("--redis-restarts", type=int, default=3, help="Redis SIGKILL+restarts (default 3)")
+    parser.add_argument("--consumers-per-group", type=int, default=2, help="default 2")
+    parser.add_argument("--seconds", type=float, default=30.0, help="spread the faults over about this long")
+    parser.add_argument("--settle-timeout", type=float, default=180.0, help="wait this long at the end")
+    parser.add_argument("--seed", type=int, default=1, help="random seed for the fault schedule")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
+    args = parser.parse_args()
+    numbers = (args.orders, args.consumer_kills, args.redis_restarts, args.consumers_per_group - 1)
+    if any(n < 0 for n in numbers) or args.seconds <= 0 or args.settle_timeout <= 0:
+        parser.error("counts must be 0 or more, --consumers-per-group at least 1, times above 0")
+    try:
+        sys.exit(asyncio.run(soak(args)))
+    except FileNotFoundError as error:  # no redis-server
+        print(f"chaos: error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
