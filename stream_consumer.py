@@ -292,10 +292,7 @@ class StreamConsumer:
         if not self.unsent_acks:
             return
         if self.dedupe is not None and self.unsent_done:
-            pipe = self.redis.pipeline(transaction=True)
-            self.dedupe.mark_done(pipe, self.unsent_done)
-            pipe.xack(self.stream, self.group, *self.unsent_acks)
-            await pipe.execute()
+            await self.dedupe.commit(self.unsent_done, self.unsent_acks)
         else:
             await self.redis.xack(self.stream, self.group, *self.unsent_acks)
         self.unsent_acks.clear()
@@ -317,6 +314,8 @@ class StreamConsumer:
         pipe = self.redis.pipeline(transaction=True)
         pipe.xadd(self.settings.dead_letter_stream, record)
         pipe.xack(self.stream, self.group, entry_id)
+        if self.dedupe is not None and order_id is not None:
+            self.dedupe.release(pipe, order_id)
         await pipe.execute()
         self.stats.dead_lettered += 1
         log.warning(
