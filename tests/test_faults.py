@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -14,9 +15,20 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import hiredis
 import pytest
-from conftest import IN_CI, Script, group_done, need_redis_server, run_script, script_env, wait_until
+from conftest import (
+    IN_CI,
+    Script,
+    group_done,
+    make_settings,
+    need_redis_server,
+    run_script,
+    script_env,
+    wait_until,
+)
 from redis.asyncio import Redis
 from test_pipeline import Recorder, running
 
@@ -24,7 +36,8 @@ from config import Settings
 from initialization_stream import initialize
 from local_redis import LocalRedis
 from orders import Order, serialize
-from producer import PublishError, publish_many, sample_orders
+from producer import PublishError, publish, publish_many, sample_orders
+from redisPool import redis_connect
 from stream_consumer import StreamConsumer
 
 STREAM = "orders"
@@ -202,13 +215,18 @@ async def test_client_kill_and_client_pause(own_server: LocalRedis, scripts: Sta
         await publish_many(redis, STREAM, orders[10:20])
         await wait_until(lambda: both_done(redis), "orders after CLIENT KILL")
         before = warnings(pipeline)
-        await redis.client_pause(2500, all=False)  # WRITE only; longer than the socket timeout
+        await redis.client_pause(500, all=False)  # WRITE only, shorter than the socket timeout:
+        await publish_many(redis, STREAM, orders[20:25])  # absorbed without a warning
+        await wait_until(lambda: both_done(redis), "orders after a short CLIENT PAUSE")
+        assert warnings(pipeline) == before
+        # Longer than the socket timeout and the client's quick retries together: said once.
+        await redis.client_pause(15_000, all=False)
         await wait_until(
             lambda: all(n > b for n, b in zip(warnings(pipeline), before, strict=True)),
             "the consumers to time out during the pause",
         )
         await redis.client_unpause()
-        await publish_many(redis, STREAM, orders[20:])
+        await publish_many(redis, STREAM, orders[25:])
         await wait_until(lambda: both_done(redis), "orders after CLIENT PAUSE", 30)
     finally:
         await redis.aclose()
@@ -361,3 +379,126 @@ def test_a_network_partition_between_consumer_and_redis_heals(tmp_path: Path) ->
         "warnings": 1,  # one warning for the whole outage
         "tracebacks": 0,
     }
+
+
+class ReplyDropper:
+    """A TCP proxy to Redis that swallows the first reply matching `drop(command, reply)`.
+
+    Requests and replies are parsed with hiredis to pair each reply with its command; replies
+    are re-encoded (RESP3), which redis-py reads the same. The connection stays open, so the
+    client sees what a lost packet looks like: silence, then its socket timeout.
+    """
+
+    def __init__(self, target_port: int, drop: Callable[[bytes, Any], bool]) -> None:
+        self.target_port, self.drop, self.dropped = target_port, drop, 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        names: list[bytes] = []
+
+        async def requests() -> None:
+            parser = hiredis.Reader()
+            while data := await reader.read(65536):
+                parser.feed(data)
+                while (command := parser.gets()) is not False:
+                    names.append(command[0].upper())
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def replies() -> None:
+            parser = hiredis.Reader()
+            while data := await up_reader.read(65536):
+                parser.feed(data)
+                out = []
+                while (reply := parser.gets()) is not False:
+                    name = names.pop(0)
+                    if not self.dropped and self.drop(name, reply):
+                        self.dropped += 1
+                        continue
+                    out.append(_resp(reply))
+                writer.write(b"".join(out))
+                await writer.drain()
+
+        with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
+            await asyncio.gather(requests(), replies())
+        writer.close()
+        up_writer.close()
+
+
+def _resp(reply: Any) -> bytes:  # noqa: PLR0911 - one return per RESP3 type
+    """RESP3, as redis-py 8 speaks it after its HELLO 3."""
+    if reply is None:
+        return b"_\r\n"
+    if isinstance(reply, hiredis.ReplyError):
+        return b"-" + str(reply).encode() + b"\r\n"
+    if isinstance(reply, bool):
+        return b"#t\r\n" if reply else b"#f\r\n"
+    if isinstance(reply, int):
+        return b":%d\r\n" % reply
+    if isinstance(reply, float):
+        return b",%r\r\n" % reply
+    if isinstance(reply, dict):
+        return b"%%%d\r\n" % len(reply) + b"".join(_resp(k) + _resp(v) for k, v in reply.items())
+    if isinstance(reply, list):
+        return b"*%d\r\n" % len(reply) + b"".join(_resp(item) for item in reply)
+    return b"$%d\r\n%s\r\n" % (len(reply), reply)
+
+
+async def test_a_lost_xadd_reply_duplicates_the_entry_but_not_the_effect(own_server: LocalRedis) -> None:
+    dropper = ReplyDropper(own_server.port, lambda name, reply: name == b"XADD")
+    port = await dropper.start()
+    settings = make_settings(f"redis://127.0.0.1:{port}/0", SOCKET_TIMEOUT_MS="500", BLOCK_MS="200")
+    direct = Redis.from_url(own_server.url)
+    order = sample_orders(1)[0]
+    try:
+        async with redis_connect(settings) as redis:
+            await initialize(redis, settings)
+            await publish(redis, STREAM, order)  # the reply is lost; redis-py's retry sends it again
+        assert dropper.dropped == 1
+        assert await direct.xlen(STREAM) == 2  # the order is in the stream twice
+        recorder = Recorder()
+        async with running(direct, settings, ("email_group", "c", recorder.handler("c"))) as tasks:
+            await wait_until(lambda: group_done(direct, STREAM, "email_group"), "both copies to be settled")
+        assert recorder.order_ids() == [order.order_id]  # ...and handled once
+        assert tasks[0].result().duplicates_skipped == 1
+    finally:
+        await direct.aclose()
+        await dropper.close()
+
+
+async def test_a_lost_xreadgroup_reply_is_recovered(own_server: LocalRedis) -> None:
+    def entries(name: bytes, reply: Any) -> bool:
+        entries: list[Any] = next(iter(reply.values()), []) if isinstance(reply, dict) else []
+        return name == b"XREADGROUP" and bool(entries)
+
+    dropper = ReplyDropper(own_server.port, entries)
+    port = await dropper.start()
+    settings = make_settings(
+        f"redis://127.0.0.1:{port}/0", SOCKET_TIMEOUT_MS="500", BLOCK_MS="200", CLAIM_IDLE_MS="300"
+    )
+    direct = Redis.from_url(own_server.url)
+    orders = sample_orders(5)
+    try:
+        await initialize(direct, settings)
+        recorder = Recorder()
+        member = ("email_group", "c", recorder.handler("c"))
+        async with redis_connect(settings) as redis, running(redis, settings, member) as tasks:
+            await wait_until(lambda: _blocked(direct, settings.consumer_name), "the consumer to block")
+            await publish_many(direct, STREAM, orders)
+            await wait_until(lambda: len(recorder.handled) == 5, "the orders of the lost reply")
+        assert dropper.dropped == 1
+        assert sorted(recorder.order_ids()) == sorted(o.order_id for o in orders)  # each once
+        assert tasks[0].result().reclaimed == 5  # found again in its own pending list
+    finally:
+        await direct.aclose()
+        await dropper.close()
