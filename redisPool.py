@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -82,10 +83,11 @@ def make_pool(settings: Settings) -> ConnectionPool:
 
 
 async def wait_until_reachable(redis: Redis, where: str, deadline_s: float = STARTUP_DEADLINE_S) -> None:
-    """PING until Redis answers; raise RedisUnavailable after `deadline_s` or at once on bad credentials."""
+    """PING until Redis answers; raise RedisUnavailable after `deadline_s`, or at once if retrying is futile."""
     loop = asyncio.get_running_loop()
     give_up = loop.time() + deadline_s
     delay = 0.1
+    reason = "no answer"
     while True:
         try:
             async with asyncio.timeout(max(give_up - loop.time(), 0.1)):
@@ -95,8 +97,11 @@ async def wait_until_reachable(redis: Redis, where: str, deadline_s: float = STA
             # WRONGPASS, NOAUTH, NOPERM: retrying cannot help.
             raise RedisUnavailable(f"Redis at {where} refused the connection: {error}") from None
         except (RedisConnectionError, RedisTimeoutError, OSError) as error:
-            if loop.time() + delay >= give_up:
+            if isinstance(error.__cause__ or error.__context__, ssl.SSLError):
+                raise RedisUnavailable(f"TLS with Redis at {where} failed: {error}") from None
+            if not isinstance(error, TimeoutError):  # keep the cause, not our own deadline
                 reason = str(error) or type(error).__name__
+            if loop.time() + delay >= give_up:
                 raise RedisUnavailable(
                     f"cannot reach Redis at {where} after {deadline_s:.0f}s: {reason}"
                 ) from None
