@@ -83,7 +83,7 @@ def make_pool(settings: Settings) -> ConnectionPool:
 
 
 async def wait_until_reachable(redis: Redis, where: str, deadline_s: float = STARTUP_DEADLINE_S) -> None:
-    """PING until Redis answers; raise RedisUnavailable after `deadline_s`, or at once if retrying is futile."""
+    """PING until Redis answers; raise RedisUnavailable after `deadline_s`, or at once when hopeless."""
     loop = asyncio.get_running_loop()
     give_up = loop.time() + deadline_s
     delay = 0.1
