@@ -3,8 +3,9 @@
 Order of work in each turn: flush acks that failed earlier, reclaim entries idle too long
 on other consumers (XAUTOCLAIM), re-read this consumer's own pending entries, then
 block for new ones. Malformed entries and entries delivered MAX_DELIVERIES times move to
-the dead-letter stream in one MULTI with their ack. A Redis outage, a lost group or a
-deleted stream is logged once, then retried with backoff; nothing here crashes on them.
+the dead-letter stream in one MULTI with their ack. With the dedupe guard (dedupe.py) a
+group runs its handler once per order_id. A Redis outage, a lost group or a deleted
+stream is logged once, then retried with backoff; nothing here crashes on them.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ def entries_of(reply: Any) -> list[Entry]:
     return cast(list[Entry], reply[0][1])
 
 
+def owners_of(rows: Any) -> dict[bytes, bytes]:
+    """Entry id -> consumer, from an XPENDING range reply."""
+    return {cast(bytes, row["message_id"]): cast(bytes, row["consumer"]) for row in rows}
+
+
 def _data_of(fields: dict[bytes, bytes]) -> bytes:
     payload = fields.get(b"data")
     if payload is None:
@@ -101,8 +107,8 @@ class StreamConsumer:
                 self.group,
                 self.name,
                 window_ms=self.settings.dedupe_window_ms,
-                # Longer than the claim time: a slow handler keeps its order from a claimer for a while.
-                lease_ms=2 * self.settings.claim_idle_ms,
+                # Longer than the claim time: a slow handler keeps its orders from claimers for a while.
+                heartbeat_ms=2 * self.settings.claim_idle_ms,
             )
             if self.settings.dedupe_window_ms
             else None
@@ -115,6 +121,8 @@ class StreamConsumer:
         self.capabilities: Capabilities | None = None
         self.maintenance_refused = False
         self.group_bytes = self.group.encode()
+        self.name_bytes = self.name.encode()
+        self.busy_owner: dict[bytes, bytes] = {}  # claimed entries left to a live, slow owner
 
     async def run(self) -> Stats:
         """Consume until `stop` is set; the batch in hand is finished and acked before returning."""
@@ -163,6 +171,18 @@ class StreamConsumer:
 
     async def _reclaim(self) -> bool:
         """Take over one page of entries idle too long anywhere in the group; True if work was found."""
+        owners: dict[bytes, bytes] = {}
+        if self.dedupe is not None:
+            # Who holds them before the claim: an owner still alive may just be slow.
+            rows = await self.redis.xpending_range(
+                self.stream,
+                self.group,
+                min=self.claim_cursor,
+                max="+",
+                count=self.settings.batch_size,
+                idle=self.settings.claim_idle_ms,
+            )
+            owners = owners_of(rows)
         cursor, claimed, deleted = (
             await self.redis.xautoclaim(
                 self.stream,
@@ -189,8 +209,29 @@ class StreamConsumer:
         )
         self.stats.reclaimed += len(claimed)
         entries = cast(list[Entry], claimed)
-        await self._handle(entries, await self._delivery_counts([e[0] for e in entries]))
+        busy = await self._busy_elsewhere([e[0] for e in entries], owners)
+        await self._handle(entries, await self._delivery_counts([e[0] for e in entries]), busy)
         return True
+
+    async def _busy_elsewhere(self, claimed: list[bytes], owners: dict[bytes, bytes]) -> set[bytes]:
+        """The claimed entries whose earlier owner is alive: its handler is slow, not dead."""
+        if self.dedupe is None:
+            return set()
+        earlier = {}
+        for entry_id in claimed:
+            owner = owners.get(entry_id, self.name_bytes)
+            if owner == self.name_bytes:  # ours already: left to someone before, or our own
+                owner = self.busy_owner.get(entry_id, self.name_bytes)
+            if owner != self.name_bytes:
+                earlier[entry_id] = owner
+        alive = await self.dedupe.alive(earlier.values())
+        busy = {entry_id for entry_id, owner in earlier.items() if owner in alive}
+        for entry_id in claimed:
+            self.busy_owner.pop(entry_id, None)
+        self.busy_owner.update({entry_id: earlier[entry_id] for entry_id in busy})
+        while len(self.busy_owner) > 10_000:  # bounded: the oldest are long settled
+            del self.busy_owner[next(iter(self.busy_owner))]
+        return busy
 
     async def _maintain(self) -> None:
         """Trim what every group acked and drop stale consumers; a refusal never stops consumption."""
@@ -214,21 +255,24 @@ class StreamConsumer:
                 counts[row["message_id"]] = row["times_delivered"]
         return counts
 
-    async def _handle(self, entries: list[Entry], deliveries: dict[bytes, int]) -> None:
+    async def _handle(
+        self, entries: list[Entry], deliveries: dict[bytes, int], busy: set[bytes] | None = None
+    ) -> None:
         """Run the handler over a batch; commit the successes in one XACK, dead-letter the poison."""
         runnable = await self._screen(entries, deliveries)
+        if busy:  # a live consumer is still on these: left pending, looked at after the next claim
+            self.stats.busy_elsewhere += sum(1 for item in runnable if item[0] in busy)
+            runnable = [item for item in runnable if item[0] not in busy]
         if self.dedupe is not None and runnable:
             decisions = await self.dedupe.admit([order.order_id for _, _, order, _ in runnable])
             admitted = []
             for item, decision in zip(runnable, decisions, strict=True):
                 if decision is Decision.RUN:
                     admitted.append(item)
-                elif decision is Decision.DUPLICATE:
+                else:
                     log.info("order %s already handled in this group: acked, not run again", item[2].order_id)
                     self.unsent_acks.append(item[0])
                     self.stats.duplicates_skipped += 1
-                else:  # running on another consumer: left pending, looked at again after a claim
-                    self.stats.busy_elsewhere += 1
             runnable = admitted
         max_deliveries = self.settings.max_deliveries
         processed = 0
@@ -314,8 +358,6 @@ class StreamConsumer:
         pipe = self.redis.pipeline(transaction=True)
         pipe.xadd(self.settings.dead_letter_stream, record)
         pipe.xack(self.stream, self.group, entry_id)
-        if self.dedupe is not None and order_id is not None:
-            self.dedupe.release(pipe, order_id)
         await pipe.execute()
         self.stats.dead_lettered += 1
         log.warning(
