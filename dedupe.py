@@ -10,7 +10,7 @@ one), it leaves them pending instead of running them a second time.
 
 A crash between a handler's effect and that commit can still re-run the handlers of that
 batch: at-least-once cannot do better for effects outside Redis, so make such effects
-idempotent too. Memory: about 100 bytes per order and group, kept for DEDUPE_WINDOW_MS.
+idempotent too. Memory: about 120 bytes per order and group, kept for DEDUPE_WINDOW_MS.
 """
 
 from __future__ import annotations

@@ -34,7 +34,11 @@ class PublishError(CliError):
 
 
 async def publish(redis: Redis, stream: str, order: Order) -> str:
-    """Append one order; return its entry id once Redis has confirmed it."""
+    """Append one order; return its entry id once Redis has confirmed it.
+
+    A reply lost on the way is retried, which can append the order twice: the consumers'
+    dedupe guard runs it once.
+    """
     entry_id = await redis.xadd(stream, {"data": serialize(order)})
     return _text(entry_id)
 
