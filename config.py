@@ -205,8 +205,7 @@ def run_script(prog: str, main: Callable[[Settings], Coroutine[Any, Any, int]]) 
     try:
         settings = load_settings()
         configure_logging(settings.log_level)
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            code = runner.run(main(settings))
+        code = asyncio.run(main(settings))
     except CliError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         code = error.exit_code
@@ -216,12 +215,3 @@ def run_script(prog: str, main: Callable[[Settings], Coroutine[Any, Any, int]]) 
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop when it is installed (requirements-speed.txt), else asyncio's."""
-    try:
-        import uvloop  # noqa: PLC0415 - optional speedup
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
