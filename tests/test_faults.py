@@ -502,3 +502,27 @@ async def test_a_lost_xreadgroup_reply_is_recovered(own_server: LocalRedis) -> N
     finally:
         await direct.aclose()
         await dropper.close()
+
+
+@pytest.mark.parametrize("lost", ["EXEC", "XACK"])
+async def test_a_lost_ack_reply_neither_loses_nor_reruns(own_server: LocalRedis, lost: str) -> None:
+    """The connection dies while acking (as a CLIENT KILL during XACK would): the ack is sent again."""
+    dropper = ReplyDropper(own_server.port, lambda name, reply: name == lost.encode())
+    port = await dropper.start()
+    # EXEC carries the dedupe guard's commit; with the guard off the ack is a plain XACK.
+    window = "3600000" if lost == "EXEC" else "0"
+    settings = make_settings(f"redis://127.0.0.1:{port}/0", SOCKET_TIMEOUT_MS="500", DEDUPE_WINDOW_MS=window)
+    direct = Redis.from_url(own_server.url)
+    orders = sample_orders(20)
+    try:
+        await initialize(direct, settings)
+        await publish_many(direct, STREAM, orders)
+        recorder = Recorder()
+        member = ("email_group", "c", recorder.handler("c"))
+        async with redis_connect(settings) as redis, running(redis, settings, member):
+            await wait_until(lambda: group_done(direct, STREAM, "email_group"), "every order acked")
+        assert dropper.dropped == 1
+        assert sorted(recorder.order_ids()) == sorted(o.order_id for o in orders)  # each exactly once
+    finally:
+        await direct.aclose()
+        await dropper.close()
