@@ -3,8 +3,9 @@
 It starts its own redis-server (AOF, appendfsync always) on 127.0.0.1 and real consumer
 processes (`python -m consumer1`, `python -m consumer2`, two of each), publishes orders
 while a schedule kills consumers (SIGKILL, restarted under the same or a new name) and
-Redis (SIGKILL, restarted from its AOF), heals, waits until both groups have nothing
-pending, and checks per group, from the handlers' own log lines:
+Redis (SIGKILL, restarted from its AOF) and partitions the consumers from Redis (iptables,
+inside a network namespace the soak makes for itself), heals, waits until both groups
+have nothing pending, and checks per group, from the handlers' own log lines:
 
   lost                  orders Redis confirmed that a group never handled
   unexpected            orders handled that were never published
@@ -22,7 +23,9 @@ import contextlib
 import os
 import random
 import re
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -136,26 +139,52 @@ async def _reconnect(redis: Redis) -> None:
         await asyncio.sleep(0.1)
 
 
-async def inflict(
-    slots: list[Slot], server: LocalRedis, url: str, kills: int, restarts: int, seconds: float, seed: int
-) -> Counter[str]:
-    """Spread `kills` consumer SIGKILLs and `restarts` Redis SIGKILLs over about `seconds`."""
-    rng = random.Random(seed)
-    schedule = ["consumer"] * kills + ["redis"] * restarts
+async def inflict(slots: list[Slot], server: LocalRedis, url: str, args: argparse.Namespace) -> Counter[str]:
+    """Spread the consumer kills, Redis restarts and partitions over about `args.seconds`."""
+    rng = random.Random(args.seed)
+    schedule = ["consumer"] * args.consumer_kills + ["redis"] * args.redis_restarts
+    schedule += ["partition"] * args.partitions
     rng.shuffle(schedule)
     done: Counter[str] = Counter()
     for fault in schedule:
-        await asyncio.sleep(rng.uniform(0.3, 1.7) * seconds / max(len(schedule), 1))
+        await asyncio.sleep(rng.uniform(0.3, 1.7) * args.seconds / max(len(schedule), 1))
         if fault == "redis":
             server.kill()
             await asyncio.sleep(rng.uniform(0.1, 1.0))  # down for a while
             await asyncio.to_thread(server.start)
+        elif fault == "partition":
+            await partition(True)
+            await asyncio.sleep(rng.uniform(1.0, 4.0))  # cut off for a while
+            await partition(False)
         else:
             slot = rng.choice(slots)
             await slot.stop(signal.SIGKILL)
             await slot.start(url, same_name=rng.random() < 0.5)
         done[fault] += 1
     return done
+
+
+# Partitions: in a network namespace of its own, Redis also listens on 127.0.0.2, the
+# address the consumers use; dropping that address's traffic cuts them off, not the producer.
+CONSUMER_HOST = "127.0.0.2"
+PARTITION_RULES = [["INPUT", "-d", CONSUMER_HOST, "-p", "tcp", "-j", "DROP"]]
+PARTITION_RULES += [["OUTPUT", "-s", CONSUMER_HOST, "-p", "tcp", "-j", "DROP"]]
+IN_NAMESPACE = "CHAOS_IN_NAMESPACE"
+
+
+async def partition(cut: bool) -> None:
+    for rule in PARTITION_RULES:
+        process = await asyncio.create_subprocess_exec("iptables", "-A" if cut else "-D", *rule)
+        if await process.wait() != 0:
+            raise RuntimeError("iptables failed")
+
+
+def can_partition() -> bool:
+    """Root with unshare, ip and iptables: then the soak can run in a network namespace of its own."""
+    if not all(shutil.which(tool) for tool in ("unshare", "ip", "iptables")):
+        return False
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=10, check=False)
+    return probe.returncode == 0
 
 
 async def settled(redis: Redis) -> bool:
@@ -189,9 +218,11 @@ def figures(slots: list[Slot], ledger: Ledger) -> dict[str, int]:
 async def soak(args: argparse.Namespace) -> int:
     started = time.monotonic()
     logs = Path(tempfile.mkdtemp(prefix="chaos-"))
-    server = start_local_redis(
-        "--appendonly", "yes", "--appendfsync", "always", "--maxmemory-policy", "noeviction"
-    )
+    options = ["--appendonly", "yes", "--appendfsync", "always", "--maxmemory-policy", "noeviction"]
+    if args.partitions:
+        options += ["--bind", f"127.0.0.1 {CONSUMER_HOST}"]
+    server = start_local_redis(*options)
+    consumer_url = server.url.replace("127.0.0.1", CONSUMER_HOST) if args.partitions else server.url
     slots = [
         Slot(group, f"{SERVICES[group]}-{n}", logs)
         for group in SERVICES
@@ -201,11 +232,9 @@ async def soak(args: argparse.Namespace) -> int:
     ledger = Ledger()
     try:
         for slot in slots:
-            await slot.start(server.url)
+            await slot.start(consumer_url)
         producer = asyncio.create_task(produce(redis, args.orders, args.seconds, ledger))
-        faults = await inflict(
-            slots, server, server.url, args.consumer_kills, args.redis_restarts, args.seconds, args.seed
-        )
+        faults = await inflict(slots, server, consumer_url, args)
         await producer
         deadline = time.monotonic() + args.settle_timeout
         while not await settled(redis):
@@ -228,6 +257,7 @@ async def soak(args: argparse.Namespace) -> int:
         f"unexpected={result['unexpected']} effective_duplicates={result['effective_duplicates']} "
         f"raw_redeliveries={result['raw_redeliveries']} dead_lettered={dead_lettered} "
         f"consumer_kills={faults['consumer']} redis_restarts={faults['redis']} "
+        f"partitions={faults['partition']} "
         f"wall={time.monotonic() - started:.1f}s logs={logs}"
     )
     clean = result["lost"] == result["unexpected"] == result["effective_duplicates"] == 0
@@ -244,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--orders", type=int, default=100_000, help="orders to publish (default 100000)")
     parser.add_argument("--consumer-kills", type=int, default=20, help="consumer SIGKILLs (default 20)")
     parser.add_argument("--redis-restarts", type=int, default=3, help="Redis SIGKILL+restarts (default 3)")
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=3,
+        help="consumer-Redis partitions of 1-4 s (default 3); needs root, unshare and iptables, "
+        "and runs the soak in a network namespace of its own",
+    )
     parser.add_argument("--consumers-per-group", type=int, default=2, help="default 2")
     parser.add_argument("--seconds", type=float, default=30.0, help="spread the faults over about this long")
     parser.add_argument("--settle-timeout", type=float, default=180.0, help="wait this long at the end")
@@ -257,6 +294,14 @@ def main() -> None:
     numbers = (args.orders, args.consumer_kills, args.redis_restarts, args.consumers_per_group - 1)
     if any(n < 0 for n in numbers) or args.seconds <= 0 or args.settle_timeout <= 0:
         parser.error("counts must be 0 or more, --consumers-per-group at least 1, times above 0")
+    if args.partitions and not os.environ.get(IN_NAMESPACE):
+        if can_partition():  # start again inside a network namespace of our own
+            command = ["unshare", "-n", sys.executable, "-m", "chaos", *sys.argv[1:]]
+            os.execvpe("unshare", command, {**os.environ, IN_NAMESPACE: "1"})
+        print("chaos: partitions skipped: they need root, unshare, ip and iptables", file=sys.stderr)
+        args.partitions = 0
+    if args.partitions:  # a new namespace starts with its loopback down
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True, timeout=10)
     try:
         sys.exit(asyncio.run(soak(args)))
     except FileNotFoundError as error:  # no redis-server

@@ -32,6 +32,7 @@ from conftest import (
 from redis.asyncio import Redis
 from test_pipeline import Recorder, running
 
+import chaos
 from config import Settings
 from initialization_stream import initialize
 from local_redis import LocalRedis
@@ -329,8 +330,9 @@ def test_figures_helpers_count_what_they_say() -> None:
 def test_a_short_chaos_soak_loses_nothing_and_bounds_duplicates() -> None:
     """`python -m chaos` in small: consumer SIGKILLs and a Redis SIGKILL while orders flow."""
     need_redis_server()
-    kills = 3
-    args = ["--orders", "4000", "--consumer-kills", str(kills), "--redis-restarts", "1", "--seconds", "6"]
+    kills, partitions = 3, int(chaos.can_partition())
+    args = ["--orders", "4000", "--consumer-kills", str(kills), "--redis-restarts", "1", "--seconds", "8"]
+    args += ["--partitions", str(partitions)]
     result = run_script("chaos", dict(os.environ), *args, timeout=300)
     line = result.stdout.strip().splitlines()[-1]
     figures = dict(item.split("=", 1) for item in line.removeprefix("chaos: ").split())
@@ -338,6 +340,7 @@ def test_a_short_chaos_soak_loses_nothing_and_bounds_duplicates() -> None:
     assert figures["lost"] == "0"
     assert figures["unexpected"] == "0"
     assert (figures["consumer_kills"], figures["redis_restarts"]) == (str(kills), "1")
+    assert figures["partitions"] == str(partitions)
     # A consumer killed mid-batch may have run handlers it had not committed yet: at most a batch each.
     duplicates = int(figures["effective_duplicates"])
     assert duplicates <= kills * 50
