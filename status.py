@@ -40,6 +40,11 @@ async def collect(redis: Redis, settings: Settings, newest_dead_letters: int = 5
     capabilities = await detect(redis)
     report: dict[str, Any] = {
         "redis_version": ".".join(map(str, capabilities.version)),
+        "features": {
+            "xtrim_acked": capabilities.acked_trim,
+            "xreadgroup_claim": capabilities.readgroup_claim,
+            "xadd_idmp": capabilities.xadd_idmp,
+        },
         "stream": stream,
         "exists": True,
         "groups": [],
@@ -141,7 +146,8 @@ def render(report: dict[str, Any], found: list[str], color: bool) -> str:
         return f"\033[31m{text} !\033[0m" if color else f"{text} !"
 
     bad_groups = {line.split(":", 1)[0] for line in found}
-    lines = [f"redis {report['redis_version']}"]
+    features = ", ".join(f"{name} {'yes' if on else 'no'}" for name, on in report["features"].items())
+    lines = [f"redis {report['redis_version']} ({features})"]
     if not report["exists"]:
         lines.append(f"stream {report['stream']}: does not exist (run python -m initialization_stream)")
     else:

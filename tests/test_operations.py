@@ -19,7 +19,7 @@ from test_pipeline import Recorder, running
 from config import Settings
 from initialization_stream import initialize
 from local_redis import LocalRedis, free_port
-from maintenance import Capabilities, parse_version, remove_stale_consumers, safe_trim_point, trim
+from maintenance import Capabilities, detect, parse_version, remove_stale_consumers, safe_trim_point, trim
 from producer import publish_many, sample_orders
 
 STREAM = "orders"
@@ -98,6 +98,12 @@ async def test_status_shows_an_incident_and_fails_its_thresholds(
     assert [c["name"] for c in groups["email_group"]["consumer_list"]] == ["dead-pod"]
     assert report["dead_letters"] == 2
     assert report["problems"] == []
+    capabilities = await detect(redis)
+    assert report["features"] == {
+        "xtrim_acked": capabilities.acked_trim,
+        "xreadgroup_claim": capabilities.readgroup_claim,
+        "xadd_idmp": capabilities.xadd_idmp,
+    }
     assert "SECRET" not in machine.stdout
 
 
