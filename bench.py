@@ -28,7 +28,8 @@ from config import Settings, configure_logging, load_settings
 from local_redis import start_local_redis
 from orders import Item, Order
 from redisPool import redis_connect
-from stream_consumer import StreamConsumer, entries_of, serve
+from replies import entries_of
+from stream_consumer import StreamConsumer, serve
 
 STREAM = "bench:orders"
 PAYLOAD_110 = "x" * 110  # redis-benchmark's value: the size of a typical order

@@ -20,19 +20,16 @@ from redis.exceptions import WatchError
 from config import CliError, ConfigError, Settings, run_script
 from orders import InvalidOrder, parse_order
 from redisPool import redis_connect
+from replies import text
 
 META = ("group", "consumer", "source_id", "deliveries", "error", "dead_lettered_at")
 PAGE = 100
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
-
-
 def describe(entry_id: bytes, fields: dict[bytes, bytes], max_bytes: int) -> dict[str, str]:
     """The metadata of one dead letter, with the order id when the payload is an order (never the payload)."""
-    row = {"id": _text(entry_id)}
-    row.update({name: _text(fields.get(name.encode(), b"")) for name in META})
+    row = {"id": text(entry_id)}
+    row.update({name: text(fields.get(name.encode(), b"")) for name in META})
     try:
         row["order_id"] = parse_order(fields.get(b"data", b""), max_bytes).order_id
     except InvalidOrder:
@@ -50,7 +47,7 @@ async def entries(redis: Redis, settings: Settings, group: str | None) -> AsyncI
                 yield entry_id, fields
         if len(page) < PAGE:
             return
-        start = "(" + _text(page[-1][0])
+        start = "(" + text(page[-1][0])
 
 
 async def redrive(redis: Redis, settings: Settings, entry_id: str) -> str | None:
@@ -71,7 +68,7 @@ async def redrive(redis: Redis, settings: Settings, entry_id: str) -> str | None
                 pipe.xadd(settings.stream_key, original)
                 pipe.xdel(dead_letters, entry_id)
                 new_id, _ = await pipe.execute()
-                return _text(new_id)
+                return text(new_id)
             except WatchError:
                 continue
     raise CliError(f"{entry_id}: the dead-letter stream kept changing; try again")
@@ -98,12 +95,12 @@ async def show_command(redis: Redis, settings: Settings, entry_id: str) -> None:
     found: Any = await redis.xrange(settings.dead_letter_stream, min=entry_id, max=entry_id)
     if not found:
         raise ConfigError(f"no dead letter with id {entry_id}")
-    print(json.dumps({_text(k): _text(v) for k, v in found[0][1].items()}, indent=2, ensure_ascii=False))
+    print(json.dumps({text(k): text(v) for k, v in found[0][1].items()}, indent=2, ensure_ascii=False))
 
 
 async def move_command(redis: Redis, settings: Settings, args: argparse.Namespace) -> None:
     """Redrive or purge the chosen entries, one at a time, reporting each."""
-    ids = args.ids or [_text(i) async for i, _ in entries(redis, settings, args.group)]
+    ids = args.ids or [text(i) async for i, _ in entries(redis, settings, args.group)]
     done = 0
     for entry_id in ids:
         if args.command == "redrive":
@@ -129,11 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     show = commands.add_parser("show", help="every field of one dead letter, payload included")
     show.add_argument("id")
-    for name, text in (
+    for name, summary in (
         ("redrive", "send back to the stream for their own group only"),
         ("purge", "delete for good"),
     ):
-        sub = commands.add_parser(name, help=text)
+        sub = commands.add_parser(name, help=summary)
         sub.add_argument("ids", nargs="*", metavar="ID")
         which = sub.add_mutually_exclusive_group()
         which.add_argument("--all", action="store_true", help="every dead letter")

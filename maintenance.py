@@ -16,6 +16,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 
 from config import Settings, run_script
 from redisPool import redis_connect
+from replies import text
 
 log = logging.getLogger("maintenance")
 
@@ -56,8 +57,7 @@ async def detect(redis: Redis) -> Capabilities:
 
 
 def parse_id(entry_id: bytes | str) -> StreamId:
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    ms, _, seq = text.partition("-")
+    ms, _, seq = text(entry_id).partition("-")
     return int(ms), int(seq or 0)
 
 

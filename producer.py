@@ -16,6 +16,7 @@ from redis.exceptions import NoPermissionError, RedisError, ResponseError
 from config import CliError, ConfigError, Settings, run_script
 from orders import InvalidOrder, Item, Order, parse_order, serialize
 from redisPool import redis_connect
+from replies import text
 
 log = logging.getLogger("producer")
 
@@ -40,7 +41,7 @@ async def publish(redis: Redis, stream: str, order: Order) -> str:
     dedupe guard runs it once.
     """
     entry_id = await redis.xadd(stream, {"data": serialize(order)})
-    return _text(entry_id)
+    return text(entry_id)
 
 
 async def publish_many(redis: Redis, stream: str, orders: Sequence[Order]) -> list[str]:
@@ -110,10 +111,10 @@ async def _add_with_script(
             await connection.send_command("EVALSHA", sha, 1, stream, *payloads)
             in_flight += 1
             if in_flight == 2:
-                yield [_text(i) for i in await connection.read_response()]
+                yield [text(i) for i in await connection.read_response()]
                 in_flight -= 1
         while in_flight:
-            yield [_text(i) for i in await connection.read_response()]
+            yield [text(i) for i in await connection.read_response()]
             in_flight -= 1
     finally:
         if in_flight:  # failed or cancelled with replies unread
@@ -125,7 +126,7 @@ async def _add_with_pipeline(redis: Redis, stream: str, payloads: list[bytes]) -
     pipe = redis.pipeline(transaction=False)
     for payload in payloads:
         pipe.xadd(stream, {"data": payload})
-    return [_text(i) for i in await pipe.execute()]
+    return [text(i) for i in await pipe.execute()]
 
 
 def sample_orders(count: int) -> list[Order]:
@@ -166,10 +167,6 @@ def load_file(path: str, max_bytes: int) -> list[Order]:
             return read_orders(handle, path, max_bytes)
     except OSError as error:
         raise ConfigError(f"cannot read {path}: {error.strerror}") from None
-
-
-def _text(entry_id: bytes | str) -> str:
-    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
 
 def build_parser() -> argparse.ArgumentParser:

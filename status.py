@@ -21,12 +21,9 @@ from config import Settings, run_script
 from deadletter import describe
 from maintenance import detect, parse_id
 from redisPool import redis_connect
+from replies import text
 
 UNHEALTHY = 3
-
-
-def _text(value: Any) -> Any:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def age_ms(entry_id: Any, now_ms: int) -> int | None:
@@ -57,8 +54,8 @@ async def collect(redis: Redis, settings: Settings, newest_dead_letters: int = 5
         first, last = info.get("first-entry"), info.get("last-entry")
         report.update(
             length=info["length"],
-            first_id=_text(first[0]) if first else None,
-            last_id=_text(last[0]) if last else None,
+            first_id=text(first[0]) if first else None,
+            last_id=text(last[0]) if last else None,
             first_age_ms=age_ms(first[0], now_ms) if first else None,
             last_age_ms=age_ms(last[0], now_ms) if last else None,
             memory_bytes=await _memory(redis, stream),
@@ -85,15 +82,15 @@ async def _group(redis: Redis, stream: str, group: dict[str, Any], now_ms: int) 
     oldest: Any = await redis.xpending_range(stream, name, "-", "+", 1) if group["pending"] else []
     consumers = await redis.xinfo_consumers(stream, name)
     return {
-        "name": _text(name),
+        "name": text(name),
         "consumers": len(consumers),
         "pending": group["pending"],
         "lag": group.get("lag"),  # None when Redis cannot tell (after deletions)
-        "last_delivered_id": _text(group["last-delivered-id"]),
+        "last_delivered_id": text(group["last-delivered-id"]),
         "oldest_pending_age_ms": age_ms(oldest[0]["message_id"], now_ms) if oldest else None,
         "oldest_pending_idle_ms": oldest[0]["time_since_delivered"] if oldest else None,
         "consumer_list": [
-            {"name": _text(c["name"]), "pending": c["pending"], "idle_ms": c["idle"]} for c in consumers
+            {"name": text(c["name"]), "pending": c["pending"], "idle_ms": c["idle"]} for c in consumers
         ],
     }
 

@@ -18,7 +18,6 @@ import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -33,11 +32,11 @@ from initialization_stream import create_group
 from maintenance import Capabilities, detect, run_once
 from orders import InvalidOrder, Order, parse_order
 from redisPool import redis_connect
+from replies import Entry, claimed_of, entries_of, owners_of
 
 log = logging.getLogger("stream_consumer")
 
 Handler = Callable[[Order], Awaitable[None]]
-Entry = tuple[bytes, dict[bytes, bytes]]
 Runnable = tuple[bytes, dict[bytes, bytes], Order, int]  # entry id, fields, order, delivery
 
 BACKOFF_START_S = 0.1
@@ -59,20 +58,6 @@ class Stats:
 
     def __str__(self) -> str:
         return ", ".join(f"{name}={value}" for name, value in vars(self).items())
-
-
-def entries_of(reply: Any) -> list[Entry]:
-    """The entries of an XREADGROUP/XAUTOCLAIM reply for one stream, as (id, fields)."""
-    if not reply:
-        return []
-    if isinstance(reply, dict):  # RESP3 shape: {stream: [entries]}
-        reply = list(reply.items())
-    return cast(list[Entry], reply[0][1])
-
-
-def owners_of(rows: Any) -> dict[bytes, bytes]:
-    """Entry id -> consumer, from an XPENDING range reply."""
-    return {cast(bytes, row["message_id"]): cast(bytes, row["consumer"]) for row in rows}
 
 
 def _data_of(fields: dict[bytes, bytes]) -> bytes:
@@ -183,7 +168,7 @@ class StreamConsumer:
                 idle=self.settings.claim_idle_ms,
             )
             owners = owners_of(rows)
-        cursor, claimed, deleted = (
+        cursor, entries, deleted = claimed_of(
             await self.redis.xautoclaim(
                 self.stream,
                 self.group,
@@ -192,23 +177,22 @@ class StreamConsumer:
                 start_id=self.claim_cursor,
                 count=self.settings.batch_size,
             )
-        )[:3]
+        )
         self.claim_cursor = cursor
-        if cursor in (b"0-0", "0-0"):
+        if cursor == b"0-0":
             interval = max(self.settings.claim_idle_ms / 2000, 0.05)
             self.next_claim = asyncio.get_running_loop().time() + interval
         # Redis drops entries deleted from the stream from the pending list itself.
         self.stats.deleted_skipped += len(deleted)
-        if not claimed:
+        if not entries:
             return False
         log.info(
             "claimed %d entries idle over %d ms in group %s",
-            len(claimed),
+            len(entries),
             self.settings.claim_idle_ms,
             self.group,
         )
-        self.stats.reclaimed += len(claimed)
-        entries = cast(list[Entry], claimed)
+        self.stats.reclaimed += len(entries)
         busy = await self._busy_elsewhere([e[0] for e in entries], owners)
         await self._handle(entries, await self._delivery_counts([e[0] for e in entries]), busy)
         return True

@@ -1,0 +1,32 @@
+"""Reply parsing from Redis, in one place: the only module that casts redis-py's loose types."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+def text(value: bytes | str) -> str:
+    """A reply value as text (entry ids, names); undecodable bytes are replaced, never raised."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def entries_of(reply: Any) -> list[Entry]:
+    """The entries of an XREADGROUP reply for one stream, as (id, fields); RESP2 or RESP3 shape."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):  # RESP3: {stream: [entries]}
+        reply = list(reply.items())
+    return cast(list[Entry], reply[0][1])
+
+
+def claimed_of(reply: Any) -> tuple[bytes, list[Entry], list[bytes]]:
+    """An XAUTOCLAIM reply as (next cursor, claimed entries, ids deleted from the stream)."""
+    cursor, claimed, deleted = reply[:3]
+    return cast(bytes, cursor), cast(list[Entry], claimed), cast(list[bytes], deleted)
+
+
+def owners_of(rows: Any) -> dict[bytes, bytes]:
+    """Entry id -> consumer, from an XPENDING range reply."""
+    return {cast(bytes, row["message_id"]): cast(bytes, row["consumer"]) for row in rows}
