@@ -29,6 +29,7 @@ from local_redis import start_local_redis
 from orders import Item, Order
 from redisPool import redis_connect
 from replies import entries_of
+from status import caught_up
 from stream_consumer import StreamConsumer, serve
 
 STREAM = "bench:orders"
@@ -193,18 +194,12 @@ async def workers(url: str, kind: str, per_group: int, batch: int) -> AsyncItera
 GROUPS = ("bench-fulfillment", "bench-email")
 
 
-async def groups_done(redis: Redis, total: int) -> bool:
-    infos = await redis.xinfo_groups(STREAM)
-    done = [g for g in infos if g["pending"] == 0 and g["entries-read"] == total]
-    return len(done) == len(GROUPS)
-
-
 async def wait_groups(redis: Redis, total: int, timeout: float) -> float:
     """Wait until both groups have read and acked `total` entries; return when that happened."""
     deadline = time.monotonic() + timeout
     next_note = time.monotonic() + 5
     while time.monotonic() < deadline:
-        if await groups_done(redis, total):
+        if await caught_up(redis, STREAM, GROUPS):
             return time.perf_counter()
         if time.monotonic() > next_note:
             infos = await redis.xinfo_groups(STREAM)

@@ -39,6 +39,7 @@ from redis.exceptions import RedisError
 from local_redis import LocalRedis, start_local_redis
 from orders import Order
 from producer import CHUNK, PublishError, publish_many, sample_orders
+from status import caught_up
 
 STREAM = "orders"
 DEAD_LETTERS = "orders:dead-letter"
@@ -188,16 +189,11 @@ def can_partition() -> bool:
 
 
 async def settled(redis: Redis) -> bool:
-    """Both groups delivered the newest entry and hold nothing pending."""
+    """Both groups caught up; False while Redis is still coming back."""
     try:
-        last = (await redis.xinfo_stream(STREAM))["last-generated-id"]
-        groups = await redis.xinfo_groups(STREAM)
+        return await caught_up(redis, STREAM, SERVICES)
     except (RedisError, OSError):
         return False
-    mine = [g for g in groups if g["name"].decode() in SERVICES]
-    return len(mine) == len(SERVICES) and all(
-        g["pending"] == 0 and g["last-delivered-id"] == last for g in mine
-    )
 
 
 def figures(slots: list[Slot], ledger: Ledger) -> dict[str, int]:

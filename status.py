@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -24,6 +25,20 @@ from redisPool import redis_connect
 from replies import text
 
 UNHEALTHY = 3
+
+
+async def caught_up(redis: Redis, stream: str, groups: Iterable[str]) -> bool:
+    """True when each group has been delivered the newest entry and holds nothing pending.
+
+    Compares ids rather than trusting `lag`, which Redis 7.0 miscounts after trimming.
+    """
+    try:
+        last = (await redis.xinfo_stream(stream))["last-generated-id"]
+        infos = {text(g["name"]): g for g in await redis.xinfo_groups(stream)}
+    except ResponseError:  # no stream yet
+        return False
+    wanted = [infos.get(group) for group in groups]
+    return all(g is not None and g["pending"] == 0 and g["last-delivered-id"] == last for g in wanted)
 
 
 def age_ms(entry_id: Any, now_ms: int) -> int | None:

@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from config import Settings
 from local_redis import LocalRedis, start_local_redis
@@ -103,22 +102,6 @@ async def wait_until(check: Callable[[], object], what: str, timeout: float = 10
             return
         await asyncio.sleep(0.02)
     pytest.fail(f"timed out after {timeout}s waiting for {what}")
-
-
-async def group_done(redis: Redis, stream: str, group: str) -> bool:
-    """True when the group has been delivered the newest entry and has nothing pending.
-
-    Compares ids rather than trusting `lag`, which Redis 7.0 miscounts after trimming.
-    """
-    try:
-        last = (await redis.xinfo_stream(stream))["last-generated-id"]
-        groups = await redis.xinfo_groups(stream)
-    except ResponseError:  # no stream yet
-        return False
-    for info in groups:
-        if info["name"].decode() == group:
-            return bool(info["pending"] == 0 and info["last-delivered-id"] == last)
-    return False
 
 
 def script_env(url: str, **overrides: str) -> dict[str, str]:

@@ -22,7 +22,6 @@ import pytest
 from conftest import (
     IN_CI,
     Script,
-    group_done,
     make_settings,
     need_redis_server,
     run_script,
@@ -39,6 +38,7 @@ from local_redis import LocalRedis
 from orders import Order, serialize
 from producer import PublishError, publish, publish_many, sample_orders
 from redisPool import redis_connect
+from status import caught_up
 from stream_consumer import StreamConsumer
 
 STREAM = "orders"
@@ -47,10 +47,6 @@ EFFECT = {
     "fulfillment_group": re.compile(r"fulfilling order (\S+):"),
     "email_group": re.compile(r"sending confirmation e-mail for order (\S+)$", re.M),
 }
-
-
-async def both_done(redis: Redis) -> bool:
-    return all([await group_done(redis, STREAM, g) for g in EFFECT])
 
 
 def effects(outputs: list[str], group: str) -> Counter[str]:
@@ -81,7 +77,7 @@ async def test_a_producer_retry_runs_the_handler_once(redis: Redis, settings: Se
     recorder = Recorder()
     group = settings.fulfillment_group
     async with running(redis, settings, (group, "c", recorder.handler("c"))) as tasks:
-        await wait_until(lambda: group_done(redis, STREAM, group), "the entries to be settled")
+        await wait_until(lambda: caught_up(redis, STREAM, [group]), "the entries to be settled")
     assert recorder.order_ids() == [order.order_id]
     assert tasks[0].result().duplicates_skipped == 2
 
@@ -93,9 +89,9 @@ async def test_replaying_a_group_does_not_rerun_handlers(redis: Redis, settings:
     group = settings.email_group
     recorder = Recorder()
     async with running(redis, settings, (group, "c", recorder.handler("c"))):
-        await wait_until(lambda: group_done(redis, STREAM, group), "the first pass")
+        await wait_until(lambda: caught_up(redis, STREAM, [group]), "the first pass")
         await redis.xgroup_setid(STREAM, group, "0")  # every entry delivered again
-        await wait_until(lambda: group_done(redis, STREAM, group), "the replay")
+        await wait_until(lambda: caught_up(redis, STREAM, [group]), "the replay")
     assert sorted(recorder.order_ids()) == sorted(o.order_id for o in orders)
 
 
@@ -108,7 +104,7 @@ async def test_without_the_guard_a_duplicate_runs_twice(redis: Redis, settings: 
     recorder = Recorder()
     group = settings.email_group
     async with running(redis, settings, (group, "c", recorder.handler("c"))):
-        await wait_until(lambda: group_done(redis, STREAM, group), "both entries")
+        await wait_until(lambda: caught_up(redis, STREAM, [group]), "both entries")
     assert recorder.order_ids() == [order.order_id] * 2
 
 
@@ -135,7 +131,7 @@ async def test_a_slow_handler_claimed_by_another_consumer_runs_once(redis: Redis
         claiming = asyncio.create_task(claimer.run())
         await wait_until(lambda: claimer.stats.busy_elsewhere > 0, "the claimer to find the order busy")
         release.set()
-        await wait_until(lambda: group_done(redis, STREAM, group), "the slow handler to finish and ack")
+        await wait_until(lambda: caught_up(redis, STREAM, [group]), "the slow handler to finish and ack")
         claimer.stop.set()
         await claiming
     assert runs == ["slow"]
@@ -194,7 +190,9 @@ async def test_redis_paused_longer_than_the_socket_timeout(own_server: LocalRedi
         )
         own_server.process.send_signal(signal.SIGCONT)
         await publish_many(redis, STREAM, orders[10:])
-        await wait_until(lambda: both_done(redis), "consumers to catch up after the pause", 30)
+        await wait_until(
+            lambda: caught_up(redis, STREAM, EFFECT), "consumers to catch up after the pause", 30
+        )
     finally:
         await redis.aclose()
     assert pipeline.alive()
@@ -209,16 +207,16 @@ async def test_client_kill_and_client_pause(own_server: LocalRedis, scripts: Sta
     try:
         await pipeline.started(redis)
         await publish_many(redis, STREAM, orders[:10])
-        await wait_until(lambda: both_done(redis), "the first orders")
+        await wait_until(lambda: caught_up(redis, STREAM, EFFECT), "the first orders")
         for client in await redis.client_list():
             if client["name"] in ("f1", "e1"):
                 await redis.client_kill_filter(_id=client["id"])
         await publish_many(redis, STREAM, orders[10:20])
-        await wait_until(lambda: both_done(redis), "orders after CLIENT KILL")
+        await wait_until(lambda: caught_up(redis, STREAM, EFFECT), "orders after CLIENT KILL")
         before = warnings(pipeline)
         await redis.client_pause(500, all=False)  # WRITE only, shorter than the socket timeout:
         await publish_many(redis, STREAM, orders[20:25])  # absorbed without a warning
-        await wait_until(lambda: both_done(redis), "orders after a short CLIENT PAUSE")
+        await wait_until(lambda: caught_up(redis, STREAM, EFFECT), "orders after a short CLIENT PAUSE")
         assert warnings(pipeline) == before
         # Longer than the socket timeout and the client's quick retries together: said once.
         await redis.client_pause(15_000, all=False)
@@ -228,7 +226,7 @@ async def test_client_kill_and_client_pause(own_server: LocalRedis, scripts: Sta
         )
         await redis.client_unpause()
         await publish_many(redis, STREAM, orders[25:])
-        await wait_until(lambda: both_done(redis), "orders after CLIENT PAUSE", 30)
+        await wait_until(lambda: caught_up(redis, STREAM, EFFECT), "orders after CLIENT PAUSE", 30)
     finally:
         await redis.aclose()
     assert pipeline.alive()
@@ -258,7 +256,9 @@ async def test_redis_killed_under_load_and_restarted(
                 confirmed.extend(chunk)
             except PublishError:
                 pass  # outcome unknown: neither counted as lost nor as unexpected
-        await wait_until(lambda: both_done(redis), "the consumers to finish after the crash", 60)
+        await wait_until(
+            lambda: caught_up(redis, STREAM, EFFECT), "the consumers to finish after the crash", 60
+        )
     finally:
         await redis.aclose()
     assert pipeline.alive()
@@ -279,7 +279,7 @@ async def test_trimmed_pending_entries_are_acked_and_counted(redis: Redis, setti
     await redis.xtrim(STREAM, maxlen=5, approximate=False)  # an operator trims past the lagging group
     recorder = Recorder()
     async with running(redis, settings, (group, "alive", recorder.handler("alive"))) as tasks:
-        await wait_until(lambda: group_done(redis, STREAM, group), "the group to settle")
+        await wait_until(lambda: caught_up(redis, STREAM, [group]), "the group to settle")
     stats = tasks[0].result()
     assert len(recorder.handled) == 5
     assert stats.deleted_skipped == 20
@@ -293,7 +293,7 @@ async def test_an_unsynced_aof_tail_is_survived(own_server: LocalRedis, scripts:
     try:
         await pipeline.started(redis)
         await publish_many(redis, STREAM, orders[:20])
-        await wait_until(lambda: both_done(redis), "the first orders")
+        await wait_until(lambda: caught_up(redis, STREAM, EFFECT), "the first orders")
         own_server.kill()
         tails = sorted((own_server.directory / "appendonlydir").glob("*.incr.aof"))
         with tails[-1].open("r+b") as aof:  # cut the last command in half, as a crash before fsync would
@@ -301,7 +301,7 @@ async def test_an_unsynced_aof_tail_is_survived(own_server: LocalRedis, scripts:
         own_server.start()
         await redis.connection_pool.disconnect()
         await publish_many(redis, STREAM, orders[20:])
-        await wait_until(lambda: both_done(redis), "consumers after the restart", 30)
+        await wait_until(lambda: caught_up(redis, STREAM, EFFECT), "consumers after the restart", 30)
     finally:
         await redis.aclose()
     assert pipeline.alive()
@@ -471,7 +471,7 @@ async def test_a_lost_xadd_reply_duplicates_the_entry_but_not_the_effect(own_ser
         assert await direct.xlen(STREAM) == 2  # the order is in the stream twice
         recorder = Recorder()
         async with running(direct, settings, ("email_group", "c", recorder.handler("c"))) as tasks:
-            await wait_until(lambda: group_done(direct, STREAM, "email_group"), "both copies to be settled")
+            await wait_until(lambda: caught_up(direct, STREAM, ["email_group"]), "both copies to be settled")
         assert recorder.order_ids() == [order.order_id]  # ...and handled once
         assert tasks[0].result().duplicates_skipped == 1
     finally:
@@ -523,7 +523,7 @@ async def test_a_lost_ack_reply_neither_loses_nor_reruns(own_server: LocalRedis,
         recorder = Recorder()
         member = ("email_group", "c", recorder.handler("c"))
         async with redis_connect(settings) as redis, running(redis, settings, member):
-            await wait_until(lambda: group_done(direct, STREAM, "email_group"), "every order acked")
+            await wait_until(lambda: caught_up(direct, STREAM, ["email_group"]), "every order acked")
         assert dropper.dropped == 1
         assert sorted(recorder.order_ids()) == sorted(o.order_id for o in orders)  # each exactly once
     finally:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import Script, group_done, make_settings, run_script, script_env, wait_until
+from conftest import Script, make_settings, run_script, script_env, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from test_pipeline import Recorder, running
@@ -21,6 +21,7 @@ from initialization_stream import initialize
 from local_redis import LocalRedis, free_port
 from maintenance import Capabilities, detect, parse_version, remove_stale_consumers, safe_trim_point, trim
 from producer import publish_many, sample_orders
+from status import caught_up
 
 STREAM = "orders"
 NO_FEATURES = Capabilities((7, 0, 15))
@@ -63,7 +64,7 @@ async def incident(redis: Redis, settings: Settings) -> dict[str, Any]:
     await redis.xreadgroup(settings.email_group, "dead-pod", {STREAM: ">"}, count=5)
     recorder = Recorder()
     async with running(redis, settings, (settings.fulfillment_group, "f1", recorder.handler("f1"))):
-        await wait_until(lambda: group_done(redis, STREAM, settings.fulfillment_group), "fulfillment")
+        await wait_until(lambda: caught_up(redis, STREAM, [settings.fulfillment_group]), "fulfillment")
     return {"orders": orders}
 
 
@@ -167,16 +168,12 @@ async def test_redrive_goes_to_its_own_group_only(redis: Redis, redis_url: str, 
         assert result.returncode == 0, result.stderr
         assert "redrive: 1 of 1 entries" in result.stdout
         await wait_until(lambda: fixed_later in fulfillment.order_ids(), "the redriven order")
-        await wait_until(lambda: all_groups_done(redis, settings), "both groups to settle")
+        await wait_until(lambda: caught_up(redis, STREAM, settings.groups), "both groups to settle")
     assert sorted(fulfillment.order_ids()) == sorted(o.order_id for o in orders)
     assert sorted(email.order_ids()) == sorted(o.order_id for o in orders)  # not twice
     assert await redis.xlen(settings.dead_letter_stream) == 0
     again = run_script("deadletter", script_env(redis_url), "redrive", "--all")
     assert "redrive: 0 of 0 entries" in again.stdout
-
-
-async def all_groups_done(redis: Redis, settings: Settings) -> bool:
-    return all([await group_done(redis, STREAM, g) for g in settings.groups])
 
 
 async def test_redrive_all_interrupted_neither_loses_nor_doubles(
@@ -236,7 +233,7 @@ async def test_trimming_never_removes_what_a_lagging_group_needs(
     # The email group can still finish every order it has not acked.
     recorder = Recorder()
     async with running(redis, settings, (e_group, "e", recorder.handler("e"))):
-        await wait_until(lambda: group_done(redis, STREAM, e_group), "the lagging group to catch up")
+        await wait_until(lambda: caught_up(redis, STREAM, [e_group]), "the lagging group to catch up")
     assert len(recorder.handled) == 800
 
 
@@ -251,7 +248,7 @@ async def test_the_stream_stays_bounded_when_groups_keep_up(
         await wait_until(lambda: redis.exists(STREAM), "the groups to be created")
         for _ in range(20):
             await publish_many(redis, STREAM, sample_orders(500))
-            await wait_until(lambda: all_groups_done(redis, settings), "the groups to catch up")
+            await wait_until(lambda: caught_up(redis, STREAM, settings.groups), "the groups to catch up")
             await wait_until(lambda: _fewer_entries(redis, 600), "a trim")
             lengths.append(await redis.xlen(STREAM))
     assert max(lengths) <= 600  # 10,000 published, the stream never held more than a round

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from conftest import IN_CI, group_done, wait_until
+from conftest import IN_CI, wait_until
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from test_orders import BAD_PAYLOADS
@@ -22,6 +22,7 @@ from initialization_stream import create_group, initialize
 from local_redis import LocalRedis
 from orders import Order, parse_order
 from producer import CHUNK, PublishError, publish, publish_many, sample_orders
+from status import caught_up
 from stream_consumer import Handler, Stats, consume
 
 
@@ -74,7 +75,7 @@ async def test_init_is_idempotent_and_groups_start_at_zero(redis: Redis, setting
     recorder = Recorder()
     group = settings.email_group
     async with running(redis, settings, (group, "c", recorder.handler("c"))):
-        await wait_until(lambda: group_done(redis, settings.stream_key, group), "email group to finish")
+        await wait_until(lambda: caught_up(redis, settings.stream_key, [group]), "email group to finish")
     assert recorder.order_ids() == [o.order_id for o in early]
 
 
@@ -98,7 +99,9 @@ async def test_fan_out_and_load_balancing(redis: Redis, settings: Settings) -> N
         await wait_until(lambda: redis.exists(settings.stream_key), "consumers to create the stream")
         for start in range(0, len(orders), 30):
             await publish_many(redis, settings.stream_key, orders[start : start + 30])
-        await wait_until(lambda: all_done(redis, settings), "both groups to finish")
+        await wait_until(
+            lambda: caught_up(redis, settings.stream_key, settings.groups), "both groups to finish"
+        )
     published = [o.order_id for o in orders]
     # Fan-out: each group saw every order, once.
     assert sorted(fulfillment.order_ids()) == sorted(published)
@@ -126,7 +129,7 @@ async def test_failed_handler_leaves_entry_pending_and_it_is_retried(
     await initialize(redis, settings)
     await publish_many(redis, settings.stream_key, orders)
     async with running(redis, settings, (group, "c", handle)) as tasks:
-        await wait_until(lambda: group_done(redis, settings.stream_key, group), "the retry to succeed")
+        await wait_until(lambda: caught_up(redis, settings.stream_key, [group]), "the retry to succeed")
     assert attempts[flaky] == 2
     assert all(attempts[o.order_id] == 1 for o in orders if o.order_id != flaky)
     assert await redis.xlen(settings.dead_letter_stream) == 0
@@ -147,7 +150,7 @@ async def test_poison_order_is_dead_lettered_after_max_deliveries(redis: Redis, 
     await initialize(redis, settings)
     ids = await publish_many(redis, settings.stream_key, orders)
     async with running(redis, settings, (group, "c", handle)) as tasks:
-        await wait_until(lambda: group_done(redis, settings.stream_key, group), "the poison order to move")
+        await wait_until(lambda: caught_up(redis, settings.stream_key, [group]), "the poison order to move")
         assert not tasks[0].done()
     assert attempts[poison] == settings.max_deliveries == 3
     [letter] = await dead_letters(redis, settings)
@@ -172,7 +175,7 @@ async def test_malformed_entries_are_dead_lettered_at_once_and_consumption_goes_
     recorder = Recorder()
     caplog.set_level(logging.INFO)
     async with running(redis, settings, (group, "c", recorder.handler("c"))) as tasks:
-        await wait_until(lambda: group_done(redis, settings.stream_key, group), "all entries to be settled")
+        await wait_until(lambda: caught_up(redis, settings.stream_key, [group]), "all entries to be settled")
         assert not tasks[0].done()
     assert recorder.order_ids() == [good.order_id]
     letters = await dead_letters(redis, settings)
@@ -188,13 +191,13 @@ async def test_each_group_dead_letters_its_own_copy(redis: Redis, settings: Sett
     members = [(group, "c", Recorder().handler("c")) for group in settings.groups]
     async with running(redis, settings, *members):
         await wait_until(lambda: redis.xlen(settings.dead_letter_stream), "dead letters", timeout=10)
-        await wait_until(lambda: all_done(redis, settings), "both groups to settle the bad entry", timeout=10)
+        await wait_until(
+            lambda: caught_up(redis, settings.stream_key, settings.groups),
+            "both groups to settle the bad entry",
+            timeout=10,
+        )
     letters = await dead_letters(redis, settings)
     assert sorted(letter["group"] for letter in letters) == sorted(settings.groups)
-
-
-async def all_done(redis: Redis, settings: Settings) -> bool:
-    return all([await group_done(redis, settings.stream_key, g) for g in settings.groups])
 
 
 async def test_restarted_consumer_finishes_its_own_pending_entries(redis: Redis, settings: Settings) -> None:
@@ -207,7 +210,7 @@ async def test_restarted_consumer_finishes_its_own_pending_entries(redis: Redis,
     await redis.xdel(settings.stream_key, ids[0])
     recorder = Recorder()
     async with running(redis, settings, (group, "c", recorder.handler("c"))) as tasks:
-        await wait_until(lambda: group_done(redis, settings.stream_key, group), "own pending to be done")
+        await wait_until(lambda: caught_up(redis, settings.stream_key, [group]), "own pending to be done")
     assert recorder.order_ids() == [o.order_id for o in orders[1:]]
     assert tasks[0].result().deleted_skipped == 1
 
@@ -221,7 +224,7 @@ async def test_entries_idle_on_a_dead_consumer_are_claimed(redis: Redis, setting
     await redis.xreadgroup(group, "dead", {settings.stream_key: ">"}, count=10)
     recorder = Recorder()
     async with running(redis, settings, (group, "alive", recorder.handler("alive"))) as tasks:
-        await wait_until(lambda: group_done(redis, settings.stream_key, group), "the claim")
+        await wait_until(lambda: caught_up(redis, settings.stream_key, [group]), "the claim")
     assert sorted(recorder.order_ids()) == sorted(o.order_id for o in orders)
     assert tasks[0].result().reclaimed == 5
 

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Script, group_done, run_script, script_env, wait_until
+from conftest import Script, run_script, script_env, wait_until
 from redis.asyncio import Redis
 
 from local_redis import LocalRedis, free_port
 from orders import serialize
 from producer import publish_many, sample_orders
+from status import caught_up
 
 Start = Callable[..., Script]
 STREAM = "orders"
@@ -89,7 +90,7 @@ async def test_work_held_by_a_killed_consumer_is_finished(
 
     name = "victim" if restart_as == "same name" else "rescuer"
     rescuer = scripts("consumer1", script_env(redis_url, CONSUMER_NAME=name, CLAIM_IDLE_MS="300"))
-    await wait_until(lambda: group_done(redis, STREAM, "fulfillment_group"), "the orders to be finished")
+    await wait_until(lambda: caught_up(redis, STREAM, ["fulfillment_group"]), "the orders to be finished")
     output = rescuer.output()
     assert all(f"fulfilling order {o.order_id}:" in output for o in orders)
     if restart_as == "new name":
@@ -112,8 +113,10 @@ async def test_consumers_ride_out_a_redis_crash_and_restart(own_server: LocalRed
         own_server.start()
         await client.connection_pool.disconnect()
         await publish_many(client, STREAM, after)
-        await wait_until(lambda: group_done(client, STREAM, "fulfillment_group"), "consumer1 to catch up", 30)
-        await wait_until(lambda: group_done(client, STREAM, "email_group"), "consumer2 to catch up", 30)
+        await wait_until(
+            lambda: caught_up(client, STREAM, ["fulfillment_group"]), "consumer1 to catch up", 30
+        )
+        await wait_until(lambda: caught_up(client, STREAM, ["email_group"]), "consumer2 to catch up", 30)
     finally:
         await client.aclose()
     for consumer in consumers:

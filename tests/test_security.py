@@ -15,7 +15,6 @@ import pytest
 from conftest import (
     IN_CI,
     ROOT,
-    group_done,
     make_settings,
     need_redis_server,
     run_script,
@@ -29,6 +28,7 @@ from test_pipeline import Recorder
 from initialization_stream import initialize
 from local_redis import LocalRedis, free_port
 from producer import publish_many, sample_orders
+from status import caught_up
 from stream_consumer import StreamConsumer
 
 PASSWORDS = {
@@ -111,7 +111,7 @@ async def test_each_app_user_can_do_its_job_and_nothing_else(
     recorder = Recorder()
     worker = StreamConsumer(consumer, settings, "email_group", "c1", recorder.handler("c1"))
     task = asyncio.create_task(worker.run())
-    await wait_until(lambda: group_done(admin, "orders", "email_group"), "the consumer user to work")
+    await wait_until(lambda: caught_up(admin, "orders", ["email_group"]), "the consumer user to work")
     worker.stop.set()
     await task
     assert len(recorder.handled) == 30
@@ -218,7 +218,11 @@ async def test_no_secret_and_no_payload_in_any_output(tmp_path: Path, scripts: A
         try:
             await client.xadd("orders", {"data": POISON})
             consumers = [scripts(module, env) for module in ("consumer1", "consumer2")]
-            await wait_until(lambda: _both_done(client), "both services to finish", 20)
+            await wait_until(
+                lambda: caught_up(client, "orders", ["fulfillment_group", "email_group"]),
+                "both services to finish",
+                20,
+            )
         finally:
             await client.aclose()
         for consumer in consumers:
@@ -236,7 +240,3 @@ async def test_no_secret_and_no_payload_in_any_output(tmp_path: Path, scripts: A
 
 
 TOOLS = [("status", ()), ("deadletter", ("list",)), ("maintenance", ())]
-
-
-async def _both_done(client: Redis) -> bool:
-    return all([await group_done(client, "orders", g) for g in ("fulfillment_group", "email_group")])
