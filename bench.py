@@ -418,19 +418,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = build_parser().parse_args()
+    parser = build_parser()
+    args = parser.parse_args()
     if args.worker:
         worker_main(args)
         return
     sizes = dataclasses.replace(QUICK if args.quick else FULL)
     if args.orders is not None:
         if args.orders < 1000:
-            print("bench: error: --orders must be at least 1000", file=sys.stderr)
-            sys.exit(2)
+            parser.error("--orders must be at least 1000")
         sizes.e2e = args.orders
     if not 1 <= args.batch_size <= 10_000:
-        print("bench: error: --batch-size must be between 1 and 10000", file=sys.stderr)
-        sys.exit(2)
+        parser.error("--batch-size must be between 1 and 10000")
     server = None
     url = os.environ.get("REDIS_URL")
     if not url:

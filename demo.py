@@ -7,24 +7,20 @@ import asyncio
 import dataclasses
 import logging
 import shutil
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from redis.asyncio import Redis
-from redis.exceptions import AuthenticationError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 import consumer1
 import consumer2
-from config import CliError, Settings, redact_url, run_script
+from config import CliError, Settings, run_script
 from initialization_stream import initialize
 from local_redis import HOW_TO_GET_REDIS, start_local_redis
 from orders import Order
 from producer import publish, sample_orders
-from redisPool import redis_connect
+from redisPool import RedisRefused, RedisUnavailable, redis_connect
 from stream_consumer import Handler, consume
 
 log = logging.getLogger("demo")
@@ -33,24 +29,21 @@ WAIT_S = 30.0
 PACE_S = 0.01  # between orders, so consumers are idle and Redis hands orders out in turn
 
 
-async def _reachable(url: str) -> bool:
-    """True if Redis answers at `url` within a second (bad credentials still raise)."""
-    probe = Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1, retry=None)
+async def _answers(settings: Settings) -> bool:
+    """True if Redis answers at REDIS_URL within a second; a refusal (password, TLS) still ends the demo."""
     try:
-        await probe.ping()
-    except AuthenticationError as error:
-        raise CliError(f"Redis at {redact_url(url)} refused the credentials: {error}") from None
-    except (RedisConnectionError, RedisTimeoutError, OSError):
+        async with redis_connect(settings, deadline_s=1.0):
+            return True
+    except RedisRefused:
+        raise
+    except RedisUnavailable:
         return False
-    finally:
-        await probe.aclose()
-    return True
 
 
 @asynccontextmanager
 async def demo_redis(settings: Settings) -> AsyncIterator[Settings]:
     """Settings pointing at REDIS_URL when it answers, else at a throwaway local redis-server."""
-    if await _reachable(settings.redis_url):
+    if await _answers(settings):
         print(f"using Redis at {settings.safe_redis_url}")
         yield settings
         return
@@ -157,10 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    arguments = build_parser().parse_args()
+    parser = build_parser()
+    arguments = parser.parse_args()
     if not 1 <= arguments.count <= 10_000:
-        print("demo: error: --count must be between 1 and 10000", file=sys.stderr)
-        sys.exit(2)
+        parser.error("--count must be between 1 and 10000")
 
     async def run(settings: Settings) -> int:
         if not arguments.verbose:

@@ -26,7 +26,7 @@ def free_port() -> int:
 
 @dataclass
 class LocalRedis:
-    """A redis-server child process; `restart()` keeps its port and data directory."""
+    """A redis-server child process; `kill()` then `start()` keeps its port and data directory."""
 
     port: int
     directory: Path
@@ -75,10 +75,6 @@ class LocalRedis:
             self.process.kill()
             self.process.wait()
         self.process = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
     def close(self) -> None:
         """Stop the server and remove its data directory."""

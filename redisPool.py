@@ -32,6 +32,10 @@ class RedisUnavailable(CliError):
     """Redis could not be reached or refused us at start: exit code 1."""
 
 
+class RedisRefused(RedisUnavailable):
+    """Redis answered but refused us (credentials, ACL, TLS): waiting longer cannot help."""
+
+
 class _HiredisPacking(AbstractConnection):
     """Pack commands with hiredis, as redis-py's sync client does.
 
@@ -95,10 +99,10 @@ async def wait_until_reachable(redis: Redis, where: str, deadline_s: float = STA
             return
         except (AuthenticationError, ResponseError) as error:
             # WRONGPASS, NOAUTH, NOPERM: retrying cannot help.
-            raise RedisUnavailable(f"Redis at {where} refused the connection: {error}") from None
+            raise RedisRefused(f"Redis at {where} refused the connection: {error}") from None
         except (RedisConnectionError, RedisTimeoutError, OSError) as error:
             if isinstance(error.__cause__ or error.__context__, ssl.SSLError):
-                raise RedisUnavailable(f"TLS with Redis at {where} failed: {error}") from None
+                raise RedisRefused(f"TLS with Redis at {where} failed: {error}") from None
             if not isinstance(error, TimeoutError):  # keep the cause, not our own deadline
                 reason = str(error) or type(error).__name__
             if loop.time() + delay >= give_up:
@@ -112,11 +116,11 @@ async def wait_until_reachable(redis: Redis, where: str, deadline_s: float = STA
 
 
 @asynccontextmanager
-async def redis_connect(settings: Settings) -> AsyncIterator[Redis]:
+async def redis_connect(settings: Settings, deadline_s: float = STARTUP_DEADLINE_S) -> AsyncIterator[Redis]:
     """Yield a client owning the process's pool, after a successful PING; close the pool on exit."""
     redis = Redis.from_pool(make_pool(settings))
     try:
-        await wait_until_reachable(redis, settings.safe_redis_url)
+        await wait_until_reachable(redis, settings.safe_redis_url, deadline_s)
         log.debug("connected to %s", settings.safe_redis_url)
         yield redis
     finally:

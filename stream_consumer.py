@@ -357,13 +357,9 @@ class StreamConsumer:
         loop = asyncio.get_running_loop()
         try:
             await step
-        except (RedisConnectionError, RedisTimeoutError) as error:
-            if self.trouble_since is None:
-                self.trouble_since = loop.time()
-                log.warning("Redis unreachable (%s: %s); retrying with backoff", type(error).__name__, error)
-        except ResponseError as error:
+        except RedisError as error:
             message = str(error)
-            if message.startswith(("NOGROUP", "UNBLOCKED")):
+            if isinstance(error, ResponseError) and message.startswith(("NOGROUP", "UNBLOCKED")):
                 # The group or the stream vanished (FLUSHALL, a restart without persistence).
                 log.error(
                     "group %s on stream %s is gone (%s); recreating it from id 0",
@@ -374,13 +370,14 @@ class StreamConsumer:
                 await self._recover(create_group(self.redis, self.stream, self.group))
                 self.own_cursor = b"0"
                 return
-            if self.trouble_since is None:
+            if self.trouble_since is None:  # once per outage, not once per retry
                 self.trouble_since = loop.time()
-                log.error("Redis refused a command (%s); retrying with backoff", message)
-        except RedisError as error:
-            if self.trouble_since is None:
-                self.trouble_since = loop.time()
-                log.error("Redis error (%s: %s); retrying with backoff", type(error).__name__, error)
+                if isinstance(error, RedisConnectionError | RedisTimeoutError):
+                    log.warning(
+                        "Redis unreachable (%s: %s); retrying with backoff", type(error).__name__, error
+                    )
+                else:
+                    log.error("Redis error (%s: %s); retrying with backoff", type(error).__name__, error)
         else:
             if self.trouble_since is not None:
                 log.warning("Redis is back after %.1f s; resuming", loop.time() - self.trouble_since)
