@@ -21,6 +21,7 @@ DEFAULTS: dict[str, str] = {
     "STREAM_KEY": "orders",
     "FULFILLMENT_GROUP": "fulfillment_group",
     "EMAIL_GROUP": "email_group",
+    "GROUPS": "",  # every group that must get every order; empty: FULFILLMENT_GROUP,EMAIL_GROUP
     "CONSUMER_NAME": "",  # empty: host name and pid, unique per process
     "BATCH_SIZE": "100",
     "BLOCK_MS": "2000",
@@ -81,6 +82,7 @@ class Settings:
     stream_key: str
     fulfillment_group: str
     email_group: str
+    groups: tuple[str, ...]
     consumer_name: str
     batch_size: int
     block_ms: int
@@ -97,11 +99,6 @@ class Settings:
     stale_consumer_ms: int
     metrics_port: int
     dedupe_window_ms: int
-
-    @property
-    def groups(self) -> tuple[str, str]:
-        """Both consumer groups: each of them gets every order."""
-        return (self.fulfillment_group, self.email_group)
 
     @property
     def safe_redis_url(self) -> str:
@@ -123,12 +120,14 @@ class Settings:
             raise ConfigError(
                 f"REDIS_URL has unknown options {sorted(unknown)}; known: {sorted(URL_OPTIONS)}"
             )
+        fulfillment_group, email_group = get.text("FULFILLMENT_GROUP"), get.text("EMAIL_GROUP")
         settings = cls(
             redis_url=url,
             redis_max_connections=get.integer("REDIS_MAX_CONNECTIONS", low=1),
             stream_key=get.text("STREAM_KEY"),
-            fulfillment_group=get.text("FULFILLMENT_GROUP"),
-            email_group=get.text("EMAIL_GROUP"),
+            fulfillment_group=fulfillment_group,
+            email_group=email_group,
+            groups=get.names("GROUPS") or (fulfillment_group, email_group),
             consumer_name=get.text("CONSUMER_NAME", empty_ok=True) or f"{socket.gethostname()}-{os.getpid()}",
             batch_size=get.integer("BATCH_SIZE", low=1, high=10_000),
             block_ms=get.integer("BLOCK_MS", low=1),
@@ -155,6 +154,8 @@ class Settings:
             )
         if settings.fulfillment_group == settings.email_group:
             raise ConfigError("FULFILLMENT_GROUP and EMAIL_GROUP must differ, or they share the orders")
+        if len(set(settings.groups)) != len(settings.groups):
+            raise ConfigError(f"GROUPS names a group twice: {','.join(settings.groups)}")
         if settings.dead_letter_stream == settings.stream_key:
             raise ConfigError("DEAD_LETTER_STREAM must differ from STREAM_KEY")
         if settings.log_level not in logging.getLevelNamesMapping():
@@ -175,6 +176,13 @@ class _Reader:
         if not value and not empty_ok:
             raise ConfigError(f"{name} must not be empty")
         return value
+
+    def names(self, name: str) -> tuple[str, ...]:
+        """A comma-separated list of names without spaces; empty when the variable is empty."""
+        names = tuple(part.strip() for part in self.raw[name].split(",") if part.strip())
+        if any(char.isspace() for part in names for char in part):
+            raise ConfigError(f"{name} must be names separated by commas, without spaces inside a name")
+        return names
 
     def integer(self, name: str, *, low: int, high: int | None = None) -> int:
         value = self.raw[name].strip()
