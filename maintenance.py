@@ -8,19 +8,23 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, ResponseError
 
 from config import Settings, run_script
+from keys import keys_for
 from redisPool import redis_connect
 from replies import text
 
 log = logging.getLogger("maintenance")
 
 StreamId = tuple[int, int]
+
+LARGEST_PART = 2**64 - 1  # each part of a stream id is an unsigned 64-bit number
 
 
 @dataclass(frozen=True)
@@ -65,21 +69,41 @@ def format_id(entry_id: StreamId) -> str:
     return f"{entry_id[0]}-{entry_id[1]}"
 
 
-async def safe_trim_point(redis: Redis, stream: str) -> StreamId | None:
+def next_id(entry_id: StreamId) -> StreamId:
+    """The smallest id above `entry_id` (`5-18446744073709551615` -> `6-0`); the largest id has none."""
+    ms, seq = entry_id
+    if seq < LARGEST_PART:
+        return ms, seq + 1
+    if ms < LARGEST_PART:
+        return ms + 1, 0
+    return entry_id  # nothing can follow it, so nothing is undelivered above it
+
+
+async def safe_trim_point(redis: Redis, stream: str, required: Collection[str]) -> StreamId | None:
     """The lowest id some group still needs; every entry below it was delivered to and acked by all groups.
 
-    None when the stream or its groups are missing: then nothing may be trimmed.
+    Every existing group counts, configured or not. None when the stream, every group, or any
+    of the `required` (configured) groups is missing: then nothing may be trimmed, since a
+    missing group has yet to get every entry. Warns naming the missing groups.
     """
     try:
         groups = await redis.xinfo_groups(stream)
     except ResponseError:  # no such stream
         return None
+    existing = {text(group["name"]) for group in groups}
+    missing = [name for name in required if name not in existing]
+    if missing:
+        log.warning(
+            "not trimming %s: configured groups %s do not exist (run python -m initialization_stream)",
+            stream,
+            ", ".join(missing),
+        )
+        return None
     if not groups:
         return None
     needed = []
     for group in groups:
-        ms, seq = parse_id(group["last-delivered-id"])
-        first_undelivered = (ms, seq + 1)
+        first_undelivered = next_id(parse_id(group["last-delivered-id"]))
         summary = await redis.xpending(stream, group["name"]) if group["pending"] else None
         if summary and summary["min"] is not None:  # it may have been acked since XINFO
             needed.append(min(first_undelivered, parse_id(summary["min"])))
@@ -92,7 +116,7 @@ async def retention_point(redis: Redis, settings: Settings, safe: StreamId) -> S
     """Move the trim point back to keep what the retention settings ask for; never past `safe`."""
     point = safe
     if settings.retention_keep_ms:
-        point = min(point, (int(time.time() * 1000) - settings.retention_keep_ms, 0))
+        point = min(point, (max(0, int(time.time() * 1000) - settings.retention_keep_ms), 0))
     if settings.retention_keep_entries:
         newest: Any = await redis.xrevrange(settings.stream_key, count=settings.retention_keep_entries)
         if newest:
@@ -100,55 +124,99 @@ async def retention_point(redis: Redis, settings: Settings, safe: StreamId) -> S
     return point
 
 
+async def trim_limit(redis: Redis) -> int | None:
+    """Entries one XTRIM call may remove: Redis's own bound for `~` (100 nodes' worth), made explicit.
+
+    None when CONFIG is refused (an ACL user): Redis then applies that same bound itself.
+    """
+    try:
+        reply = await redis.config_get("stream-node-max-entries")
+    except ResponseError:
+        return None
+    node_entries = int(next(iter(reply.values()), 0) or 0)
+    # The clamps Redis applies to its default: 0 means nodes bounded by bytes only.
+    return min(100 * node_entries, 1_000_000) if node_entries > 0 else 10_000
+
+
 async def trim(redis: Redis, settings: Settings, capabilities: Capabilities) -> int:
-    """Trim entries every group has acked (and retention lets go); return how many went."""
-    safe = await safe_trim_point(redis, settings.stream_key)
+    """Trim entries every group has acked (and retention lets go); return how many went.
+
+    One pass trims everything below that point (down to a node: trimming is approximate, so it
+    stops at or before the point) in calls of bounded work, never one long block of the server.
+    """
+    stream = settings.stream_key
+    safe = await safe_trim_point(redis, stream, settings.groups)
     if safe is None:
         return 0
     point = format_id(await retention_point(redis, settings, safe))
-    if capabilities.acked_trim:
-        removed = await redis.xtrim(settings.stream_key, minid=point, approximate=True, ref_policy="ACKED")
+    limit = await trim_limit(redis)
+    # ACKED (Redis 8.2+): the server itself also keeps entries some group has not acked.
+    policy: Literal["ACKED"] | None = "ACKED" if capabilities.acked_trim else None
+    # Every call that removes anything frees a node or the entries below the point in one, so
+    # the node count bounds the calls a pass needs.
+    nodes = int((await redis.xinfo_stream(stream))["radix-tree-keys"])
+    removed = calls = 0
+    while calls < nodes + 2:
+        calls += 1
+        step = int(await redis.xtrim(stream, minid=point, approximate=True, limit=limit, ref_policy=policy))
+        removed += step
+        if not step:
+            break
     else:
-        # Approximate: Redis drops whole internal nodes only, so it stops at or before the point.
-        removed = await redis.xtrim(settings.stream_key, minid=point, approximate=True)
+        log.warning("trimming %s stopped after %d calls; the next pass goes on", stream, calls)
     if removed:
-        log.info("trimmed %d entries below %s from %s", removed, point, settings.stream_key)
-    return int(removed)
+        log.info("trimmed %d entries below %s from %s in %d calls", removed, point, stream, calls)
+    return removed
 
 
-# Removes the consumer only if it holds nothing, checked in the same atomic step.
-DELETE_IF_IDLE_LUA = """
+# Removes the consumer only if its process is gone (no lease) and it holds nothing, both checked
+# in the same atomic step as the delete. KEYS: the stream, the consumer's lease; ARGV: group, consumer.
+DELETE_IF_STALE_LUA = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return -2
+end
 if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then
   return -1
 end
 return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 """
+HELD, ALIVE = -1, -2
 
 
 async def remove_stale_consumers(redis: Redis, settings: Settings) -> list[str]:
-    """Delete consumers idle longer than STALE_CONSUMER_MS that hold no pending entries."""
+    """Delete consumers idle longer than STALE_CONSUMER_MS whose process is gone and that hold nothing.
+
+    Idle time alone proves nothing (on Redis 7.0 a blocked read does not reset it): a running
+    consumer keeps its lease key alive, and a consumer with a lease is never removed.
+    """
     if not settings.stale_consumer_ms:
         return []
     try:
         groups = await redis.xinfo_groups(settings.stream_key)
     except ResponseError:
         return []
-    script = redis.register_script(DELETE_IF_IDLE_LUA)
+    keys = keys_for(settings)
+    script = redis.register_script(DELETE_IF_STALE_LUA)
     removed: list[str] = []
     for group in groups:
         name = group["name"]
         for consumer in await redis.xinfo_consumers(settings.stream_key, name):
             if consumer["pending"] or consumer["idle"] < settings.stale_consumer_ms:
                 continue
+            label = f"{text(name)}/{text(consumer['name'])}"
+            lease = keys.lease(text(name), text(consumer["name"]))
             try:
-                result = await script(keys=[settings.stream_key], args=[name, consumer["name"]])
+                result = await script(keys=[settings.stream_key, lease], args=[name, consumer["name"]])
             except NoPermissionError:
                 log.warning("not allowed to remove stale consumers (no scripting); skipping")
                 return removed
-            if result != -1:
-                label = f"{name.decode()}/{consumer['name'].decode()}"
+            if result == ALIVE:
+                log.debug("kept idle consumer %s: its lease says it is running", label)
+            elif result != HELD:
                 log.info(
-                    "removed stale consumer %s (idle %d s, nothing pending)", label, consumer["idle"] // 1000
+                    "removed stale consumer %s (idle %d s, no lease, nothing pending)",
+                    label,
+                    consumer["idle"] // 1000,
                 )
                 removed.append(label)
     return removed
