@@ -1,7 +1,7 @@
-"""Stream, groups, consumers and dead letters at a glance; with thresholds, a health check.
+"""Stream, groups, consumers and dead letters at a glance, and a health check.
 
-Exit codes: 0 healthy, 3 a threshold given on the command line is exceeded, 1 Redis
-unreachable, 2 bad usage.
+Exit codes: 0 healthy; 3 unhealthy: the stream or a configured group (GROUPS) is missing, or a
+threshold given on the command line is exceeded; 1 Redis unreachable; 2 bad usage.
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ async def collect(redis: Redis, settings: Settings, newest_dead_letters: int = 5
         )
         for group in await redis.xinfo_groups(stream):
             report["groups"].append(await _group(redis, stream, group, now_ms))
+    present = {group["name"] for group in report["groups"]}
+    report["groups"] += [_missing_group(name) for name in settings.groups if name not in present]
     dead_letters: Any = await redis.xrevrange(settings.dead_letter_stream, count=newest_dead_letters)
     report["dead_letter_stream"] = settings.dead_letter_stream
     report["dead_letters"] = await redis.xlen(settings.dead_letter_stream)
@@ -98,6 +100,7 @@ async def _group(redis: Redis, stream: str, group: dict[str, Any], now_ms: int) 
     consumers = await redis.xinfo_consumers(stream, name)
     return {
         "name": text(name),
+        "exists": True,
         "consumers": len(consumers),
         "pending": group["pending"],
         "lag": group.get("lag"),  # None when Redis cannot tell (after deletions)
@@ -110,11 +113,31 @@ async def _group(redis: Redis, stream: str, group: dict[str, Any], now_ms: int) 
     }
 
 
+def _missing_group(name: str) -> dict[str, Any]:
+    """A configured group the stream does not have, in the shape of an existing one."""
+    return {
+        "name": name,
+        "exists": False,
+        "consumers": 0,
+        "pending": 0,
+        "lag": None,
+        "last_delivered_id": None,
+        "oldest_pending_age_ms": None,
+        "oldest_pending_idle_ms": None,
+        "consumer_list": [],
+    }
+
+
 def problems(report: dict[str, Any], args: argparse.Namespace) -> list[str]:
-    """The thresholds exceeded, one readable line each."""
+    """What is wrong, one readable line each: a missing stream or group, any threshold exceeded."""
     found = []
+    if not report["exists"]:
+        found.append(f"stream {report['stream']}: does not exist")
     for group in report["groups"]:
         name = group["name"]
+        if not group["exists"]:
+            found.append(f"{name}: missing")
+            continue
         if args.max_lag is not None and (group["lag"] or 0) > args.max_lag:
             found.append(f"{name}: lag {group['lag']} > {args.max_lag}")
         if args.max_pending is not None and group["pending"] > args.max_pending:
@@ -161,7 +184,9 @@ def render(report: dict[str, Any], found: list[str], color: bool) -> str:
     features = ", ".join(f"{name} {'yes' if on else 'no'}" for name, on in report["features"].items())
     lines = [f"redis {report['redis_version']} ({features})"]
     if not report["exists"]:
-        lines.append(f"stream {report['stream']}: does not exist (run python -m initialization_stream)")
+        lines.append(
+            mark(f"stream {report['stream']}: does not exist (run python -m initialization_stream)", True)
+        )
     else:
         lines.append(
             f"stream {report['stream']}: {report['length']:,} entries, {size(report['memory_bytes'])}, "
@@ -173,6 +198,11 @@ def render(report: dict[str, Any], found: list[str], color: bool) -> str:
     )
     lines.append(header)
     for g in report["groups"]:
+        if not g["exists"]:
+            lines.append(
+                mark(f"  {g['name']:<22}{'missing':>10}  (run python -m initialization_stream)", True)
+            )
+            continue
         lag = "?" if g["lag"] is None else f"{g['lag']:,}"
         row = (
             f"  {g['name']:<22}{g['consumers']:>10}{g['pending']:>10,}{lag:>10}  "
@@ -213,8 +243,9 @@ async def main(settings: Settings, args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m status",
-        description="Show the stream, its groups and consumers, and the dead letters. With a "
-        "threshold, exit 3 when it is exceeded (a health check for compose or Kubernetes).",
+        description="Show the stream, its groups and consumers, and the dead letters. Exit 3 when "
+        "the stream or a configured group (GROUPS) is missing or a threshold given here is exceeded "
+        "(a health check for compose or Kubernetes).",
     )
     parser.add_argument("--json", action="store_true", help="one JSON document, for machines")
     parser.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")

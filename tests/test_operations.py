@@ -115,9 +115,28 @@ def test_status_usage_errors_exit_2(redis_url: str) -> None:
 
 
 async def test_status_of_a_missing_stream(redis: Redis, redis_url: str) -> None:
-    result = run_script("status", script_env(redis_url))
-    assert result.returncode == 0
-    assert "does not exist" in result.stdout
+    env = script_env(redis_url, NO_COLOR="1")
+    for args in ([], ["--max-lag", "0"]):  # a health check never passes on a missing pipeline
+        result = run_script("status", env, *args)
+        assert result.returncode == 3, args
+        assert "does not exist" in result.stdout
+        last = result.stdout.rstrip().splitlines()[-1]
+        assert last.startswith("UNHEALTHY: ")
+        for problem in (
+            "stream orders: does not exist",
+            "fulfillment_group: missing",
+            "email_group: missing",
+        ):
+            assert problem in last
+    machine = run_script("status", env, "--json")
+    assert machine.returncode == 3
+    report = json.loads(machine.stdout)
+    assert report["exists"] is False
+    assert [(g["name"], g["exists"]) for g in report["groups"]] == [
+        ("fulfillment_group", False),
+        ("email_group", False),
+    ]
+    assert "stream orders: does not exist" in report["problems"]
 
 
 async def test_deadletter_list_show_purge(redis: Redis, redis_url: str, settings: Settings) -> None:
@@ -348,3 +367,22 @@ async def test_maintenance_command(redis: Redis, redis_url: str, settings: Setti
     result = run_script("maintenance", script_env(redis_url))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("trimmed 0 entries")
+
+
+async def test_status_names_a_missing_configured_group(redis: Redis, redis_url: str) -> None:
+    for group in ("fulfillment_group", "email_group", "legacy"):
+        await redis.xgroup_create(STREAM, group, id="0", mkstream=True)
+    env = script_env(redis_url, NO_COLOR="1", GROUPS="fulfillment_group,email_group,audit")
+    result = run_script("status", env)
+    assert result.returncode == 3, result.stderr
+    rows = result.stdout.splitlines()
+    assert any(row.split()[:2] == ["audit", "missing"] for row in rows)
+    assert rows[-1] == "UNHEALTHY: audit: missing !"  # an unconfigured group is shown, not a problem
+    report = json.loads(run_script("status", env, "--json").stdout)
+    exists = {g["name"]: g["exists"] for g in report["groups"]}
+    assert exists == {"fulfillment_group": True, "email_group": True, "legacy": True, "audit": False}
+    assert report["problems"] == ["audit: missing"]
+    healthy = run_script("status", script_env(redis_url, NO_COLOR="1"))
+    assert healthy.returncode == 0
+    assert healthy.stdout.rstrip().endswith("healthy")
+
