@@ -4,18 +4,25 @@ Every action works one entry at a time and atomically, so it is idempotent and s
 interrupt: killed half way, each entry is either still dead-lettered or already moved.
 A redriven entry goes back to the orders stream for its own group only (`redrive_for`);
 the other group acks and skips it, so it does not process the order twice.
+
+A dead letter keeps every field of the original entry: a field whose name is also a metadata
+name (`group`, ...), or starts with `original.`, is stored as `original.<name>`, so the record
+holds both and `original_fields` gives back exactly what was dead-lettered.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
+from redis.typing import EncodableT, FieldT
 
 from config import CliError, ConfigError, Settings, run_script
 from orders import InvalidOrder, parse_order
@@ -23,7 +30,38 @@ from redisPool import redis_connect
 from replies import text
 
 META = ("group", "consumer", "source_id", "deliveries", "error", "dead_lettered_at")
+META_NAMES = frozenset(name.encode() for name in META)
+ESCAPE = b"original."  # prefix of an original field whose name collides with metadata
 PAGE = 100
+
+
+def dead_letter_fields(
+    original: dict[bytes, bytes], meta: dict[str, str | int]
+) -> dict[bytes, bytes | str | int]:
+    """The record to XADD for a dead letter: every original field (escaped where needed), then `meta`.
+
+    `meta` holds metadata names only (see META); the writer adds `dead_lettered_at` itself.
+    """
+    unknown = set(meta) - set(META)
+    if unknown:
+        raise ValueError(f"not dead-letter metadata: {sorted(unknown)}")
+    record: dict[bytes, bytes | str | int] = {}
+    for name, value in original.items():
+        record[ESCAPE + name if name in META_NAMES or name.startswith(ESCAPE) else name] = value
+    for key, meta_value in meta.items():
+        record[key.encode()] = meta_value
+    return record
+
+
+def original_fields(record: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """Exactly the original entry's fields of a dead letter written by `dead_letter_fields`."""
+    original = {}
+    for name, value in record.items():
+        if name.startswith(ESCAPE):
+            original[name[len(ESCAPE) :]] = value
+        elif name not in META_NAMES:
+            original[name] = value
+    return original
 
 
 def describe(entry_id: bytes, fields: dict[bytes, bytes], max_bytes: int) -> dict[str, str]:
@@ -61,7 +99,7 @@ async def redrive(redis: Redis, settings: Settings, entry_id: str) -> str | None
                 if not found:
                     return None
                 fields = found[0][1]
-                original = {k: v for k, v in fields.items() if k.decode() not in META}
+                original: dict[FieldT, EncodableT] = dict(original_fields(fields).items())
                 original[b"redrive_for"] = fields.get(b"group", b"")
                 original[b"redriven_from"] = entry_id.encode()
                 pipe.multi()  # type: ignore[no-untyped-call]
@@ -77,12 +115,16 @@ async def redrive(redis: Redis, settings: Settings, entry_id: str) -> str | None
 async def list_command(redis: Redis, settings: Settings, args: argparse.Namespace) -> None:
     max_bytes = settings.max_payload_bytes
     rows = [describe(i, f, max_bytes) async for i, f in entries(redis, settings, args.group)]
-    rows = rows[-args.limit :] if args.limit else rows
+    rows = rows[-args.limit :] if args.limit is not None else rows
     if args.json:
         print(json.dumps(rows, indent=2))
         return
     if not rows:
-        print(f"{settings.dead_letter_stream} is empty")
+        total = await redis.xlen(settings.dead_letter_stream)
+        if args.group is not None and total:
+            print(f"no dead letters of group {args.group} ({total} in the stream)")
+        else:
+            print(f"{settings.dead_letter_stream} is empty")
     for row in rows:
         print(
             f"{row['id']}  {row['dead_lettered_at'][:19]}  {row['group']:<18} "
@@ -101,6 +143,9 @@ async def show_command(redis: Redis, settings: Settings, entry_id: str) -> None:
 async def move_command(redis: Redis, settings: Settings, args: argparse.Namespace) -> None:
     """Redrive or purge the chosen entries, one at a time, reporting each."""
     ids = args.ids or [text(i) async for i, _ in entries(redis, settings, args.group)]
+    if args.command == "purge" and not args.ids and ids and not args.yes:
+        of_group = f" of group {args.group}" if args.group is not None else ""
+        await confirm(f"purge {len(ids)} dead letters{of_group} from {settings.dead_letter_stream} for good?")
     done = 0
     for entry_id in ids:
         if args.command == "redrive":
@@ -113,6 +158,14 @@ async def move_command(redis: Redis, settings: Settings, args: argparse.Namespac
     print(f"{args.command}: {done} of {len(ids)} entries")
 
 
+async def confirm(question: str) -> None:
+    """Ask on the terminal; anything but yes ends the command with nothing done."""
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    answer = await asyncio.to_thread(sys.stdin.readline)
+    if answer.strip().lower() not in ("y", "yes"):
+        raise CliError("not confirmed; nothing purged")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m deadletter",
@@ -120,21 +173,45 @@ def build_parser() -> argparse.ArgumentParser:
         "atomic per entry, idempotent, and safe to interrupt.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    listing = commands.add_parser("list", help="one line per dead letter: id, time, group, reason")
-    listing.add_argument("--group", help="only this group's dead letters")
-    listing.add_argument("--limit", type=int, default=0, help="only the newest N")
-    listing.add_argument("--json", action="store_true", help="machine-readable output")
-    show = commands.add_parser("show", help="every field of one dead letter, payload included")
-    show.add_argument("id")
+    entry_id = "like 1732530000000-0 (from list)"
+    listing = commands.add_parser(
+        "list",
+        help="one line per dead letter: id, time, group, reason",
+        description="One line per dead letter, oldest first: id, time, group, deliveries, "
+        "source entry, order id and error.",
+    )
+    listing.add_argument("--group", help="only this group's dead letters (default: every group)")
+    listing.add_argument(
+        "--limit", type=int, metavar="N", help="only the newest N, N at least 1 (default: all of them)"
+    )
+    listing.add_argument("--json", action="store_true", help="machine-readable output (default: text)")
+    show = commands.add_parser(
+        "show",
+        help="every field of one dead letter, payload included",
+        description="Every field of one dead letter as JSON, the payload included (it may hold "
+        "personal data).",
+    )
+    show.add_argument("id", metavar="ID", help=f"the dead letter's entry id, {entry_id}")
     for name, summary in (
         ("redrive", "send back to the stream for their own group only"),
         ("purge", "delete for good"),
     ):
-        sub = commands.add_parser(name, help=summary)
-        sub.add_argument("ids", nargs="*", metavar="ID")
+        sub = commands.add_parser(
+            name, help=summary, description=f"{name.capitalize()} dead letters: {summary}."
+        )
+        sub.add_argument(
+            "ids", nargs="*", metavar="ID", help=f"dead letters' entry ids, {entry_id} (default: none)"
+        )
         which = sub.add_mutually_exclusive_group()
-        which.add_argument("--all", action="store_true", help="every dead letter")
-        which.add_argument("--group", help="every dead letter of this group")
+        which.add_argument("--all", action="store_true", help="every dead letter (default: only the IDs)")
+        which.add_argument("--group", help="every dead letter of this group (default: only the IDs)")
+        if name == "purge":
+            sub.add_argument(
+                "--yes",
+                action="store_true",
+                help="purge --all or --group without asking (default: ask on a terminal, "
+                "refuse when stdin is not one)",
+            )
     return parser
 
 
@@ -143,14 +220,17 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         chosen = bool(args.ids) + args.all + (args.group is not None)
         if chosen != 1:
             parser.error(f"{args.command} needs IDs, --all or --group (exactly one of them)")
-    if args.command == "list" and args.limit < 0:
-        parser.error("--limit must be 0 or more")
+    if args.command == "list" and args.limit is not None and args.limit < 1:
+        parser.error("--limit must be 1 or more (leave it out for all)")
     for entry_id in getattr(args, "ids", None) or [getattr(args, "id", None) or "0-0"]:
         if not re.fullmatch(r"\d+-\d+", entry_id):
             parser.error(f"{entry_id!r} is not a stream entry id (like 1732530000000-0)")
 
 
 async def main(settings: Settings, args: argparse.Namespace) -> int:
+    if args.command == "purge" and not args.ids and not args.yes and not sys.stdin.isatty():
+        flag = "--all" if args.all else f"--group {args.group}"
+        raise ConfigError(f"purge {flag} deletes for good: add --yes (stdin is not a terminal to confirm on)")
     async with redis_connect(settings) as redis:
         if args.command == "list":
             await list_command(redis, settings, args)

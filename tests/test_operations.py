@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import signal
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import Script, make_settings, run_script, script_env, wait_until
+from conftest import ROOT, Script, make_settings, run_script, script_env, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
+from redis.typing import EncodableT, FieldT
 from test_pipeline import Recorder, running
 
 from config import Settings
+from deadletter import build_parser, dead_letter_fields, original_fields
 from initialization_stream import initialize
 from local_redis import LocalRedis, free_port
 from maintenance import Capabilities, detect, parse_version, remove_stale_consumers, safe_trim_point, trim
 from producer import publish_many, sample_orders
+from replies import text
 from status import caught_up
 
 STREAM = "orders"
@@ -386,3 +393,167 @@ async def test_status_names_a_missing_configured_group(redis: Redis, redis_url: 
     assert healthy.returncode == 0
     assert healthy.stdout.rstrip().endswith("healthy")
 
+
+META_OF_TEST: dict[str, str | int] = {
+    "group": "email_group",
+    "consumer": "e1",
+    "source_id": "1-0",
+    "deliveries": 5,
+    "error": "boom",
+}
+
+
+def as_stored(record: dict[bytes, bytes | str | int]) -> dict[bytes, bytes]:
+    """A record as Redis gives it back: every value bytes."""
+    return {k: v if isinstance(v, bytes) else str(v).encode() for k, v in record.items()}
+
+
+@pytest.mark.parametrize(
+    "original",
+    [
+        {b"data": b"{}"},
+        {
+            b"data": b"{}",
+            b"group": b"mine",
+            b"error": b"its own",
+            b"deliveries": b"x",
+            b"dead_lettered_at": b"t",
+        },
+        {
+            b"original.group": b"a",
+            b"group": b"b",
+            b"original.original.x": b"c",
+            b"original.": b"d",
+            b"": b"e",
+        },
+        {b"consumer": b"\xff\xfe", b"source_id": b"", b"redrive_for": b"fulfillment_group"},
+    ],
+)
+def test_dead_letter_fields_keep_every_original_field(original: dict[bytes, bytes]) -> None:
+    record = dead_letter_fields(original, META_OF_TEST)
+    assert {k: record[k.encode()] for k in META_OF_TEST} == META_OF_TEST  # metadata under its own names
+    stored = as_stored(record) | {
+        b"dead_lettered_at": b"2026-11-29T10:00:00.000+00:00"
+    }  # added by the writer
+    assert original_fields(stored) == original
+    assert list(original_fields(stored)) == list(original)  # in their order, too
+    for name, value in original.items():
+        if name in (b"group", b"dead_lettered_at") or name.startswith(b"original."):
+            assert stored[b"original." + name] == value
+
+
+def test_dead_letter_fields_refuses_unknown_metadata() -> None:
+    with pytest.raises(ValueError, match="not dead-letter metadata"):
+        dead_letter_fields({b"data": b"{}"}, {"data": "x"})
+
+
+async def test_redrive_restores_exactly_the_original_fields(
+    redis: Redis, redis_url: str, settings: Settings
+) -> None:
+    original = {b"data": b'{"order_id": "ord-1", "customer_email": "a@b.c"}', b"group": b"mine"}
+    record = dead_letter_fields(original, META_OF_TEST) | {b"dead_lettered_at": "2026-11-29T10:00:00Z"}
+    dead_id = await add(redis, settings.dead_letter_stream, record)
+    env = script_env(redis_url)
+    shown = json.loads(run_script("deadletter", env, "show", dead_id).stdout)
+    assert (shown["group"], shown["original.group"]) == ("email_group", "mine")  # show: everything
+    listed = json.loads(run_script("deadletter", env, "list", "--json").stdout)
+    assert [(row["group"], row["order_id"]) for row in listed] == [("email_group", "ord-1")]
+    result = run_script("deadletter", env, "redrive", dead_id)
+    assert result.returncode == 0, result.stderr
+    entries: Any = await redis.xrange(STREAM)
+    assert [fields for _, fields in entries] == [
+        {**original, b"redrive_for": b"email_group", b"redriven_from": dead_id.encode()}
+    ]
+
+
+async def add(redis: Redis, stream: str, record: dict[bytes, bytes | str | int]) -> str:
+    fields: dict[FieldT, EncodableT] = dict(record.items())
+    return text(await redis.xadd(stream, fields))
+
+
+async def dead_letters(redis: Redis, settings: Settings, count: int) -> list[str]:
+    ids = []
+    for n in range(count):
+        record = dead_letter_fields({b"data": b"{}"}, {**META_OF_TEST, "source_id": f"{n + 1}-0"})
+        ids.append(await add(redis, settings.dead_letter_stream, record))
+    return ids
+
+
+async def test_deadletter_list_filters_and_limits(redis: Redis, redis_url: str, settings: Settings) -> None:
+    env = script_env(redis_url)
+    assert run_script("deadletter", env, "list", "--group", "nosuch").stdout.strip() == (
+        f"{settings.dead_letter_stream} is empty"
+    )
+    ids = await dead_letters(redis, settings, 3)
+    nosuch = run_script("deadletter", env, "list", "--group", "nosuch")
+    assert nosuch.returncode == 0
+    assert nosuch.stdout.strip() == "no dead letters of group nosuch (3 in the stream)"
+    assert len(run_script("deadletter", env, "list").stdout.splitlines()) == 3  # default: all
+    newest = run_script("deadletter", env, "list", "--limit", "1").stdout.splitlines()
+    assert len(newest) == 1
+    assert newest[0].startswith(ids[-1])
+    zero = run_script("deadletter", env, "list", "--limit", "0")
+    assert zero.returncode == 2
+    assert zero.stderr.strip().splitlines()[-1].endswith("--limit must be 1 or more (leave it out for all)")
+
+
+async def test_purge_of_many_needs_a_confirmation(redis: Redis, redis_url: str, settings: Settings) -> None:
+    ids = await dead_letters(redis, settings, 3)
+    env = script_env(redis_url)
+    for which in (["--all"], ["--group", "email_group"]):
+        refused = run_script("deadletter", env, "purge", *which)  # stdin is a pipe: nobody to ask
+        assert refused.returncode == 2, which
+        assert refused.stderr.count("\n") == 1
+        assert "add --yes" in refused.stderr
+    assert await redis.xlen(settings.dead_letter_stream) == 3
+    declined = on_a_terminal(env, "n\n", "purge", "--all")
+    assert declined.returncode == 1
+    assert "purge 3 dead letters from orders:dead-letter for good? [y/N]" in declined.stderr
+    assert await redis.xlen(settings.dead_letter_stream) == 3
+    confirmed = on_a_terminal(env, "y\n", "purge", "--group", "email_group")
+    assert confirmed.returncode == 0, confirmed.stderr
+    assert "purge: 3 of 3 entries" in confirmed.stdout
+    assert await redis.xlen(settings.dead_letter_stream) == 0
+    ids = await dead_letters(redis, settings, 2)
+    assert run_script("deadletter", env, "purge", "--all", "--yes").returncode == 0
+    assert await redis.xlen(settings.dead_letter_stream) == 0
+    assert run_script("deadletter", env, "purge", ids[0]).returncode == 0  # ids: no question
+
+
+def on_a_terminal(env: dict[str, str], answer: str, *args: str) -> Any:
+    """Run deadletter with a pseudo-terminal as stdin, typing `answer`."""
+    main, other = os.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "deadletter", *args],
+            cwd=ROOT,
+            env=env,
+            stdin=other,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        os.write(main, answer.encode())
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        os.close(main)
+        os.close(other)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def test_every_deadletter_subcommand_shows_its_defaults(redis_url: str) -> None:
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, (name, action.dest)
+            if action.option_strings or action.nargs == "*":
+                assert "(default: " in action.help, (name, action.dest)
+        positionals = [a.metavar for a in sub._actions if not a.option_strings]
+        assert positionals in ([], ["ID"]), name
+    for name in commands.choices:
+        shown = run_script("deadletter", script_env(redis_url), name, "--help")
+        assert shown.returncode == 0
+        assert name == "show" or "(default: " in shown.stdout
