@@ -154,7 +154,10 @@ async def trim(redis: Redis, settings: Settings, capabilities: Capabilities) -> 
     policy: Literal["ACKED"] | None = "ACKED" if capabilities.acked_trim else None
     # Every call that removes anything frees a node or the entries below the point in one, so
     # the node count bounds the calls a pass needs.
-    nodes = int((await redis.xinfo_stream(stream))["radix-tree-keys"])
+    try:
+        nodes = int((await redis.xinfo_stream(stream))["radix-tree-keys"])
+    except ResponseError:  # deleted meanwhile: nothing to trim
+        return 0
     removed = calls = 0
     while calls < nodes + 2:
         calls += 1

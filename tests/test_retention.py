@@ -22,6 +22,7 @@ from maintenance import (
     remove_stale_consumers,
     safe_trim_point,
     trim,
+    trim_limit,
 )
 from replies import entries_of
 
@@ -174,3 +175,21 @@ async def test_stale_consumer_removal_spares_consumers_with_a_lease(
     assert names == [b"running", b"starting"]
     await redis.delete(leases.lease(group, "running"))
     assert await remove_stale_consumers(redis, settings) == [f"{group}/running"]
+
+
+async def test_one_pass_trims_everything_without_config_access(
+    small: Redis, small_server: LocalRedis
+) -> None:
+    """A user refused CONFIG gets Redis's own bound per call, and the pass still trims everything."""
+    await small.acl_setuser("trimmer", enabled=True, nopass=True, keys=["*"], commands=["+@all", "-config"])
+    settings = make_settings(small_server.url.replace("//", "//trimmer@"))
+    await fill(small, 3000)
+    await all_acked(small, *settings.groups)
+    trimmer = Redis.from_url(settings.redis_url)
+    try:
+        assert await trim_limit(trimmer) is None
+        removed = await trim(trimmer, settings, await detect(trimmer))
+    finally:
+        await trimmer.aclose()
+    assert removed >= 3000 - NODE
+    assert await small.xlen(STREAM) <= NODE
