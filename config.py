@@ -208,12 +208,25 @@ def configure_logging(level: str) -> None:
 
 
 def run_script(prog: str, main: Callable[[Settings], Coroutine[Any, Any, int]]) -> NoReturn:
-    """Load settings, set up logging, run `main`; turn known failures into one line and an exit code."""
+    """Load settings, set up logging, run `main`; turn known failures into one line and an exit code.
+
+    A closed stdout pipe (`python -m status | head -3`) ends the script quietly with exit code 141.
+    """
     code: int
     try:
         settings = load_settings()
         configure_logging(settings.log_level)
         code = asyncio.run(main(settings))
+        sys.stdout.flush()  # a closed pipe shows up here rather than in the interpreter's last flush
+    except BrokenPipeError:
+        # Output still buffered would make the interpreter's final flush fail again, with a
+        # message on stderr: send what is left to /dev/null (the recipe in Python's `signal` docs).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        # 141 = 128 + SIGPIPE, what a shell reports for a tool its closed pipe stopped. Not 0: the
+        # output was cut short and the script stopped midway (`deadletter redrive` included).
+        code = 141
     except CliError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         code = error.exit_code
