@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from conftest import ROOT, Script, script_env
+from conftest import ROOT, Script, need_redis_server, run_script, script_env
 from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
@@ -59,4 +61,16 @@ async def test_deadletter_list_into_head_ends_quietly(redis: Redis, redis_url: s
     assert code == 141, stderr
     assert len(head.splitlines()) == 1
     no_traceback(stderr)
+
+
+def test_chaos_removes_its_temporary_directories(tmp_path: Path) -> None:
+    need_redis_server()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    args = ["--orders", "20", "--consumer-kills", "0", "--redis-restarts", "0", "--partitions", "0"]
+    args += ["--consumers-per-group", "1", "--seconds", "0.5", "--settle-timeout", "60"]
+    result = run_script("chaos", {**os.environ, "TMPDIR": str(tmp)}, *args, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "lost=0" in result.stdout
+    assert list(tmp.iterdir()) == []  # neither chaos-* (its logs) nor orders-redis-* (its server)
 
