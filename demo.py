@@ -1,4 +1,9 @@
-"""Run the whole pipeline once and show who processed what: fan-out and load balancing."""
+"""Run the whole pipeline once and show who processed what: fan-out and load balancing.
+
+The demo works in keys of its own (a stream `demo-<random hex>`, its dead-letter stream and the
+keys named after that stream) and deletes them on every way out, so on a Redis where the real
+pipeline runs it never touches the real stream, its groups or its consumers.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,15 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import secrets
 import shutil
+import signal
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 import consumer1
 import consumer2
@@ -21,16 +29,23 @@ from local_redis import HOW_TO_GET_REDIS, start_local_redis
 from orders import Order
 from producer import publish, sample_orders
 from redisPool import RedisRefused, RedisUnavailable, redis_connect
+from redisPool import log as pool_log
 from stream_consumer import Handler, consume
 
 log = logging.getLogger("demo")
 
 WAIT_S = 30.0
+STOP_S = 10.0  # for the consumers to stop after the run, then again once cancelled
+CLEANUP_S = 10.0  # for deleting the demo's keys
+SCAN_CALLS = 100_000  # SCAN round trips at most while looking for the demo's keys
 PACE_S = 0.01  # between orders, so consumers are idle and Redis hands orders out in turn
 
 
 async def _answers(settings: Settings) -> bool:
     """True if Redis answers at REDIS_URL within a second; a refusal (password, TLS) still ends the demo."""
+    level = pool_log.level
+    # Here no answer is an answer (start a server of our own), not a "not reachable yet" warning.
+    pool_log.setLevel(logging.ERROR)
     try:
         async with redis_connect(settings, deadline_s=1.0):
             return True
@@ -38,23 +53,100 @@ async def _answers(settings: Settings) -> bool:
         raise
     except RedisUnavailable:
         return False
+    finally:
+        pool_log.setLevel(level)
 
 
 @asynccontextmanager
 async def demo_redis(settings: Settings) -> AsyncIterator[Settings]:
     """Settings pointing at REDIS_URL when it answers, else at a throwaway local redis-server."""
     if await _answers(settings):
-        print(f"using Redis at {settings.safe_redis_url}")
+        print(f"using Redis at {settings.safe_redis_url}, in keys of the demo's own")
         yield settings
         return
     if shutil.which("redis-server") is None:
         raise CliError(f"nothing answers at {settings.safe_redis_url}; {HOW_TO_GET_REDIS}")
     server = start_local_redis()
-    print(f"nothing answers at {settings.safe_redis_url}: started a throwaway redis-server at {server.url}")
     try:
+        print(
+            f"nothing answers at {settings.safe_redis_url}: started a throwaway redis-server at "
+            f"{server.url} (pid {server.pid}, files in {server.directory}; both go when the demo ends)"
+        )
         yield dataclasses.replace(settings, redis_url=server.url)
     finally:
         server.close()
+
+
+def own_namespace(settings: Settings) -> Settings:
+    """Settings for a stream of the demo's own, read by the fulfillment and the email group only."""
+    stream = f"demo-{secrets.token_hex(6)}"
+    return dataclasses.replace(
+        settings,
+        stream_key=stream,
+        dead_letter_stream=f"{stream}:dead-letter",
+        groups=(settings.fulfillment_group, settings.email_group),
+        # Three consumers block at once, plus the publisher: make room in the pool.
+        redis_max_connections=max(settings.redis_max_connections, 8),
+    )
+
+
+async def remove_namespace(redis: Redis, settings: Settings) -> None:
+    """Delete the demo's stream, its dead-letter stream and every key named after its stream."""
+    stream = settings.stream_key
+    doomed: set[bytes | str] = {stream, settings.dead_letter_stream}
+    # `{stream}:...` is the key scheme of keys.py; `stream:...` covers keys named the older way.
+    for pattern in (f"{{{stream}}}:*", f"{stream}:*"):
+        cursor = 0
+        for _ in range(SCAN_CALLS):
+            cursor, found = await redis.scan(cursor, match=pattern, count=1000)
+            doomed.update(found)
+            if cursor == 0:
+                break
+        else:
+            log.warning("gave up looking for keys matching %s after %d SCAN calls", pattern, SCAN_CALLS)
+    await redis.delete(*doomed)
+
+
+async def clean_up(redis: Redis, settings: Settings) -> None:
+    """`remove_namespace`, bounded in time; a failure is logged (naming what is left), not raised."""
+    try:
+        async with asyncio.timeout(CLEANUP_S):
+            await remove_namespace(redis, settings)
+    except (RedisError, TimeoutError) as error:
+        stream = settings.stream_key
+        log.error(
+            "could not delete the demo's keys (%s and the keys starting with {%s}: or %s:): %s",
+            stream,
+            stream,
+            stream,
+            str(error) or type(error).__name__,
+        )
+
+
+async def stop_all(tasks: list[asyncio.Task[object]], stop: asyncio.Event) -> None:
+    """Ask the consumers to stop, cancel any still running after STOP_S, and re-raise a consumer's crash."""
+    stop.set()
+    try:
+        await asyncio.wait(tasks, timeout=STOP_S)
+    finally:
+        # Also when a second signal cut the wait short: nothing of the demo may run on.
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=STOP_S)
+    for task in tasks:
+        if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+            raise error
+
+
+def _honour_cancellation() -> None:
+    """Raise CancelledError if this task was cancelled and the cancellation got lost on the way.
+
+    On Python 3.11 `asyncio.wait_for` (redis-py connects with it) returns its result instead
+    of raising when a cancellation lands just as it finishes: a signal would go unnoticed.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def run_pipeline(redis: Redis, settings: Settings, count: int) -> dict[str, dict[str, list[str]]]:
@@ -84,14 +176,16 @@ async def run_pipeline(redis: Redis, settings: Settings, count: int) -> dict[str
         (settings.email_group, "email-1", consumer2.handle),
     ]
     stop = asyncio.Event()
-    tasks = [
+    tasks: list[asyncio.Task[object]] = [
         asyncio.create_task(consume(redis, settings, group, name, recording(group, name, handler), stop))
         for group, name, handler in team
     ]
     try:
         for order in orders:
+            _honour_cancellation()
             await publish(redis, settings.stream_key, order)
             await asyncio.sleep(PACE_S)
+        _honour_cancellation()
         async with asyncio.timeout(WAIT_S):
             await all_seen.wait()
     except TimeoutError:
@@ -99,12 +193,11 @@ async def run_pipeline(redis: Redis, settings: Settings, count: int) -> dict[str
             f"not every order was processed within {WAIT_S:.0f}s; see the log lines above"
         ) from None
     finally:
-        stop.set()
-        await asyncio.gather(*tasks)
+        await stop_all(tasks, stop)
     return seen
 
 
-def report(seen: dict[str, dict[str, list[str]]], count: int) -> str:
+def report(seen: dict[str, dict[str, list[str]]], count: int, batch_size: int) -> str:
     """A table of orders by group, then one summary line per group."""
     groups = list(seen)
     order_ids = list(next(iter(seen.values())))
@@ -124,17 +217,48 @@ def report(seen: dict[str, dict[str, list[str]]], count: int) -> str:
         "fan-out: every group saw every order; "
         "load balancing: inside a group, each order went to one consumer"
     )
+    lines.append(
+        "the orders went out one at a time to idle consumers, so they took turns; under real load "
+        f"each read takes up to BATCH_SIZE ({batch_size}) waiting orders, so whole batches go to one consumer"
+    )
     return "\n".join(lines)
 
 
 async def main(settings: Settings, args: argparse.Namespace) -> int:
+    """Run the demo in keys of its own and print the table; keys and throwaway server go on every exit."""
     async with demo_redis(settings) as found:
-        # Three consumers block at once, plus the publisher: make room in the pool.
-        target = dataclasses.replace(found, redis_max_connections=max(found.redis_max_connections, 8))
+        target = own_namespace(found)
         async with redis_connect(target) as redis:
-            seen = await run_pipeline(redis, target, args.count)
-    print(report(seen, args.count))
+            try:
+                seen = await run_pipeline(redis, target, args.count)
+            finally:
+                await clean_up(redis, target)
+    print(report(seen, args.count, target.batch_size))
     return 0
+
+
+async def run(settings: Settings, args: argparse.Namespace) -> int:
+    """`main`; SIGTERM and SIGHUP end it as SIGINT does, through every clean-up, with 128 + the signal."""
+    if not args.verbose:
+        logging.getLogger().setLevel(logging.WARNING)
+    task = asyncio.current_task()
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        if task is not None:
+            task.cancel()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        return await main(settings, args)
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        log.warning("stopped by %s", signal.Signals(received[0]).name)
+        return 128 + received[0]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,10 +278,4 @@ if __name__ == "__main__":
     arguments = parser.parse_args()
     if not 1 <= arguments.count <= 10_000:
         parser.error("--count must be between 1 and 10000")
-
-    async def run(settings: Settings) -> int:
-        if not arguments.verbose:
-            logging.getLogger().setLevel(logging.WARNING)
-        return await main(settings, arguments)
-
-    run_script("demo", run)
+    run_script("demo", lambda settings: run(settings, arguments))

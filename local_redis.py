@@ -39,6 +39,10 @@ class LocalRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
     def start(self, timeout_s: float = 10.0) -> None:
         """Start the server and wait until it accepts connections."""
         binary = shutil.which("redis-server")
@@ -77,10 +81,12 @@ class LocalRedis:
         self.process = None
 
     def close(self) -> None:
-        """Stop the server and remove its data directory."""
-        self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
+        """Stop the server and remove its data directory, even when stopping it is interrupted."""
+        try:
+            self.stop()
+        finally:
+            if self._tmp is not None:
+                self._tmp.cleanup()
 
 
 def start_local_redis(*args: str) -> LocalRedis:

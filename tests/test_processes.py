@@ -200,22 +200,3 @@ def test_every_script_has_help() -> None:
         result = run_script(module, dict(os.environ), "--help")
         assert result.returncode == 0, module
         assert "usage: python -m " + module in result.stdout
-
-
-async def test_demo_shows_fan_out_and_load_balancing(redis: Redis, redis_url: str) -> None:
-    result = run_script("demo", script_env(redis_url), "--count", "6")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    [fulfillment] = [line for line in lines if line.startswith("fulfillment_group: ")]
-    [email] = [line for line in lines if line.startswith("email_group: ")]
-    assert fulfillment.startswith("fulfillment_group: 6/6 orders (fulfillment-1 ")
-    assert "fulfillment-2 " in fulfillment
-    assert fulfillment.endswith("handled twice: 0")
-    assert email == "email_group: 6/6 orders (email-1 6); handled twice: 0"
-
-
-def test_demo_starts_its_own_redis_when_none_answers() -> None:
-    result = run_script("demo", script_env(f"redis://127.0.0.1:{free_port()}/0"), "--count", "2")
-    assert result.returncode == 0, result.stderr
-    assert "started a throwaway redis-server" in result.stdout
-    assert "email_group: 2/2 orders" in result.stdout
