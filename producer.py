@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import signal
 import sys
+import tempfile
+import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import ExitStack, aclosing, nullcontext
 from datetime import UTC, datetime
+from itertools import islice
+from types import FrameType
+from typing import Any, BinaryIO, NoReturn
 
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, RedisError, ResponseError
+from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]  # no stubs without types-tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm  # type: ignore[import-untyped, unused-ignore]
 
-from config import CliError, ConfigError, Settings, run_script
+from config import DEFAULTS, CliError, ConfigError, Settings, run_script
 from orders import InvalidOrder, Item, Order, parse_order, serialize
 from redisPool import redis_connect
 from replies import text
@@ -21,6 +31,7 @@ from replies import text
 log = logging.getLogger("producer")
 
 CHUNK = 500  # orders per round trip in publish_many
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class PublishError(CliError):
@@ -54,16 +65,30 @@ async def publish_many(redis: Redis, stream: str, orders: Sequence[Order]) -> li
     ids: list[str] = []
     chunks = ([serialize(o) for o in orders[i : i + CHUNK]] for i in range(0, len(orders), CHUNK))
     try:
-        sha = await _script_sha(redis)
-        if sha is None:
-            for payloads in chunks:
-                ids.extend(await _add_with_pipeline(redis, stream, payloads))
-        else:
-            async for replies in _add_with_script(redis, sha, stream, chunks):
+        async with aclosing(append_chunks(redis, stream, chunks)) as confirmed:
+            async for replies in confirmed:
                 ids.extend(replies)
     except RedisError as error:
         raise PublishError(len(ids), len(orders), error) from error
     return ids
+
+
+async def append_chunks(
+    redis: Redis, stream: str, chunks: Iterable[list[bytes]]
+) -> AsyncGenerator[list[str], None]:
+    """Append each chunk of payloads whole, in order; yield its entry ids once Redis confirmed it.
+
+    `chunks` is read lazily, one chunk ahead of the replies: when it ends, the chunks already
+    sent are still confirmed (or their failure raised) before this ends, so the ids yielded
+    are exactly what is in the stream. Raises RedisError.
+    """
+    sha = await _script_sha(redis)
+    if sha is None:
+        for payloads in chunks:
+            yield await _add_with_pipeline(redis, stream, payloads)
+    else:
+        async for replies in _add_with_script(redis, sha, stream, chunks):
+            yield replies
 
 
 # The script appends a whole chunk: one command for Redis to parse instead of hundreds, and
@@ -94,7 +119,7 @@ async def _script_sha(redis: Redis) -> str | None:
 
 
 async def _add_with_script(
-    redis: Redis, sha: str, stream: str, chunks: Iterator[list[bytes]]
+    redis: Redis, sha: str, stream: str, chunks: Iterable[list[bytes]]
 ) -> AsyncIterator[list[str]]:
     """EVALSHA each chunk on one connection, keeping two in flight.
 
@@ -129,73 +154,361 @@ async def _add_with_pipeline(redis: Redis, stream: str, payloads: list[bytes]) -
     return [text(i) for i in await pipe.execute()]
 
 
-def sample_orders(count: int) -> list[Order]:
-    """`count` made-up orders with unique ids, for demos and load."""
+def iter_sample_orders(count: int, first: int = 1) -> Iterator[Order]:
+    """Made-up orders numbered `first`..`count` with unique ids, made one at a time."""
     now = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
     run = uuid.uuid4().hex[:8]
-    return [
-        Order(
+    for n in range(first, count + 1):
+        yield Order(
             order_id=f"ord-{run}-{n}",
             customer_email=f"customer{n}@example.com",
             items=(Item(sku=f"SKU-{n % 7}", qty=1 + n % 3),),
             total=round(9.5 + n % 40, 2),
             created_at=now,
         )
-        for n in range(1, count + 1)
-    ]
 
 
-def read_orders(lines: Iterable[str], source: str, max_bytes: int) -> list[Order]:
-    """Validate every JSON line first; raise ConfigError naming the first bad line."""
-    orders = []
+def sample_orders(count: int) -> list[Order]:
+    """`count` made-up orders with unique ids, for demos and load."""
+    return list(iter_sample_orders(count))
+
+
+def check_samples(count: int, max_bytes: int) -> None:
+    """Raise ConfigError when sample orders would be over the payload cap, which the consumers refuse."""
+    # The last 40 samples have the longest numbers and every total (9.5 + n % 40): the largest payloads.
+    largest = max((len(serialize(o)) for o in iter_sample_orders(count, max(1, count - 39))), default=0)
+    if largest > max_bytes:
+        raise ConfigError(f"sample orders are up to {largest} bytes, over MAX_PAYLOAD_BYTES ({max_bytes})")
+
+
+def payloads_of(lines: Iterable[bytes], source: str, max_bytes: int) -> Iterator[bytes]:
+    """Each order of JSON `lines` as it will be sent (serialized); raise ConfigError at the first bad line.
+
+    A line is bad when it is not a valid order, or when the order as sent would be over
+    `max_bytes` (serializing can lengthen it: `1` becomes `1.0`), which the consumers refuse.
+    """
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        if len(line) == _line_limit(max_bytes) and not line.endswith(b"\n"):  # cut off by _lines
+            raise ConfigError(
+                f"{source} line {number}: more than {len(line):,} bytes, over the {max_bytes}-byte cap"
+            )
+        raw = line.rstrip(b"\r\n")
         try:
-            orders.append(parse_order(line.rstrip("\r\n"), max_bytes))
+            payload = serialize(parse_order(raw, max_bytes))
         except InvalidOrder as error:
-            raise ConfigError(f"{source} line {number}: {error}; nothing was published") from None
-    return orders
+            raise ConfigError(f"{source} line {number}: {error}") from None
+        if len(payload) > max_bytes:
+            raise ConfigError(
+                f"{source} line {number}: the order is {len(payload)} bytes as sent ({len(raw)} in the "
+                f"file), over the {max_bytes}-byte cap"
+            )
+        yield payload
 
 
-def load_file(path: str, max_bytes: int) -> list[Order]:
-    """Read and validate a JSON-lines file, or stdin for `-`."""
-    if path == "-":
-        return read_orders(sys.stdin, "stdin", max_bytes)
+def _line_limit(max_bytes: int) -> int:
+    """How much of one line is read at most: enough to tell most lines' size, never unbounded."""
+    return 2 * max_bytes + 2
+
+
+def _lines(handle: BinaryIO, source: str, max_bytes: int) -> Iterator[bytes]:
+    """The lines of `handle`, each read up to just past the cap, so one huge line is never held whole."""
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
-            return read_orders(handle, path, max_bytes)
+        while line := handle.readline(_line_limit(max_bytes)):
+            yield line
     except OSError as error:
-        raise ConfigError(f"cannot read {path}: {error.strerror}") from None
+        raise CliError(f"cannot read {source}: {error.strerror}") from None
+
+
+def _spooled(payloads: Iterable[bytes], spool: BinaryIO) -> Iterator[bytes]:
+    """`payloads`, each also written to `spool` as one line (compact JSON has no raw newline)."""
+    for payload in payloads:
+        try:
+            spool.write(payload + b"\n")
+        except OSError as error:
+            raise CliError(f"cannot keep stdin in a temporary file: {error.strerror}") from None
+        yield payload
+
+
+def _unspooled(spool: BinaryIO) -> Iterator[bytes]:
+    """The payloads written by _spooled, from the start."""
+    try:
+        spool.seek(0)
+        for line in spool:
+            yield line[:-1]
+    except OSError as error:
+        raise CliError(f"cannot read back stdin from a temporary file: {error.strerror}") from None
+
+
+class Input:
+    """Where orders come from, read twice: to validate every order, then to publish them.
+
+    Nothing is kept between the passes but a count. A file is read and checked again as it
+    is published, so whatever changed in it since, nothing invalid is sent. Stdin cannot be
+    read twice: its orders, as they will be sent, go to an unnamed temporary file on the
+    first pass (gone when closed, and with the process on any exit, even kill -9).
+    """
+
+    def __init__(self, args: argparse.Namespace, max_bytes: int, stack: ExitStack) -> None:
+        self.path: str | None = args.file
+        self.count: int = args.count
+        self.max_bytes = max_bytes
+        self.stack = stack
+        self.spool: BinaryIO | None = None
+        if self.path is None and self.count < 0:
+            raise ConfigError(f"--count must be 0 or more, got {self.count}")
+
+    @property
+    def source(self) -> str:
+        return "stdin" if self.path == "-" else self.path or "samples"
+
+    def first_pass(self) -> Iterator[bytes]:
+        """The payloads, read for the first time; raises ConfigError naming a bad line."""
+        if self.path is None:
+            check_samples(self.count, self.max_bytes)
+            return (serialize(order) for order in iter_sample_orders(self.count))
+        if self.path == "-":
+            self.spool = self.stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115 - the stack closes it
+            payloads = payloads_of(_lines(sys.stdin.buffer, "stdin", self.max_bytes), "stdin", self.max_bytes)
+            return _spooled(payloads, self.spool)
+        return payloads_of(self._file_lines(), self.path, self.max_bytes)
+
+    def second_pass(self) -> Iterator[bytes]:
+        """The same payloads again (samples are made anew, with new ids)."""
+        if self.path is None:
+            return (serialize(order) for order in iter_sample_orders(self.count))
+        if self.spool is not None:
+            return _unspooled(self.spool)
+        return payloads_of(self._file_lines(), self.source, self.max_bytes)
+
+    def _file_lines(self) -> Iterator[bytes]:
+        assert self.path is not None
+        try:
+            handle = open(self.path, "rb")  # noqa: SIM115 - closed by the with below, in this generator
+        except OSError as error:
+            raise ConfigError(f"cannot read {self.path}: {error.strerror}") from None
+        with handle:
+            yield from _lines(handle, self.path, self.max_bytes)
+
+
+class Interrupted(CliError):
+    """SIGINT or SIGTERM stopped the run; exit code 128 + the signal's number."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class Run:
+    """One run of the command: how far it got, and what SIGINT and SIGTERM do to it.
+
+    Before the first chunk is sent, a signal stops the run at once: nothing was published.
+    After, it stops the sending of new chunks, and the chunks in flight are still confirmed,
+    so the count is exact. A second signal stops at once, chunks in flight or not.
+    """
+
+    def __init__(self, task: asyncio.Task[Any], stream: str) -> None:
+        self.task = task
+        self.stream = stream
+        self.total = 0
+        self.confirmed = 0
+        self.first_id = self.last_id = ""
+        self.sending = False
+        self.signal: int | None = None
+        self.forced = False
+        self.problem: CliError | None = None
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in SIGNALS:
+            loop.add_signal_handler(signum, self.on_signal, signum)
+
+    def on_signal(self, signum: int) -> None:
+        if self.signal is None and self.sending:
+            log.info(
+                "%s: sending no more, waiting for the chunks in flight (send it again to stop now)",
+                signal.Signals(signum).name,
+            )
+        else:
+            self.forced = self.signal is not None
+            self.task.cancel()
+        self.signal = signum
+
+    def chunks(self, payloads: Iterator[bytes], source: str) -> Iterator[list[bytes]]:
+        """CHUNK payloads at a time, at most `total`, until a signal or a failure to read."""
+        payloads = islice(payloads, self.total)  # a file that grew since it was checked gains nothing
+        sent = 0
+        while self.signal is None:
+            try:
+                chunk = list(islice(payloads, CHUNK))
+            except CliError as error:
+                self.problem = CliError(f"{source} changed after it was checked: {error}")
+                return
+            if not chunk:
+                if sent < self.total:
+                    self.problem = CliError(f"{source} changed after it was checked: it has {sent:,} orders")
+                return
+            sent += len(chunk)
+            self.sending = True
+            yield chunk
+
+    def confirm(self, ids: list[str]) -> None:
+        self.confirmed += len(ids)
+        self.first_id = self.first_id or ids[0]
+        self.last_id = ids[-1]
+
+    def outcome(self) -> CliError | None:
+        """Why the run ended before every order was confirmed; None when all were."""
+        if self.confirmed == self.total and (self.sending or self.signal is None):
+            return None
+        if self.signal is None:
+            assert self.problem is not None, "publishing ended early with no reason"
+            return CliError(
+                f"{self.confirmed:,} of {self.total:,} orders confirmed, then {self.problem}; "
+                f"the other {self.total - self.confirmed:,} were not sent"
+            )
+        name = signal.Signals(self.signal).name
+        if not self.sending:
+            return Interrupted(self.signal, "interrupted: nothing was published")
+        if self.forced:
+            return Interrupted(
+                self.signal,
+                f"interrupted again by {name}: {self.confirmed:,} of {self.total:,} orders confirmed in "
+                f"{self.stream}, the next {2 * CHUNK} may or may not be there; the rest were not sent",
+            )
+        return Interrupted(
+            self.signal,
+            f"interrupted by {name}: {self.confirmed:,} of {self.total:,} orders confirmed in "
+            f"{self.stream}; the other {self.total - self.confirmed:,} were not sent",
+        )
+
+
+def plural(count: int) -> str:
+    """`1 order`, `2,000 orders`."""
+    return f"{count:,} order" if count == 1 else f"{count:,} orders"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m producer",
-        description="Publish orders to the stream. With no option, publishes 10 sample orders.",
+        description=(
+            "Publish orders to the stream: sample orders, or real ones from a JSON-lines file. "
+            "Every order is checked before the first is sent; a bad line publishes nothing."
+        ),
+        epilog=(
+            f"Settings come from the environment and .env: REDIS_URL (default {DEFAULTS['REDIS_URL']}), "
+            f"STREAM_KEY (default {DEFAULTS['STREAM_KEY']}), MAX_PAYLOAD_BYTES (default "
+            f"{DEFAULTS['MAX_PAYLOAD_BYTES']}). Exit codes: 0 published, 2 bad input or settings, "
+            "1 Redis failed, 130 or 143 interrupted (SIGINT, SIGTERM)."
+        ),
     )
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--count", type=int, default=10, help="publish N sample orders (default 10)")
     source.add_argument(
-        "--file", metavar="PATH", help="publish orders from a JSON-lines file, or - for stdin"
+        "--count", type=int, default=10, metavar="N", help="publish N sample orders (default: %(default)s)"
+    )
+    source.add_argument(
+        "--file",
+        metavar="PATH",
+        help="publish the orders of a JSON-lines file, or - for stdin (default: none)",
+    )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print errors only (default: a progress bar on stderr when it is a terminal, and the "
+        "result on stdout)",
     )
     return parser
 
 
 async def main(settings: Settings, args: argparse.Namespace) -> int:
-    if args.file is not None:
-        orders = load_file(args.file, settings.max_payload_bytes)
-    else:
-        if args.count < 0:
-            raise ConfigError(f"--count must be 0 or more, got {args.count}")
-        orders = sample_orders(args.count)
-    async with redis_connect(settings) as redis:
-        ids = await publish_many(redis, settings.stream_key, orders)
-    if ids:
-        log.info("published %d orders to %s (ids %s .. %s)", len(ids), settings.stream_key, ids[0], ids[-1])
-    else:
-        log.info("nothing to publish")
+    """Check every order, then publish them chunk by chunk; memory does not grow with the input."""
+    started = time.monotonic()
+    task = asyncio.current_task()
+    assert task is not None
+    run = Run(task, settings.stream_key)
+    try:
+        with ExitStack() as stack:
+            orders = Input(args, settings.max_payload_bytes, stack)
+            run.total = _check(orders, run)
+            async with redis_connect(settings) as redis:
+                await _publish(redis, orders, run, show_progress=not args.quiet and sys.stderr.isatty())
+    except asyncio.CancelledError:
+        if run.signal is None:
+            raise
+        task.uncancel()
+    failure = run.outcome()
+    if failure is not None:
+        raise failure
+    if run.confirmed:
+        log.info(
+            "published %s to %s (ids %s .. %s)", plural(run.confirmed), run.stream, run.first_id, run.last_id
+        )
+    if not args.quiet:
+        elapsed = time.monotonic() - started
+        print(
+            f"published {plural(run.total)} to {run.stream} in {elapsed:.1f} s"
+            if run.total
+            else "nothing to publish"
+        )
     return 0
+
+
+class _Signalled(KeyboardInterrupt):
+    """SIGINT or SIGTERM while the input is checked."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signalled(signum: int, frame: FrameType | None) -> NoReturn:
+    raise _Signalled(signum)
+
+
+def _check(orders: Input, run: Run) -> int:
+    """The first pass: count the orders, raising ConfigError at a bad one; then hand signals to `run`.
+
+    The pass is synchronous, and may wait on stdin: only a plain signal handler can stop it.
+    """
+    try:
+        for signum in SIGNALS:
+            signal.signal(signum, _raise_signalled)
+        return sum(1 for _ in orders.first_pass())
+    except _Signalled as stopped:
+        raise Interrupted(stopped.signum, "interrupted: nothing was published") from None
+    except ConfigError as error:
+        raise ConfigError(f"{error}; nothing was published") from None
+    finally:
+        # Blocked while the handlers change hands, a signal waits for the new ones.
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        try:
+            run.install()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+
+
+async def _publish(redis: Redis, orders: Input, run: Run, *, show_progress: bool) -> None:
+    """Publish the orders again read from `orders`, counting what Redis confirms in `run`."""
+    chunks = run.chunks(orders.second_pass(), orders.source)
+    with (
+        logging_redirect_tqdm() if show_progress else nullcontext(),  # log lines above the bar, not in it
+        tqdm(
+            total=run.total,
+            unit=" orders",
+            unit_scale=True,
+            delay=0.5,
+            leave=False,
+            disable=not show_progress,
+        ) as bar,
+    ):
+        try:
+            async with aclosing(append_chunks(redis, run.stream, chunks)) as replies:
+                async for ids in replies:
+                    run.confirm(ids)
+                    bar.update(len(ids))
+        except RedisError as error:
+            raise PublishError(run.confirmed, run.total, error) from error
 
 
 if __name__ == "__main__":
