@@ -21,6 +21,8 @@ import pytest
 from conftest import ROOT, Script, run_script, script_env, wait_until
 from redis.asyncio import Redis
 
+from producer import CHUNK, Interrupted, Run
+
 STREAM = "orders"
 BIG = 200_000  # orders in the big file: a few seconds of publishing, 30 MB
 
@@ -213,3 +215,33 @@ def test_help_shows_defaults_and_quiet() -> None:
     assert "(default: 10)" in result.stdout
     assert "--quiet" in result.stdout
     assert "MAX_PAYLOAD_BYTES (default 65536)" in " ".join(result.stdout.split())
+
+
+async def test_what_a_signal_means_depends_on_when_it_comes() -> None:
+    idle = asyncio.create_task(asyncio.sleep(60))  # stands for the run's task, which a signal may cancel
+    try:
+        before = Run(idle, STREAM)
+        before.total = 3
+        before.on_signal(signal.SIGINT)  # nothing sent yet: the run is stopped at once
+        assert idle.cancelling()
+        assert str(before.outcome()) == "interrupted: nothing was published"
+
+        during = Run(idle, STREAM)
+        during.total = 3 * CHUNK
+        for chunk in during.chunks(iter([b"{}"] * during.total), "input"):
+            during.confirm(["1-0"] * len(chunk))
+            if during.confirmed == CHUNK:
+                during.on_signal(signal.SIGTERM)  # no more chunks; this one was confirmed
+        failure = during.outcome()
+        assert isinstance(failure, Interrupted)
+        assert failure.exit_code == 143
+        assert str(failure).startswith(f"interrupted by SIGTERM: {CHUNK} of {3 * CHUNK:,} orders confirmed")
+
+        after = Run(idle, STREAM)
+        after.total = 2
+        for chunk in after.chunks(iter([b"{}"] * after.total), "input"):
+            after.confirm(["1-0"] * len(chunk))
+        after.on_signal(signal.SIGINT)  # everything was confirmed already: a normal end
+        assert after.outcome() is None
+    finally:
+        idle.cancel()
