@@ -218,7 +218,7 @@ def report(seen: dict[str, dict[str, list[str]]], count: int, batch_size: int) -
         "load balancing: inside a group, each order went to one consumer"
     )
     lines.append(
-        "the orders went out one at a time to idle consumers, so they took turns; under real load "
+        "the orders went out one at a time, so each went to whichever consumer was waiting; under real load "
         f"each read takes up to BATCH_SIZE ({batch_size}) waiting orders, so whole batches go to one consumer"
     )
     return "\n".join(lines)
