@@ -269,6 +269,8 @@ class Input:
             check_samples(self.count, self.max_bytes)
             return (serialize(order) for order in iter_sample_orders(self.count))
         if self.path == "-":
+            if sys.stdin is None:
+                raise ConfigError("--file -: stdin is closed")
             self.spool = self.stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115 - the stack closes it
             payloads = payloads_of(_lines(sys.stdin.buffer, "stdin", self.max_bytes), "stdin", self.max_bytes)
             return _spooled(payloads, self.spool)

@@ -112,6 +112,33 @@ async def test_a_signal_while_publishing_reports_exactly_what_redis_confirmed(
     assert "published" not in output.replace("nothing was published", "")
 
 
+async def test_a_second_signal_stops_at_once(
+    redis: Redis, redis_url: str, scripts: Callable[..., Script], big_file: Path
+) -> None:
+    producer = scripts("producer", script_env(redis_url), "--file", str(big_file))
+
+    async def some_published() -> bool:
+        return bool(await redis.xlen(STREAM))
+
+    await wait_until(some_published, "the first orders in the stream", timeout=30)
+    await redis.client_pause(20_000, all=False)  # the chunks in flight hang
+    try:
+        producer.process.send_signal(signal.SIGINT)
+        await wait_until(
+            lambda: "SIGINT: sending no more" in producer.output(), "the first signal to be seen"
+        )
+        producer.process.send_signal(signal.SIGINT)
+        assert producer.wait(5) == 130
+    finally:
+        await redis.client_unpause()
+    output = producer.output()
+    found = re.search(rf"interrupted again by SIGINT: ([\d,]+) of {BIG:,} orders confirmed", output)
+    assert found, output
+    confirmed = int(found[1].replace(",", ""))
+    assert confirmed <= await redis.xlen(STREAM) <= confirmed + 2 * CHUNK
+    assert "Traceback" not in output
+
+
 async def test_a_signal_while_checking_stdin_publishes_nothing(redis: Redis, redis_url: str) -> None:
     producer = await asyncio.create_subprocess_exec(
         *[sys.executable, "-m", "producer", "--file", "-"],
