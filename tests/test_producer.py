@@ -1,4 +1,4 @@
-"""The producer's command line, with real processes: the payload cap as sent, signals, memory, output."""
+"""The producer's command line, mostly with real processes: the cap as sent, signals, memory, output."""
 
 from __future__ import annotations
 
