@@ -255,8 +255,8 @@ class _TimedConsumer(StreamConsumer):
     unacked: list[str]
     latencies: list[float]
 
-    async def _flush_acks(self) -> None:
-        await super()._flush_acks()
+    async def _commit(self) -> None:
+        await super()._commit()
         now = time.time()
         self.latencies.extend(now - self.published[order_id] for order_id in self.unacked)
         self.unacked.clear()

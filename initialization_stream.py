@@ -1,49 +1,105 @@
-"""Create the orders stream and both consumer groups; safe to run twice."""
+"""Create the orders stream and every configured group, and load the function library; safe to run twice."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
+from collections.abc import Iterable
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from config import Settings, run_script
+import library
+from config import ConfigError, Settings, run_script
+from keys import keys_for
 from redisPool import redis_connect
 
 log = logging.getLogger("initialization_stream")
 
 
-async def create_group(redis: Redis, stream: str, group: str) -> bool:
-    """Create `group` on `stream` from id 0 (MKSTREAM); return False if it already existed."""
-    try:
-        # From id 0, so orders published before the group existed are still delivered.
-        await redis.xgroup_create(stream, group, id="0", mkstream=True)
-    except ResponseError as error:
-        if str(error).startswith("BUSYGROUP"):
-            return False
-        raise
-    return True
+async def ensure_groups(redis: Redis, stream: str, groups: Iterable[str], start: str = "0") -> list[str]:
+    """Create every missing one of `groups` on `stream` (MKSTREAM) from `start`; return those created.
+
+    One MULTI, so no process ever sees some of the groups without the others, and trimming
+    (which never passes a group) cannot drop what a late group still needs. From id 0 by
+    default: orders published before the groups existed are still delivered.
+    """
+    names = list(dict.fromkeys(groups))
+    pipe = redis.pipeline(transaction=True)
+    for group in names:
+        pipe.xgroup_create(stream, group, id=start, mkstream=True)
+    created = []
+    for group, result in zip(names, await pipe.execute(raise_on_error=False), strict=True):
+        if isinstance(result, ResponseError):
+            if str(result).startswith("BUSYGROUP"):
+                continue
+            raise result
+        created.append(group)
+    return created
 
 
-async def initialize(redis: Redis, settings: Settings) -> None:
-    """Make sure the stream and both groups exist; touch nothing that is already there."""
+async def initialize(redis: Redis, settings: Settings, start: str = "0") -> list[str]:
+    """Load the function library and make sure the stream and every configured group exist."""
+    await library.load(redis)
+    created = await ensure_groups(redis, settings.stream_key, settings.groups, start)
     for group in settings.groups:
-        created = await create_group(redis, settings.stream_key, group)
-        log.info(
-            "group %s on stream %s: %s", group, settings.stream_key, "created" if created else "already there"
-        )
+        state = f"created from {start}" if group in created else "already there"
+        log.info("group %s on stream %s: %s", group, settings.stream_key, state)
+    return created
 
 
-async def main(settings: Settings) -> int:
+async def retire(redis: Redis, settings: Settings, group: str) -> bool:
+    """Delete a group that is no longer configured, so it stops holding back trimming; False if absent."""
+    if group in settings.groups:
+        raise ConfigError(f"{group} is still in GROUPS ({','.join(settings.groups)}): remove it there first")
+    try:
+        destroyed = bool(await redis.xgroup_destroy(settings.stream_key, group))
+    except ResponseError as error:  # no such stream
+        if "no such key" not in str(error).lower():
+            raise
+        destroyed = False
+    keys = keys_for(settings)
+    await redis.delete(keys.done(group), keys.running(group))
+    return destroyed
+
+
+async def main(settings: Settings, args: argparse.Namespace) -> int:
     async with redis_connect(settings) as redis:
-        await initialize(redis, settings)
+        if args.retire:
+            gone = await retire(redis, settings, args.retire)
+            print(f"group {args.retire}: {'deleted' if gone else 'was not there'}")
+            return 0
+        created = await initialize(redis, settings, "$" if args.start == "new" else args.start)
+    for group in settings.groups:
+        print(f"group {group}: {'created' if group in created else 'already there'}")
     return 0
 
 
-if __name__ == "__main__":
-    argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
         prog="python -m initialization_stream",
-        description="Create STREAM_KEY and both consumer groups (from id 0). Safe to run twice.",
-    ).parse_args()
-    run_script("initialization_stream", main)
+        description="Create STREAM_KEY and every group in GROUPS that is missing, and load the Redis "
+        "function library the consumers call. Groups that exist are left as they are. Safe to run twice.",
+    )
+    parser.add_argument(
+        "--start",
+        default="0",
+        metavar="0|new|ID",
+        help="where groups created now start: 0 = every order still in the stream, new = only orders "
+        "published from now on, or an entry id (default: 0)",
+    )
+    parser.add_argument(
+        "--retire",
+        metavar="GROUP",
+        help="delete GROUP (already removed from GROUPS), so it no longer holds back trimming",
+    )
+    return parser
+
+
+if __name__ == "__main__":
+    parser = build_parser()
+    arguments = parser.parse_args()
+    if arguments.start not in ("0", "new") and not re.fullmatch(r"\d+(-\d+)?", arguments.start):
+        parser.error(f"--start must be 0, new or an entry id, got {arguments.start!r}")
+    run_script("initialization_stream", lambda settings: main(settings, arguments))

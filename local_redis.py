@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -45,7 +46,7 @@ class LocalRedis:
 
     def start(self, timeout_s: float = 10.0) -> None:
         """Start the server and wait until it accepts connections."""
-        binary = shutil.which("redis-server")
+        binary = server_binary()
         if binary is None:
             raise FileNotFoundError(HOW_TO_GET_REDIS)
         command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
@@ -87,6 +88,11 @@ class LocalRedis:
         finally:
             if self._tmp is not None:
                 self._tmp.cleanup()
+
+
+def server_binary() -> str | None:
+    """The redis-server to start: REDIS_SERVER (a path, e.g. a Redis 8.6 build) or the one on PATH."""
+    return shutil.which(os.environ.get("REDIS_SERVER") or "redis-server")
 
 
 def start_local_redis(*args: str) -> LocalRedis:

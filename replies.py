@@ -21,6 +21,11 @@ def entries_of(reply: Any) -> list[Entry]:
     return cast(list[Entry], reply[0][1])
 
 
+def entries_of_claim(reply: Any) -> list[Entry]:
+    """The entries an XCLAIM reply carries, as (id, fields)."""
+    return cast(list[Entry], reply)
+
+
 def claimed_of(reply: Any) -> tuple[bytes, list[Entry], list[bytes]]:
     """An XAUTOCLAIM reply as (next cursor, claimed entries, ids deleted from the stream)."""
     cursor, claimed, deleted = reply[:3]
@@ -30,3 +35,17 @@ def claimed_of(reply: Any) -> tuple[bytes, list[Entry], list[bytes]]:
 def owners_of(rows: Any) -> dict[bytes, bytes]:
     """Entry id -> consumer, from an XPENDING range reply."""
     return {cast(bytes, row["message_id"]): cast(bytes, row["consumer"]) for row in rows}
+
+
+def commit_of(reply: Any) -> tuple[int, list[bytes]]:
+    """An orders_commit reply as (entries acked, entry ids another consumer holds)."""
+    acked, fenced = reply
+    return int(acked), cast(list[bytes], fenced)
+
+
+def pending_rows_of(rows: Any) -> list[tuple[bytes, bytes, int]]:
+    """An XPENDING range reply as (entry id, consumer, times delivered)."""
+    return [
+        (cast(bytes, row["message_id"]), cast(bytes, row["consumer"]), int(row["times_delivered"]))
+        for row in rows
+    ]

@@ -1,11 +1,12 @@
-"""The consumer loop both services share: at-least-once, acks only what the handler accepted.
+"""The consumer loop every service shares: at-least-once, acks only what the handler accepted.
 
-Order of work in each turn: flush acks that failed earlier, reclaim entries idle too long
-on other consumers (XAUTOCLAIM), re-read this consumer's own pending entries, then
-block for new ones. Malformed entries and entries delivered MAX_DELIVERIES times move to
-the dead-letter stream in one MULTI with their ack. With the dedupe guard (dedupe.py) a
-group runs its handler once per order_id. A Redis outage, a lost group or a deleted
-stream is logged once, then retried with backoff; nothing here crashes on them.
+Each turn: commit what is done, take over entries idle too long on consumers that are gone
+(their lease lapsed), re-read this consumer's own pending entries when due, then block for
+new ones. Poison entries move to the dead-letter stream. With the dedupe guard on, an atomic
+admission step lets one consumer of the group run an order at a time, once per window. Every
+commit and dead-letter is fenced: it applies only to entries still pending on this consumer
+(library.lua). A Redis outage, a lost group or a deleted stream is logged once, then retried
+with backoff; nothing here crashes on them.
 """
 
 from __future__ import annotations
@@ -17,22 +18,24 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.typing import EncodableT, FieldT
 
+import library
 import metrics
-from config import CliError, Settings, run_script
-from dedupe import Decision, DedupeGuard
-from initialization_stream import create_group
+from config import CliError, ConfigError, Settings, run_script
+from deadletter import dead_letter_fields
+from initialization_stream import ensure_groups
+from keys import keys_for
+from lease import Lease
+from library import DONE, RUN, Fence, LibraryMissing
 from maintenance import Capabilities, detect, run_once
 from orders import InvalidOrder, Order, parse_order
 from redisPool import redis_connect
-from replies import Entry, claimed_of, entries_of, owners_of
+from replies import Entry, entries_of, entries_of_claim, pending_rows_of, text
 
 log = logging.getLogger("stream_consumer")
 
@@ -54,7 +57,7 @@ class Stats:
     deleted_skipped: int = 0
     redrives_for_other_groups: int = 0
     duplicates_skipped: int = 0
-    busy_elsewhere: int = 0
+    taken_over: int = 0  # commits dropped: another consumer had taken the entry over
 
     def __str__(self) -> str:
         return ", ".join(f"{name}={value}" for name, value in vars(self).items())
@@ -80,24 +83,12 @@ class StreamConsumer:
     stats: Stats = field(default_factory=Stats)
 
     def __post_init__(self) -> None:
-        self.stream = self.settings.stream_key
+        self.keys = keys_for(self.settings)
+        self.stream = self.keys.stream
+        self.fence = Fence(self.redis, self.keys, self.group, self.name, self.settings.dedupe_window_ms)
         self.own_cursor: bytes | None = b"0"  # None once own pending entries are read
-        self.claim_cursor = b"0-0"
-        self.unsent_acks: list[bytes] = []
-        self.unsent_done: list[str] = []  # order ids to mark done with those acks
-        self.dedupe = (
-            DedupeGuard(
-                self.redis,
-                self.stream,
-                self.group,
-                self.name,
-                window_ms=self.settings.dedupe_window_ms,
-                # Longer than the claim time: a slow handler keeps its orders from claimers for a while.
-                heartbeat_ms=2 * self.settings.claim_idle_ms,
-            )
-            if self.settings.dedupe_window_ms
-            else None
-        )
+        self.claim_cursor = "-"
+        self.uncommitted: list[tuple[bytes, str]] = []  # (entry id, order id or '') done, not yet acked
         self.retry_at: float | None = None
         self.next_claim = 0.0
         self.trouble_since: float | None = None
@@ -105,22 +96,29 @@ class StreamConsumer:
         self.next_maintenance = 0.0
         self.capabilities: Capabilities | None = None
         self.maintenance_refused = False
-        self.group_bytes = self.group.encode()
         self.name_bytes = self.name.encode()
-        self.busy_owner: dict[bytes, bytes] = {}  # claimed entries left to a live, slow owner
 
     async def run(self) -> Stats:
-        """Consume until `stop` is set; the batch in hand is finished and acked before returning."""
+        """Consume until `stop` is set; the batch in hand is finished and committed before returning."""
         log.info("consumer %s in group %s on stream %s started", self.name, self.group, self.stream)
-        await self._recover(create_group(self.redis, self.stream, self.group))
-        while not self.stop.is_set():
-            await self._recover(self._turn())
-        await self._recover(self._flush_acks())
+        lease = Lease(self.settings, [self.keys.lease(self.group, self.name)], self.settings.claim_idle_ms)
+        async with lease:
+            await library.ensure_loaded(self.redis)  # at start a missing library ends the process
+            await self._recover(self._ensure_groups())
+            while not self.stop.is_set():
+                await self._recover(self._turn())
+            await self._recover(self._commit())
         log.info("consumer %s in group %s stopped: %s", self.name, self.group, self.stats)
         return self.stats
 
+    async def _ensure_groups(self) -> None:
+        """Every configured group exists before anything here could let trimming pass it."""
+        created = await ensure_groups(self.redis, self.stream, (*self.settings.groups, self.group))
+        if created:
+            log.info("created missing groups %s on stream %s from id 0", ", ".join(created), self.stream)
+
     async def _turn(self) -> None:
-        await self._flush_acks()
+        await self._commit()
         loop = asyncio.get_running_loop()
         if loop.time() >= self.next_claim and await self._reclaim():
             return
@@ -139,7 +137,7 @@ class StreamConsumer:
                 return
             # Advance past what was read so an entry that keeps failing cannot spin here.
             self.own_cursor = entries[-1][0]
-            await self._handle(entries, await self._delivery_counts([e[0] for e in entries]))
+            await self._handle(entries, await self._delivery_counts(entries[0][0], entries[-1][0]))
             return
         reply = await self.redis.xreadgroup(
             self.group, self.name, {self.stream: ">"}, count=self.settings.batch_size, block=self._block_ms()
@@ -155,70 +153,67 @@ class StreamConsumer:
         return max(1, min(self.settings.block_ms, int((wake - now) * 1000)))
 
     async def _reclaim(self) -> bool:
-        """Take over one page of entries idle too long anywhere in the group; True if work was found."""
-        owners: dict[bytes, bytes] = {}
-        if self.dedupe is not None:
-            # Who holds them before the claim: an owner still alive may just be slow.
-            rows = await self.redis.xpending_range(
+        """Take over one page of entries idle too long on consumers that are gone; True if work was found.
+
+        An entry whose owner's lease is alive is left alone, however long its handler takes:
+        its owner is slow, not dead. Ownership moves (XCLAIM) only for the others, so this
+        consumer never holds, and never re-reads, an entry a live consumer is running.
+        """
+        idle = self.settings.claim_idle_ms
+        rows = pending_rows_of(
+            await self.redis.xpending_range(
                 self.stream,
                 self.group,
                 min=self.claim_cursor,
                 max="+",
                 count=self.settings.batch_size,
-                idle=self.settings.claim_idle_ms,
-            )
-            owners = owners_of(rows)
-        cursor, entries, deleted = claimed_of(
-            await self.redis.xautoclaim(
-                self.stream,
-                self.group,
-                self.name,
-                min_idle_time=self.settings.claim_idle_ms,
-                start_id=self.claim_cursor,
-                count=self.settings.batch_size,
+                idle=idle,
             )
         )
-        self.claim_cursor = cursor
-        if cursor == b"0-0":
-            interval = max(self.settings.claim_idle_ms / 2000, 0.05)
-            self.next_claim = asyncio.get_running_loop().time() + interval
-        # Redis drops entries deleted from the stream from the pending list itself.
-        self.stats.deleted_skipped += len(deleted)
-        if not entries:
+        if len(rows) < self.settings.batch_size:
+            self.claim_cursor = "-"
+            self.next_claim = asyncio.get_running_loop().time() + max(idle / 2000, 0.05)
+        else:
+            self.claim_cursor = "(" + text(rows[-1][0])
+        if any(owner == self.name_bytes for _, owner, _ in rows):
+            # Ours and idle, so not in hand: a delivery whose reply was lost, or a retry. Re-read them.
+            self.own_cursor = b"0"
+        alive = await self._alive({owner for _, owner, _ in rows if owner != self.name_bytes})
+        orphans = {
+            entry_id: times
+            for entry_id, owner, times in rows
+            if owner != self.name_bytes and owner not in alive
+        }
+        if not orphans:
             return False
-        log.info(
-            "claimed %d entries idle over %d ms in group %s",
-            len(entries),
-            self.settings.claim_idle_ms,
-            self.group,
+        # min_idle_time again: of two consumers claiming one entry, only the first gets it.
+        claimed = entries_of_claim(
+            await self.redis.xclaim(
+                self.stream, self.group, self.name, min_idle_time=idle, message_ids=list(orphans)
+            )
         )
-        self.stats.reclaimed += len(entries)
-        busy = await self._busy_elsewhere([e[0] for e in entries], owners)
-        await self._handle(entries, await self._delivery_counts([e[0] for e in entries]), busy)
+        # XCLAIM drops entries deleted from the stream from the pending list itself.
+        self.stats.deleted_skipped += len(orphans) - len(claimed)
+        if not claimed:
+            return False
+        log.info("claimed %d entries idle over %d ms from consumers that are gone", len(claimed), idle)
+        self.stats.reclaimed += len(claimed)
+        await self._handle(claimed, {entry_id: orphans[entry_id] + 1 for entry_id, _ in claimed})
         return True
 
-    async def _busy_elsewhere(self, claimed: list[bytes], owners: dict[bytes, bytes]) -> set[bytes]:
-        """The claimed entries whose earlier owner is alive: its handler is slow, not dead."""
-        if self.dedupe is None:
+    async def _alive(self, consumers: set[bytes]) -> set[bytes]:
+        """Those of these consumers whose lease has not lapsed."""
+        names = sorted(consumers)
+        if not names:
             return set()
-        earlier = {}
-        for entry_id in claimed:
-            owner = owners.get(entry_id, self.name_bytes)
-            if owner == self.name_bytes:  # ours already: left to someone before, or our own
-                owner = self.busy_owner.get(entry_id, self.name_bytes)
-            if owner != self.name_bytes:
-                earlier[entry_id] = owner
-        alive = await self.dedupe.alive(earlier.values())
-        busy = {entry_id for entry_id, owner in earlier.items() if owner in alive}
-        for entry_id in claimed:
-            self.busy_owner.pop(entry_id, None)
-        self.busy_owner.update({entry_id: earlier[entry_id] for entry_id in busy})
-        while len(self.busy_owner) > 10_000:  # bounded: the oldest are long settled
-            del self.busy_owner[next(iter(self.busy_owner))]
-        return busy
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.exists(self.keys.lease(self.group, text(name)))
+        return {name for name, found in zip(names, await pipe.execute(), strict=True) if found}
 
     async def _maintain(self) -> None:
         """Trim what every group acked and drop stale consumers; a refusal never stops consumption."""
+        await self._ensure_groups()
         try:
             if self.capabilities is None:
                 self.capabilities = await detect(self.redis)
@@ -228,36 +223,21 @@ class StreamConsumer:
                 log.warning("maintenance skipped: Redis refused it (%s); consumption goes on", error)
                 self.maintenance_refused = True
 
-    async def _delivery_counts(self, ids: list[bytes]) -> dict[bytes, int]:
-        """How many times each of these redelivered entries has been delivered, this time included."""
-        pipe = self.redis.pipeline(transaction=False)
-        for entry_id in ids:
-            pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
-        counts = {}
-        for rows in await pipe.execute():
-            for row in rows:
-                counts[row["message_id"]] = row["times_delivered"]
-        return counts
+    async def _delivery_counts(self, first: bytes, last: bytes) -> dict[bytes, int]:
+        """How many times each of this consumer's pending entries in [first, last] has been delivered."""
+        rows = await self.redis.xpending_range(
+            self.stream,
+            self.group,
+            min=first,
+            max=last,
+            count=self.settings.batch_size,
+            consumername=self.name,
+        )
+        return {entry_id: times for entry_id, _, times in pending_rows_of(rows)}
 
-    async def _handle(
-        self, entries: list[Entry], deliveries: dict[bytes, int], busy: set[bytes] | None = None
-    ) -> None:
-        """Run the handler over a batch; commit the successes in one XACK, dead-letter the poison."""
-        runnable = await self._screen(entries, deliveries)
-        if busy:  # a live consumer is still on these: left pending, looked at after the next claim
-            self.stats.busy_elsewhere += sum(1 for item in runnable if item[0] in busy)
-            runnable = [item for item in runnable if item[0] not in busy]
-        if self.dedupe is not None and runnable:
-            decisions = await self.dedupe.admit([order.order_id for _, _, order, _ in runnable])
-            admitted = []
-            for item, decision in zip(runnable, decisions, strict=True):
-                if decision is Decision.RUN:
-                    admitted.append(item)
-                else:
-                    log.info("order %s already handled in this group: acked, not run again", item[2].order_id)
-                    self.unsent_acks.append(item[0])
-                    self.stats.duplicates_skipped += 1
-            runnable = admitted
+    async def _handle(self, entries: list[Entry], deliveries: dict[bytes, int]) -> None:
+        """Run the handler over a batch; commit the successes in one fenced step, dead-letter the poison."""
+        runnable = await self._admit(await self._screen(entries, deliveries))
         max_deliveries = self.settings.max_deliveries
         processed = 0
         for entry_id, fields, order, delivery in runnable:
@@ -280,11 +260,26 @@ class StreamConsumer:
                     self.retry_at = asyncio.get_running_loop().time() + delay
                 continue
             # Kept across failures: a later turn commits what the handler already accepted.
-            self.unsent_acks.append(entry_id)
-            self.unsent_done.append(order.order_id)
+            self.uncommitted.append((entry_id, order.order_id))
             processed += 1
         self.stats.processed += processed
-        await self._flush_acks()
+        await self._commit()
+
+    async def _admit(self, runnable: list[Runnable]) -> list[Runnable]:
+        """With the dedupe guard: the orders to run now; copies of orders done or running are acked."""
+        if not self.settings.dedupe_window_ms or not runnable:
+            return runnable
+        decisions = await self.fence.admit([(item[0], item[2].order_id) for item in runnable])
+        admitted = []
+        for item, decision in zip(runnable, decisions, strict=True):
+            if decision == RUN:
+                admitted.append(item)
+                continue
+            state = "already handled" if decision == DONE else "being handled from another entry"
+            log.info("order %s %s in this group: acked, not run again", item[2].order_id, state)
+            self.uncommitted.append((item[0], ""))
+            self.stats.duplicates_skipped += 1
+        return admitted
 
     async def _screen(self, entries: list[Entry], deliveries: dict[bytes, int]) -> list[Runnable]:
         """Ack entries that need no handler, dead-letter the poison; return the orders to run."""
@@ -293,16 +288,20 @@ class StreamConsumer:
         runnable = []
         for entry_id, fields in entries:
             if not fields:  # deleted or trimmed while pending: nothing left to process
-                self.unsent_acks.append(entry_id)
+                self.uncommitted.append((entry_id, ""))
                 self.stats.deleted_skipped += 1
                 continue
-            redrive_for = fields.get(b"redrive_for")
-            if redrive_for is not None and redrive_for != self.group_bytes:
-                # Sent back from the dead-letter stream for another group only.
-                self.unsent_acks.append(entry_id)
-                self.stats.redrives_for_other_groups += 1
-                continue
             delivery = deliveries.get(entry_id, 1)
+            redrive_for = fields.get(b"redrive_for")
+            if redrive_for is not None and text(redrive_for) != self.group:
+                if text(redrive_for) in self.settings.groups:
+                    # Sent back from the dead-letter stream for another group only.
+                    self.uncommitted.append((entry_id, ""))
+                    self.stats.redrives_for_other_groups += 1
+                else:
+                    reason = "redrive_for names no configured group"
+                    await self._dead_letter(entry_id, fields, delivery, reason, None)
+                continue
             try:
                 order = parse_order(_data_of(fields), max_bytes)
             except InvalidOrder as error:
@@ -315,40 +314,42 @@ class StreamConsumer:
             runnable.append((entry_id, fields, order, delivery))
         return runnable
 
-    async def _flush_acks(self) -> None:
-        """Ack what is done; with the dedupe guard, mark those orders done in the same MULTI."""
-        if not self.unsent_acks:
+    async def _commit(self) -> None:
+        """Ack what is done, and mark those orders done, in one step fenced by entry ownership."""
+        if not self.uncommitted:
             return
-        if self.dedupe is not None and self.unsent_done:
-            await self.dedupe.commit(self.unsent_done, self.unsent_acks)
-        else:
-            await self.redis.xack(self.stream, self.group, *self.unsent_acks)
-        self.unsent_acks.clear()
-        self.unsent_done.clear()
+        _, taken = await self.fence.commit(self.uncommitted)
+        self.uncommitted.clear()
+        if taken:
+            self.stats.taken_over += len(taken)
+            log.warning(
+                "%d entries were taken over by another consumer while this one worked on them "
+                "(it was cut off longer than CLAIM_IDLE_MS); their commit was dropped, first id %s",
+                len(taken),
+                text(taken[0]),
+            )
 
     async def _dead_letter(
         self, entry_id: bytes, fields: dict[bytes, bytes], delivery: int, reason: str, order_id: str | None
     ) -> None:
-        """Copy the entry to the dead-letter stream and ack it, atomically."""
-        record: dict[FieldT, EncodableT] = dict(fields.items())
-        record |= {
-            b"group": self.group,
-            b"consumer": self.name,
-            b"source_id": entry_id,
-            b"deliveries": delivery,
-            b"error": reason,
-            b"dead_lettered_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        """Copy the entry to the dead-letter stream and ack it, atomically, if it is still ours."""
+        meta: dict[str, str | int] = {
+            "group": self.group,
+            "consumer": self.name,
+            "source_id": text(entry_id),
+            "deliveries": delivery,
+            "error": reason,
         }
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(self.settings.dead_letter_stream, record)
-        pipe.xack(self.stream, self.group, entry_id)
-        await pipe.execute()
+        if not await self.fence.dead_letter(entry_id, order_id or "", dead_letter_fields(fields, meta)):
+            self.stats.taken_over += 1
+            log.warning("entry %s was taken over by another consumer; not dead-lettered here", text(entry_id))
+            return
         self.stats.dead_lettered += 1
         log.warning(
             "dead-lettered entry %s (order %s) to %s: %s",
-            entry_id.decode(),
+            text(entry_id),
             order_id or "unknown",
-            self.settings.dead_letter_stream,
+            self.keys.dead_letter,
             reason,
         )
 
@@ -362,13 +363,18 @@ class StreamConsumer:
             if isinstance(error, ResponseError) and message.startswith(("NOGROUP", "UNBLOCKED")):
                 # The group or the stream vanished (FLUSHALL, a restart without persistence).
                 log.error(
-                    "group %s on stream %s is gone (%s); recreating it from id 0",
+                    "group %s on stream %s is gone (%s); recreating every configured group from id 0",
                     self.group,
                     self.stream,
                     message.split(" ", 1)[0],
                 )
-                await self._recover(create_group(self.redis, self.stream, self.group))
+                await self._recover(self._ensure_groups())
                 self.own_cursor = b"0"
+                return
+            if isinstance(error, ResponseError) and "function not found" in message.lower():
+                # A restart without persistence also loses the function library.
+                log.error("the Redis function library is gone; loading it again")
+                await self._recover(self._reload_library())
                 return
             if self.trouble_since is None:  # once per outage, not once per retry
                 self.trouble_since = loop.time()
@@ -378,6 +384,10 @@ class StreamConsumer:
                     )
                 else:
                     log.error("Redis error (%s: %s); retrying with backoff", type(error).__name__, error)
+        except LibraryMissing as error:
+            if self.trouble_since is None:
+                self.trouble_since = loop.time()
+                log.error("%s; retrying with backoff", error)
         else:
             if self.trouble_since is not None:
                 log.warning("Redis is back after %.1f s; resuming", loop.time() - self.trouble_since)
@@ -388,6 +398,9 @@ class StreamConsumer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stop.wait(), self.backoff)
         self.backoff = min(self.backoff * 2, BACKOFF_CAP_S)
+
+    async def _reload_library(self) -> None:
+        await library.ensure_loaded(self.redis)
 
 
 async def consume(
@@ -414,6 +427,11 @@ async def serve(settings: Settings, group: str, handler: Handler) -> int:
             log.info("%s: finishing the batch in hand, then exiting (send it again to exit at once)", name)
             stop.set()
 
+    if group not in settings.groups:
+        raise ConfigError(
+            f"group {group} is not in GROUPS ({','.join(settings.groups)}): add it there, everywhere, "
+            "so trimming waits for it"
+        )
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)

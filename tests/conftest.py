@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from config import Settings
-from local_redis import LocalRedis, start_local_redis
+from local_redis import LocalRedis, server_binary, start_local_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -37,8 +36,8 @@ TEST_ENV = {
 
 def need_redis_server() -> None:
     """Skip (or, under CI=true, fail) when there is no redis-server binary to start."""
-    if shutil.which("redis-server") is None:
-        message = "redis-server is not installed (apt-get install redis-server)"
+    if server_binary() is None:
+        message = "redis-server is not installed (apt-get install redis-server), or REDIS_SERVER names none"
         if IN_CI:
             pytest.fail(message + "; CI must run every test")
         pytest.skip(message)

@@ -18,7 +18,7 @@ from redis.exceptions import ResponseError
 from test_orders import BAD_PAYLOADS
 
 from config import Settings
-from initialization_stream import create_group, initialize
+from initialization_stream import ensure_groups, initialize
 from local_redis import LocalRedis
 from orders import Order, parse_order
 from producer import CHUNK, PublishError, publish, publish_many, sample_orders
@@ -82,7 +82,7 @@ async def test_init_is_idempotent_and_groups_start_at_zero(redis: Redis, setting
 async def test_init_tolerates_only_busygroup(redis: Redis, settings: Settings) -> None:
     await redis.set(settings.stream_key, "not a stream")
     with pytest.raises(ResponseError, match="WRONGTYPE"):
-        await create_group(redis, settings.stream_key, settings.email_group)
+        await ensure_groups(redis, settings.stream_key, [settings.email_group])
 
 
 async def test_fan_out_and_load_balancing(redis: Redis, settings: Settings) -> None:

@@ -74,7 +74,10 @@ async def test_a_second_signal_exits_at_once(redis: Redis, redis_url: str, scrip
 async def test_work_held_by_a_killed_consumer_is_finished(
     redis: Redis, redis_url: str, scripts: Start, restart_as: str
 ) -> None:
-    victim = scripts("consumer1", script_env(redis_url, CONSUMER_NAME="victim", BLOCK_MS="4000"))
+    env = script_env(
+        redis_url, CLAIM_IDLE_MS="300"
+    )  # also the victim's lease: it lapses 300 ms after the kill
+    victim = scripts("consumer1", {**env, "CONSUMER_NAME": "victim", "BLOCK_MS": "4000"})
     await wait_until(lambda: blocked_reader(redis, "victim"), "the victim to block on XREADGROUP")
     # Stopped while blocked: Redis still delivers to it, so the orders sit in its pending list.
     victim.process.send_signal(signal.SIGSTOP)
@@ -89,7 +92,7 @@ async def test_work_held_by_a_killed_consumer_is_finished(
     assert await pending(redis, "fulfillment_group", "victim") == len(orders)
 
     name = "victim" if restart_as == "same name" else "rescuer"
-    rescuer = scripts("consumer1", script_env(redis_url, CONSUMER_NAME=name, CLAIM_IDLE_MS="300"))
+    rescuer = scripts("consumer1", {**env, "CONSUMER_NAME": name})
     await wait_until(lambda: caught_up(redis, STREAM, ["fulfillment_group"]), "the orders to be finished")
     output = rescuer.output()
     assert all(f"fulfilling order {o.order_id}:" in output for o in orders)

@@ -1,0 +1,133 @@
+#!lua name=orders___VERSION__
+-- The pipeline's atomic steps, as Redis Functions: loaded once by an admin
+-- (python -m initialization_stream), called with FCALL by least-privilege users, whose own
+-- ACL rules apply to every command inside. Every key a call touches shares the stream's hash
+-- tag (keys.py), so on Redis Cluster each call stays in one slot. Times are the server's.
+-- __VERSION__ stands for a digest of this file (library.py fills it in): each version is a
+-- library of its own, so processes of two releases running at once never replace each other's.
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The consumer an entry is pending on in a group, or nil when it is not pending.
+local function owner_of(stream, group, id)
+  local row = redis.call('XPENDING', stream, group, id, id, 1)[1]
+  return row and row[2]
+end
+
+-- 2026-11-29T13:55:00.123+00:00 from milliseconds since the epoch (days to civil date:
+-- Howard Hinnant's algorithm).
+local function iso(ms)
+  local s = math.floor(ms / 1000)
+  local z = math.floor(s / 86400) + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local day = doy - math.floor((153 * mp + 2) / 5) + 1
+  local month = mp < 10 and mp + 3 or mp - 9
+  local year = yoe + era * 400 + (month <= 2 and 1 or 0)
+  local sec = s % 86400
+  return string.format('%04d-%02d-%02dT%02d:%02d:%02d.%03d+00:00', year, month, day,
+    math.floor(sec / 3600), math.floor(sec % 3600 / 60), sec % 60, ms % 1000)
+end
+
+-- Admission: which of these delivered entries may run their handler now.
+-- KEYS: stream, done, running. ARGV: group, consumer, lease prefix, window ms, then pairs of
+-- entry id and order id. Per pair: 1 run it (and this consumer now runs that order);
+-- 0 the order is done within the window; 2 another entry of the same order is being run by a
+-- live consumer (or by this one), pending on it, so this copy needs no run.
+local function admit(keys, args)
+  local stream, done, running = keys[1], keys[2], keys[3]
+  local group, consumer, lease_prefix, window = args[1], args[2], args[3], tonumber(args[4])
+  local since = now_ms() - window
+  local out = {}
+  for i = 5, #args, 2 do
+    local id, order = args[i], args[i + 1]
+    local decision = 1
+    local score = redis.call('ZSCORE', done, order)
+    if score and tonumber(score) >= since then
+      decision = 0
+    else
+      local holder = redis.call('HGET', running, order)
+      if holder then
+        local who, held = string.match(holder, '^(.*) (%S+)$')
+        if held ~= id and (who == consumer or redis.call('EXISTS', lease_prefix .. who) == 1)
+            and owner_of(stream, group, held) == who then
+          decision = 2
+        end
+      end
+      if decision == 1 then
+        redis.call('HSET', running, order, consumer .. ' ' .. id)
+      end
+    end
+    out[#out + 1] = decision
+  end
+  return out
+end
+
+-- The fenced commit: ack each entry still pending on this consumer, mark its order done and no
+-- longer running; an entry another consumer took over meanwhile is left alone.
+-- KEYS: stream, done, running. ARGV: group, consumer, window ms, then pairs of entry id and
+-- order id ('' for an entry acked without a run: a duplicate, a deleted entry).
+-- Returns {acked, ids fenced out (pending on another consumer)}; entries no longer pending
+-- (committed before, as when a reply was lost) count in neither.
+local function commit(keys, args)
+  local stream, done, running = keys[1], keys[2], keys[3]
+  local group, consumer, window = args[1], args[2], tonumber(args[3])
+  local now = now_ms()
+  local acked, fenced = 0, {}
+  for i = 4, #args, 2 do
+    local id, order = args[i], args[i + 1]
+    local owner = owner_of(stream, group, id)
+    if owner == consumer then
+      acked = acked + redis.call('XACK', stream, group, id)
+      if order ~= '' then
+        if window > 0 then
+          redis.call('ZADD', done, now, order)
+        end
+        if redis.call('HGET', running, order) == consumer .. ' ' .. id then
+          redis.call('HDEL', running, order)
+        end
+      end
+    elseif owner then
+      fenced[#fenced + 1] = id
+    end
+  end
+  if window > 0 then
+    redis.call('ZREMRANGEBYSCORE', done, '-inf', '(' .. (now - window))
+  end
+  return {acked, fenced}
+end
+
+-- The fenced dead-letter: copy the entry to the dead-letter stream and ack it, if it is still
+-- pending on this consumer. KEYS: stream, dead-letter stream, running. ARGV: group, consumer,
+-- entry id, order id (or ''), then the record's field/value pairs. Returns the new entry's id,
+-- or false when another consumer took the entry over.
+local function dead_letter(keys, args)
+  local stream, dead, running = keys[1], keys[2], keys[3]
+  local group, consumer, id, order = args[1], args[2], args[3], args[4]
+  if owner_of(stream, group, id) ~= consumer then
+    return false
+  end
+  local record = {}
+  for i = 5, #args do
+    record[#record + 1] = args[i]
+  end
+  record[#record + 1] = 'dead_lettered_at'
+  record[#record + 1] = iso(now_ms())
+  local new_id = redis.call('XADD', dead, '*', unpack(record))
+  redis.call('XACK', stream, group, id)
+  if order ~= '' and redis.call('HGET', running, order) == consumer .. ' ' .. id then
+    redis.call('HDEL', running, order)
+  end
+  return new_id
+end
+
+redis.register_function('orders___VERSION___version', function() return '__VERSION__' end)
+redis.register_function('orders___VERSION___admit', admit)
+redis.register_function('orders___VERSION___commit', commit)
+redis.register_function('orders___VERSION___dead_letter', dead_letter)

@@ -1,0 +1,112 @@
+"""The Redis Function library `orders` (library.lua): the pipeline's atomic, fenced steps.
+
+`initialization_stream` loads it (an admin's job); consumers call it with FCALL, so a
+least-privilege user needs FCALL and the commands inside, never SCRIPT or EVAL. A process
+that finds the library missing or outdated loads it where its user may, else says who must.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from redis.asyncio import Redis
+from redis.exceptions import NoPermissionError, ResponseError
+from redis.typing import EncodableT
+
+from config import CliError
+from keys import Keys
+from replies import commit_of
+
+SOURCE = Path(__file__).with_name("library.lua")
+
+# Answers of orders_admit, per entry.
+RUN, DONE, RUNNING_ELSEWHERE = 1, 0, 2
+
+
+class LibraryMissing(CliError):
+    """The function library is not loaded and this user may not load it: exit code 1."""
+
+
+@functools.cache
+def version() -> str:
+    """A digest of library.lua: the library's name and its functions' names carry it."""
+    return hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]
+
+
+def function(name: str) -> str:
+    """The name under which this version of the library registers `name` (admit, commit, ...)."""
+    return f"orders_{version()}_{name}"
+
+
+async def load(redis: Redis) -> None:
+    """Load this version of the library (replacing only itself): needs an admin user."""
+    await redis.function_load(SOURCE.read_text().replace("__VERSION__", version()), replace=True)
+
+
+async def ensure_loaded(redis: Redis) -> None:
+    """Make sure this version of the library is loaded; load it if this user may, else LibraryMissing."""
+    try:
+        await redis.fcall(function("version"), 0)
+        return
+    except ResponseError as error:
+        if isinstance(error, NoPermissionError) or "function not found" not in str(error).lower():
+            raise
+    try:
+        await load(redis)
+    except NoPermissionError:
+        raise LibraryMissing(
+            f"the Redis function library orders_{version()} is not loaded and this user may not load "
+            "it: run `python -m initialization_stream` as an admin user"
+        ) from None
+
+
+@dataclass
+class Fence:
+    """One consumer's atomic steps in one group: admission, the fenced commit, the fenced dead-letter.
+
+    The pending-entries list is the fence: an entry is committed or dead-lettered only while
+    it is still pending on this consumer, so of two consumers racing for one entry (a slow
+    owner and the one that claimed it) at most one commit applies.
+    """
+
+    redis: Redis
+    keys: Keys
+    group: str
+    consumer: str
+    window_ms: int  # DEDUPE_WINDOW_MS: 0 keeps no done marks
+
+    async def admit(self, entries: list[tuple[bytes, str]]) -> list[int]:
+        """RUN, DONE or RUNNING_ELSEWHERE for each (entry id, order id), in one atomic step."""
+        args: list[EncodableT] = [
+            self.group,
+            self.consumer,
+            self.keys.lease_prefix(self.group),
+            self.window_ms,
+        ]
+        for entry_id, order_id in entries:
+            args += [entry_id, order_id]
+        reply = await self.redis.fcall(function("admit"), 3, *self._guard_keys(), *args)
+        return [int(decision) for decision in reply]
+
+    async def commit(self, entries: list[tuple[bytes, str]]) -> tuple[int, list[bytes]]:
+        """Ack these (entry id, order id or '') still pending on us; return (acked, ids taken over)."""
+        args: list[EncodableT] = [self.group, self.consumer, self.window_ms]
+        for entry_id, order_id in entries:
+            args += [entry_id, order_id]
+        return commit_of(await self.redis.fcall(function("commit"), 3, *self._guard_keys(), *args))
+
+    async def dead_letter(
+        self, entry_id: bytes, order_id: str, record: dict[bytes, bytes | str | int]
+    ) -> bool:
+        """Copy the entry to the dead-letter stream and ack it; False if another consumer took it over."""
+        args: list[EncodableT] = [self.group, self.consumer, entry_id, order_id]
+        for name, value in record.items():
+            args += [name, value]
+        keys = (self.keys.stream, self.keys.dead_letter, self.keys.running(self.group))
+        return bool(await self.redis.fcall(function("dead_letter"), 3, *keys, *args))
+
+    def _guard_keys(self) -> tuple[str, str, str]:
+        return self.keys.stream, self.keys.done(self.group), self.keys.running(self.group)
