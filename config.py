@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 DEFAULTS: dict[str, str] = {
     "REDIS_URL": "redis://localhost:6379/0",
     "REDIS_MAX_CONNECTIONS": "5",
+    "REDIS_CONNECT_TIMEOUT_MS": "10000",  # a script gives up on an unreachable Redis after this long
     "STREAM_KEY": "orders",
     "FULFILLMENT_GROUP": "fulfillment_group",
     "EMAIL_GROUP": "email_group",
@@ -37,6 +38,7 @@ DEFAULTS: dict[str, str] = {
     "RETENTION_KEEP_ENTRIES": "0",  # keep at least this many newest entries
     "STALE_CONSUMER_MS": "86400000",  # 0: never remove idle consumers
     "METRICS_PORT": "0",  # 0: no Prometheus endpoint
+    "METRICS_HOST": "127.0.0.1",  # the address metrics listen on; 0.0.0.0 for every interface
     "DEDUPE_WINDOW_MS": "3600000",  # run a group's handler once per order_id within this; 0: off
 }
 
@@ -79,6 +81,7 @@ class Settings:
 
     redis_url: str = field(repr=False)
     redis_max_connections: int
+    redis_connect_timeout_ms: int
     stream_key: str
     fulfillment_group: str
     email_group: str
@@ -98,6 +101,7 @@ class Settings:
     retention_keep_entries: int
     stale_consumer_ms: int
     metrics_port: int
+    metrics_host: str
     dedupe_window_ms: int
 
     @property
@@ -124,6 +128,7 @@ class Settings:
         settings = cls(
             redis_url=url,
             redis_max_connections=get.integer("REDIS_MAX_CONNECTIONS", low=1),
+            redis_connect_timeout_ms=get.integer("REDIS_CONNECT_TIMEOUT_MS", low=100),
             stream_key=get.text("STREAM_KEY"),
             fulfillment_group=fulfillment_group,
             email_group=email_group,
@@ -143,6 +148,7 @@ class Settings:
             retention_keep_entries=get.integer("RETENTION_KEEP_ENTRIES", low=0),
             stale_consumer_ms=get.integer("STALE_CONSUMER_MS", low=0),
             metrics_port=get.integer("METRICS_PORT", low=0, high=65535),
+            metrics_host=get.text("METRICS_HOST"),
             dedupe_window_ms=get.integer("DEDUPE_WINDOW_MS", low=0),
         )
         if any(char.isspace() for char in settings.consumer_name):

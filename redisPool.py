@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
@@ -22,9 +23,9 @@ from redis.utils import HIREDIS_AVAILABLE
 from config import CliError, Settings
 
 log = logging.getLogger("redisPool")
+T = TypeVar("T")
 
-# A script that cannot reach Redis gives up after this long (plus one connect timeout).
-STARTUP_DEADLINE_S = 10.0
+# Each connection attempt gives up after this long (at most REDIS_CONNECT_TIMEOUT_MS at start).
 CONNECT_TIMEOUT_S = 2.0
 
 
@@ -34,6 +35,28 @@ class RedisUnavailable(CliError):
 
 class RedisRefused(RedisUnavailable):
     """Redis answered but refused us (credentials, ACL, TLS): waiting longer cannot help."""
+
+
+class _Retry(Retry):
+    """Retry lost connections, never a refused login (AuthenticationError is a ConnectionError).
+
+    Retrying the handshake would only delay the one clear line: redis-py retries it both in
+    the connection and in the command, so a missing password took 16 attempts and 2 s.
+    """
+
+    async def call_with_retry(
+        self,
+        do: Callable[[], Awaitable[T]],
+        fail: Callable[[Exception], Any] | Callable[[Exception, int], Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        def retryable(error: Exception) -> bool:
+            return not isinstance(error, AuthenticationError) and (
+                is_retryable is None or is_retryable(error)
+            )
+
+        return await super().call_with_retry(do, fail, retryable, with_failure_count)
 
 
 class _HiredisPacking(AbstractConnection):
@@ -74,9 +97,9 @@ def make_pool(settings: Settings) -> ConnectionPool:
         settings.redis_url,
         max_connections=settings.redis_max_connections,
         socket_timeout=settings.socket_timeout_ms / 1000,
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_connect_timeout=min(CONNECT_TIMEOUT_S, settings.redis_connect_timeout_ms / 1000),
         # Three quick reconnects hide a dropped connection; longer outages reach the caller.
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3),
+        retry=_Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         health_check_interval=30,
         client_name=settings.consumer_name,  # CLIENT LIST then shows which consumer is which
@@ -86,8 +109,11 @@ def make_pool(settings: Settings) -> ConnectionPool:
     return pool
 
 
-async def wait_until_reachable(redis: Redis, where: str, deadline_s: float = STARTUP_DEADLINE_S) -> None:
-    """PING until Redis answers; raise RedisUnavailable after `deadline_s`, or at once when hopeless."""
+async def wait_until_reachable(redis: Redis, where: str, deadline_s: float) -> None:
+    """PING until Redis answers; raise RedisUnavailable after `deadline_s`, or at once when hopeless.
+
+    Silent until then (retries are DEBUG lines): a script that gives up says so in one line.
+    """
     loop = asyncio.get_running_loop()
     give_up = loop.time() + deadline_s
     delay = 0.1
@@ -99,7 +125,7 @@ async def wait_until_reachable(redis: Redis, where: str, deadline_s: float = STA
             return
         except (AuthenticationError, ResponseError) as error:
             # WRONGPASS, NOAUTH, NOPERM: retrying cannot help.
-            raise RedisRefused(f"Redis at {where} refused the connection: {error}") from None
+            raise RedisRefused(refusal(where, error)) from None
         except (RedisConnectionError, RedisTimeoutError, OSError) as error:
             if isinstance(error.__cause__ or error.__context__, ssl.SSLError):
                 raise RedisRefused(f"TLS with Redis at {where} failed: {error}") from None
@@ -107,17 +133,38 @@ async def wait_until_reachable(redis: Redis, where: str, deadline_s: float = STA
                 reason = str(error) or type(error).__name__
             if loop.time() + delay >= give_up:
                 raise RedisUnavailable(
-                    f"cannot reach Redis at {where} after {deadline_s:.0f}s: {reason}"
+                    f"cannot reach Redis at {where} after {deadline_s:g}s: {reason}"
                 ) from None
-            if delay == 0.1:
-                log.warning("Redis at %s not reachable yet (%s); retrying", where, type(error).__name__)
+            log.debug("Redis at %s not reachable yet (%s); retrying", where, type(error).__name__)
         await asyncio.sleep(delay)
         delay = min(delay * 2, 2.0)
 
 
+def refusal(where: str, error: Exception) -> str:
+    """One line for a Redis that answered but refused us, saying what to change; never a secret."""
+    text = str(error)
+    # NOAUTH on RESP2; on RESP3 the HELLO handshake is refused instead.
+    if any(sign in text for sign in ("NOAUTH", "Authentication required", "HELLO must be called")):
+        return (
+            f"Redis at {where} needs a password: put it in REDIS_URL, "
+            "redis://USER:PASSWORD@HOST:PORT/DB (redis://:PASSWORD@HOST:PORT/DB for the default user)"
+        )
+    if any(sign in text for sign in ("WRONGPASS", "invalid username-password pair")):
+        return (
+            f"Redis at {where} refused the user or password of REDIS_URL "
+            "(redis://USER:PASSWORD@HOST:PORT/DB): wrong password, or an unknown or disabled user"
+        )
+    return f"Redis at {where} refused the connection: {text}"
+
+
 @asynccontextmanager
-async def redis_connect(settings: Settings, deadline_s: float = STARTUP_DEADLINE_S) -> AsyncIterator[Redis]:
-    """Yield a client owning the process's pool, after a successful PING; close the pool on exit."""
+async def redis_connect(settings: Settings, deadline_s: float | None = None) -> AsyncIterator[Redis]:
+    """Yield a client owning the process's pool, after a successful PING; close the pool on exit.
+
+    Gives up after `deadline_s`, by default REDIS_CONNECT_TIMEOUT_MS.
+    """
+    if deadline_s is None:
+        deadline_s = settings.redis_connect_timeout_ms / 1000
     redis = Redis.from_pool(make_pool(settings))
     try:
         await wait_until_reachable(redis, settings.safe_redis_url, deadline_s)

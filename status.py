@@ -225,7 +225,7 @@ def render(report: dict[str, Any], found: list[str], color: bool) -> str:
 
 async def main(settings: Settings, args: argparse.Namespace) -> int:
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-    async with redis_connect(settings) as redis:
+    async with redis_connect(settings, args.timeout) as redis:
         while True:
             report = await collect(redis, settings)
             found = problems(report, args)
@@ -255,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-pending-age", type=float, metavar="SECONDS", help="unhealthy when an entry is pending longer"
     )
     parser.add_argument("--max-dead-letters", type=int, metavar="N", help="unhealthy over N dead letters")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="give up on a Redis that does not answer after SECONDS, exit 1; 1-2 for a probe "
+        "(default: REDIS_CONNECT_TIMEOUT_MS, 10 s unless set)",
+    )
     return parser
 
 
@@ -263,6 +270,8 @@ if __name__ == "__main__":
     arguments = parser.parse_args()
     if arguments.watch is not None and arguments.watch <= 0:
         parser.error("--watch must be more than 0 seconds")
+    if arguments.timeout is not None and not arguments.timeout > 0:
+        parser.error("--timeout must be more than 0 seconds")
     limits = (arguments.max_lag, arguments.max_pending, arguments.max_pending_age, arguments.max_dead_letters)
     if any(limit is not None and limit < 0 for limit in limits):
         parser.error("thresholds must be 0 or more")
