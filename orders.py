@@ -22,6 +22,11 @@ except ImportError:  # pragma: no cover - exercised where orjson is not installe
 MAX_ITEMS = 1000
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 _FIELDS = frozenset(("order_id", "customer_email", "items", "total", "created_at"))
+# An error names at most this many unexpected fields, and only plain ones: a key like an
+# e-mail address or a phone number may be personal data, as values are.
+_NAMES_SHOWN = 5
+_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,39}")
+_BOM = b"\xef\xbb\xbf"
 
 
 class InvalidOrder(ValueError):
@@ -64,6 +69,9 @@ def serialize(order: Order) -> bytes:
 def parse_order(payload: bytes | str, max_bytes: int) -> Order:
     """Parse and validate one payload; raise InvalidOrder (safe to log) when it is not an order."""
     raw = payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
+    if raw.startswith(_BOM):
+        # Editors on Windows start UTF-8 files with a byte order mark; RFC 8259 lets a parser ignore it.
+        raw = raw[len(_BOM) :]
     if len(raw) > max_bytes:
         raise InvalidOrder(f"payload is {len(raw)} bytes, over the {max_bytes}-byte cap")
     if orjson is not None:
@@ -100,8 +108,7 @@ def order_from_dict(value: object) -> Order:
     if type(value) is not dict:
         raise InvalidOrder(f"payload must be a JSON object, got {_json_type(value)}")
     if not value.keys() <= _FIELDS:
-        unknown = len(value.keys() - _FIELDS)
-        raise InvalidOrder(f"{unknown} unexpected field(s); allowed: {', '.join(sorted(_FIELDS))}")
+        raise InvalidOrder(_unexpected(value.keys() - _FIELDS))
     order_id = value.get("order_id")
     if not _is_text(order_id, 128):
         raise InvalidOrder(_text_problem("order_id", order_id, 128))
@@ -125,6 +132,19 @@ def order_from_dict(value: object) -> Order:
         None if total is None else float(total),
         created_at,
     )
+
+
+def _unexpected(names: set[str]) -> str:
+    """`unexpected field "note"`: plain names are shown; values, and names that could be data, never."""
+    shown = sorted(name for name in names if _PLAIN_NAME.fullmatch(name))[:_NAMES_SHOWN]
+    what = "unexpected field" if len(names) == 1 else f"{len(names)} unexpected fields"
+    if not shown:
+        listed = " (name not shown)" if len(names) == 1 else " (names not shown)"
+    else:
+        listed = " " + ", ".join(f'"{name}"' for name in shown)
+        if len(names) > len(shown):
+            listed += f" and {len(names) - len(shown)} more"
+    return f"{what}{listed}; allowed: {', '.join(sorted(_FIELDS))}"
 
 
 def _is_text(value: object, max_len: int) -> TypeGuard[str]:
