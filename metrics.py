@@ -11,6 +11,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import REGISTRY, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -18,7 +19,7 @@ from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from config import Settings
+from config import DEFAULTS, Settings
 from orders import Order
 
 if TYPE_CHECKING:  # stream_consumer imports this module
@@ -50,6 +51,15 @@ class ConsumerCollector(Collector):
         self.lag: dict[str, int] = {}
         self.pending: dict[str, int] = {}
         self.dead_letters = 0
+        self.server: WSGIServer | None = None
+
+    def close(self) -> None:
+        """Stop serving and forget these metrics (a process serves them until it exits otherwise)."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+        REGISTRY.unregister(self)
 
     def collect(self) -> Iterator[Metric]:
         labels = [self.group, self.consumer]
@@ -94,11 +104,17 @@ def timed(handler: Handler, group: str) -> Handler:
     return handle
 
 
-def start(port: int, stats: Stats, group: str, consumer: str) -> ConsumerCollector:
-    """Serve /metrics on `port` (all interfaces, as scrapers expect) and return the collector."""
+def start(
+    port: int, stats: Stats, group: str, consumer: str, host: str = DEFAULTS["METRICS_HOST"]
+) -> ConsumerCollector:
+    """Serve /metrics on `host`:`port` (METRICS_HOST: 127.0.0.1 unless set) and return the collector."""
     collector = ConsumerCollector(stats, group, consumer)
     REGISTRY.register(collector)
-    start_http_server(port)
+    try:
+        collector.server, _ = start_http_server(port, addr=host)
+    except OSError:
+        REGISTRY.unregister(collector)  # a retry (another port, another host) must not collide
+        raise
     return collector
 
 
