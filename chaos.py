@@ -272,20 +272,55 @@ def build_parser() -> argparse.ArgumentParser:
         "of its own on 127.0.0.1), then check that no order was lost, invented or handled twice. "
         "Prints one line of figures; exit 0 only when lost, unexpected and duplicates are 0.",
     )
-    parser.add_argument("--orders", type=int, default=100_000, help="orders to publish (default 100000)")
-    parser.add_argument("--consumer-kills", type=int, default=20, help="consumer SIGKILLs (default 20)")
-    parser.add_argument("--redis-restarts", type=int, default=3, help="Redis SIGKILL+restarts (default 3)")
+    parser.add_argument(
+        "--orders", type=int, default=100_000, metavar="N", help="orders to publish (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--consumer-kills", type=int, default=20, metavar="N", help="consumer SIGKILLs (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--redis-restarts",
+        type=int,
+        default=3,
+        metavar="N",
+        help="Redis SIGKILL+restarts (default: %(default)s)",
+    )
     parser.add_argument(
         "--partitions",
         type=int,
         default=3,
-        help="consumer-Redis partitions of 1-4 s (default 3); needs root, unshare and iptables, "
-        "and runs the soak in a network namespace of its own",
+        metavar="N",
+        help="consumer-Redis partitions of 1-4 s (default: %(default)s); needs root, unshare and "
+        "iptables, and runs the soak in a network namespace of its own",
     )
-    parser.add_argument("--consumers-per-group", type=int, default=2, help="default 2")
-    parser.add_argument("--seconds", type=float, default=30.0, help="spread the faults over about this long")
-    parser.add_argument("--settle-timeout", type=float, default=180.0, help="wait this long at the end")
-    parser.add_argument("--seed", type=int, default=1, help="random seed for the fault schedule")
+    parser.add_argument(
+        "--consumers-per-group",
+        type=int,
+        default=2,
+        metavar="N",
+        help="consumer processes per group (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="spread the faults over about this many seconds (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--settle-timeout",
+        type=float,
+        default=180.0,
+        metavar="SECONDS",
+        help="at the end, wait at most this many seconds for both groups to finish (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        metavar="N",
+        help="random seed for the fault schedule (default: %(default)s)",
+    )
     return parser
 
 

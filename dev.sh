@@ -5,7 +5,16 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 usage() {
-  echo "usage: ./dev.sh demo [--count N] | test [PYTEST ARGS] | bench [ARGS] | run MODULE [ARGS]" >&2
+  cat >&2 <<'EOF'
+usage: ./dev.sh demo [--count N] | test [PYTEST ARGS] | bench [ARGS] | run MODULE [ARGS]
+  demo          the whole pipeline end to end (./dev.sh demo --help: its options)
+  test          ruff, mypy and pytest against a throwaway redis-server
+  bench         the benchmark (./dev.sh bench --help)
+  run MODULE    a script with .venv's Python, e.g. ./dev.sh run status --help; modules:
+                initialization_stream producer consumer1 consumer2 status deadletter
+                maintenance demo bench chaos
+Every script's --help lists its options with their defaults.
+EOF
   exit 2
 }
 
