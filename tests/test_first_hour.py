@@ -1,0 +1,341 @@
+"""A new user's first hour: README commands, --help, an unreachable or locked Redis, small snags."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, Script, need_redis_server, run_script, script_env, wait_until
+from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
+
+import metrics
+from config import ConfigError, Settings
+from local_redis import LocalRedis, start_local_redis
+from orders import InvalidOrder, parse_order
+from stream_consumer import Stats
+
+README = (ROOT / "README.md").read_text()
+# Every top-level module a user runs with `python3 -m NAME`.
+SCRIPTS = sorted(path.stem for path in ROOT.glob("*.py") if 'if __name__ == "__main__":' in path.read_text())
+PASSWORD = "pw-Zq81-first-hour"  # a secret that must never show up in any output
+
+
+def readme_section(heading: str) -> str:
+    """The text under a `#`-heading of the README, up to the next heading of the same or a higher level."""
+    match = re.search(rf"^(#+) {re.escape(heading)}\n", README, re.M)
+    assert match, f"README has no section {heading!r}"
+    level = len(match.group(1))
+    end = re.compile(rf"^#{{1,{level}}} ", re.M).search(README, match.end())
+    return README[match.end() : end.start() if end else len(README)]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {stderr!r}"
+    return lines[0]
+
+
+# 1. "Running the pieces yourself"
+
+
+def test_running_the_pieces_runs_without_docker_or_a_python_command() -> None:
+    section = readme_section("Running the pieces yourself")
+    commands = [line.split("#")[0].strip() for block in re.findall(r"```sh\n(.*?)```", section, re.S)
+                for line in block.splitlines()]  # fmt: skip
+    commands = [command for command in commands if command]
+    assert any(c.startswith("python3 -m venv .venv") and ". .venv/bin/activate" in c for c in commands)
+    assert any(c.startswith("redis-server ") for c in commands), "a Redis without Docker"
+    assert any("docker compose up" in c for c in commands), "and the Docker way beside it"
+    assert not re.search(r"(?<![\w/.-])python -m", section), "Debian has python3, not python: one spelling"
+    assert "compose only" in section, "the .env passwords step says it is for compose"
+    for requirements in re.findall(r"pip install -r (\S+)", section):
+        assert (ROOT / requirements).is_file(), requirements
+
+
+def test_running_the_pieces_names_real_modules_that_take_help() -> None:
+    section = readme_section("Running the pieces yourself")
+    modules = set(re.findall(r"python3 -m (\w+)", section)) - {"venv", "pip"}
+    modules |= set(re.findall(r"\./dev\.sh run (\w+)", section)) - {"MODULE"}
+    assert {"initialization_stream", "consumer1", "consumer2", "producer", "status"} <= modules
+    for module in sorted(modules):
+        assert (ROOT / f"{module}.py").is_file(), module
+        result = run_script(module, script_env("redis://127.0.0.1:1/0"), "--help")
+        assert result.returncode == 0, (module, result.stderr)
+        assert result.stdout.startswith("usage:"), module
+
+
+# 3. --help shows defaults
+
+
+def _parser_of(module: str) -> argparse.ArgumentParser | None:
+    build = getattr(importlib.import_module(module), "build_parser", None)
+    return None if build is None else build()
+
+
+def _parsers(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()) -> Iterator[
+    tuple[tuple[str, ...], argparse.ArgumentParser]
+]:  # fmt: skip
+    """The parser and its subcommands' parsers, each with the words that reach it."""
+    yield words, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, (*words, name))
+
+
+def _options_with_defaults(parser: argparse.ArgumentParser) -> list[str]:
+    """Options whose default is a value (not None, and not a flag's False), as --help would show them."""
+    return [
+        action.option_strings[-1]
+        for action in parser._actions
+        if action.option_strings
+        and action.help != argparse.SUPPRESS
+        and action.default not in (None, False, argparse.SUPPRESS)
+    ]
+
+
+def _help_entry(help_text: str, option: str) -> str:
+    """The lines of `--help` that describe `option`, up to the next option."""
+    match = re.search(rf"^  (?:-\w, )?{re.escape(option)}\b.*?(?=^  -|^$|\Z)", help_text, re.M | re.S)
+    assert match, f"{option} is not in the help"
+    return match.group(0)
+
+
+@pytest.mark.parametrize("module", SCRIPTS)
+def test_every_option_with_a_default_says_so_in_help(module: str) -> None:
+    parser = _parser_of(module)
+    for words, sub in _parsers(parser) if parser is not None else [((), None)]:
+        result = run_script(module, script_env("redis://127.0.0.1:1/0"), *words, "--help")
+        assert result.returncode == 0, (module, words, result.stderr)
+        if sub is None:  # no build_parser: a script without options
+            assert re.findall(r"^  (-\S+)", result.stdout, re.M) == ["-h,"], module
+            continue
+        for option in _options_with_defaults(sub):
+            entry = _help_entry(result.stdout, option)
+            assert "default" in entry, f"python -m {module} {' '.join(words)} --help: {option} {entry!r}"
+
+
+def test_options_whose_default_depends_on_something_else_say_what_it_is() -> None:
+    for module, option in (("bench", "--orders"), ("status", "--timeout")):
+        result = run_script(module, script_env("redis://127.0.0.1:1/0"), "--help")
+        assert "default" in _help_entry(result.stdout, option), (module, option)
+
+
+def test_dev_sh_usage_points_at_help() -> None:
+    result = subprocess.run(
+        [str(ROOT / "dev.sh")], cwd=ROOT, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 2
+    assert "--help" in result.stderr
+    assert "./dev.sh run" in result.stderr
+
+
+# 2. Unreachable or refusing Redis
+
+
+def test_connect_timeout_setting() -> None:
+    assert Settings.from_env({}).redis_connect_timeout_ms == 10_000
+    assert Settings.from_env({"REDIS_CONNECT_TIMEOUT_MS": "1500"}).redis_connect_timeout_ms == 1500
+    with pytest.raises(ConfigError, match="REDIS_CONNECT_TIMEOUT_MS"):
+        Settings.from_env({"REDIS_CONNECT_TIMEOUT_MS": "soon"})
+
+
+@pytest.mark.parametrize(
+    ("module", "args"),
+    [
+        ("status", ()),
+        ("producer", ("--count", "1")),
+        ("initialization_stream", ()),
+        ("consumer1", ()),
+        ("deadletter", ("list",)),
+        ("maintenance", ()),
+    ],
+)
+def test_an_unreachable_redis_is_one_line_within_the_connect_timeout(
+    module: str, args: tuple[str, ...]
+) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    started = time.monotonic()
+    result = run_script(module, script_env(url, REDIS_CONNECT_TIMEOUT_MS="1000"), *args, timeout=15)
+    took = time.monotonic() - started
+    assert result.returncode == 1, result.stderr
+    line = one_line(result.stderr)
+    assert line.startswith(f"{module}: error: cannot reach Redis at {url} after 1s"), line
+    assert took < 3, f"gave up after {took:.1f}s"
+
+
+def test_status_timeout_overrides_the_setting() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    started = time.monotonic()
+    result = run_script("status", script_env(url), "--timeout", "1.5", timeout=15)  # setting: 10 s
+    took = time.monotonic() - started
+    assert result.returncode == 1
+    assert "after 1.5s" in one_line(result.stderr)
+    assert took < 3, f"gave up after {took:.1f}s"
+    bad = run_script("status", script_env(url), "--timeout", "0")
+    assert bad.returncode == 2
+    assert "--timeout must be more than 0 seconds" in bad.stderr
+
+
+@pytest.fixture
+def locked_server() -> Iterator[LocalRedis]:
+    """A redis-server whose default user needs PASSWORD."""
+    need_redis_server()
+    server = start_local_redis("--requirepass", PASSWORD)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("module", ["status", "consumer1", "producer"])
+def test_a_missing_password_says_one_is_needed_and_where_it_goes(
+    locked_server: LocalRedis, module: str
+) -> None:
+    url = f"redis://127.0.0.1:{locked_server.port}/0"
+    result = run_script(module, script_env(url, REDIS_CONNECT_TIMEOUT_MS="5000"), timeout=15)
+    assert result.returncode == 1
+    line = one_line(result.stderr)
+    assert line.startswith(f"{module}: error: Redis at {url} needs a password: put it in REDIS_URL"), line
+    assert "redis://USER:PASSWORD@HOST:PORT/DB" in line
+    assert "HELLO" not in line
+    assert "NOAUTH" not in line
+    assert PASSWORD not in result.stdout + result.stderr
+
+
+def test_a_wrong_password_is_one_line_without_the_secret(locked_server: LocalRedis) -> None:
+    wrong = "not-" + PASSWORD
+    url = f"redis://:{wrong}@127.0.0.1:{locked_server.port}/0"
+    started = time.monotonic()
+    result = run_script("status", script_env(url), timeout=15)
+    assert result.returncode == 1
+    assert time.monotonic() - started < 3  # refused at once, not retried until the deadline
+    line = one_line(result.stderr)
+    assert "refused the user or password of REDIS_URL" in line, line
+    assert PASSWORD not in result.stdout + result.stderr
+
+
+# 4. Small things
+
+
+def test_unexpected_fields_are_named_never_their_values() -> None:
+    base = '{"order_id": "ord-1", "customer_email": "ann@example.com"'
+
+    def refusal(extra: str) -> str:
+        with pytest.raises(InvalidOrder) as refused:
+            parse_order(base + extra + "}", 65536)
+        return str(refused.value)
+
+    one = refusal(', "note": "call ann on 555-0100"')
+    assert one.startswith('unexpected field "note"; allowed: created_at, customer_email, ')
+    assert "555-0100" not in one
+    assert refusal(', "zip": "12345", "gift_wrap": 1').startswith('2 unexpected fields "gift_wrap", "zip"; ')
+    # A key that could be personal data is counted, not shown.
+    mixed = refusal(', "note": 1, "bob@example.com": 1, "+1 555 0100": 1')
+    assert mixed.startswith('3 unexpected fields "note" and 2 more; ')
+    assert "bob" not in mixed
+    assert "555" not in mixed
+    assert refusal(', "bob@example.com": 1').startswith("unexpected field (name not shown); ")
+    assert refusal(', "a b": 1, "b\\u0007": 1').startswith("2 unexpected fields (names not shown); ")
+    many = "".join(f', "f{i}": {i}' for i in range(8))
+    assert refusal(many).startswith('8 unexpected fields "f0", "f1", "f2", "f3", "f4" and 3 more; ')
+
+
+def test_a_leading_byte_order_mark_is_accepted() -> None:
+    payload = '{"order_id": "ord-1", "customer_email": "ann@example.com"}'
+    assert parse_order(b"\xef\xbb\xbf" + payload.encode(), 65536).order_id == "ord-1"
+    assert parse_order("\ufeff" + payload, 65536).order_id == "ord-1"
+    with pytest.raises(InvalidOrder):  # one mark at the start, not anywhere
+        parse_order(payload.replace("{", "{\ufeff", 1), 65536)
+
+
+async def test_the_producer_publishes_a_file_saved_with_a_byte_order_mark(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    orders = tmp_path / "orders.jsonl"
+    lines = [f'{{"order_id": "ord-{n}", "customer_email": "ann@example.com"}}' for n in (1, 2)]
+    orders.write_text("\r\n".join(lines) + "\r\n", encoding="utf-8-sig")  # as Notepad saves it
+    assert orders.read_bytes().startswith(b"\xef\xbb\xbf")
+    result = await asyncio.to_thread(run_script, "producer", script_env(redis_url), "--file", str(orders))
+    assert result.returncode == 0, result.stderr
+    entries = await redis.xrange(Settings.from_env({}).stream_key)
+    assert [fields[b"data"] for _, fields in entries or [] if fields] == [
+        b'{"order_id":"ord-1","customer_email":"ann@example.com"}',
+        b'{"order_id":"ord-2","customer_email":"ann@example.com"}',
+    ]
+
+
+def test_metrics_start_listens_on_the_host_given() -> None:
+    port = free_port()
+    collector = metrics.start(port, Stats(), "g", "c", host="127.0.0.2")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.2:{port}/metrics", timeout=5) as response:
+            assert b"orders_processed_total" in response.read()
+        with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+    finally:
+        collector.close()
+
+
+def test_metrics_host_setting() -> None:
+    assert Settings.from_env({}).metrics_host == "127.0.0.1"
+    assert Settings.from_env({"METRICS_HOST": "0.0.0.0"}).metrics_host == "0.0.0.0"
+    with pytest.raises(ConfigError, match="METRICS_HOST"):
+        Settings.from_env({"METRICS_HOST": " "})
+
+
+async def test_a_consumer_serves_metrics_on_loopback_only_and_the_readme_lists_each(
+    redis: Redis, redis_url: str, scripts: Callable[..., Script]
+) -> None:
+    port = free_port()
+    consumer = scripts("consumer1", script_env(redis_url, METRICS_PORT=str(port)))
+
+    def scrape() -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                body: bytes = response.read()
+                return body.decode()
+        except OSError:
+            return None
+
+    await wait_until(lambda: asyncio.to_thread(scrape), "the consumer to serve metrics", timeout=15)
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.2", port), timeout=5):
+        pass  # not on every interface: another loopback address is refused
+    text = await asyncio.to_thread(scrape)
+    assert text is not None
+    exported = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("orders_")
+        and not family.name.endswith("_created")  # a histogram's start time
+    }
+    assert "orders_deleted_skipped_total" in exported
+    listed = set(re.findall(r"`(orders_\w+)`", README))
+    assert exported - listed == set(), "exported but not in the README's metrics list"
+    assert {f"orders_{name}_total" for name in metrics.COUNTERS} <= exported
+    consumer.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(consumer.wait) == 0
+
+
+def test_every_script_is_covered() -> None:
+    assert {"bench", "chaos", "consumer1", "consumer2", "deadletter", "demo", "producer", "status"} <= set(
+        SCRIPTS
+    ), SCRIPTS
