@@ -8,32 +8,47 @@ import contextlib
 import dataclasses
 import json
 import os
+import secrets
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 
+import library
 import producer
-from config import Settings, configure_logging, load_settings
+from config import DEFAULTS, Settings, configure_logging, load_settings
+from initialization_stream import initialize
+from keys import keys_for
 from local_redis import start_local_redis
-from orders import Item, Order
+from maintenance import detect, trim
+from orders import Item, Order, serialize
 from redisPool import redis_connect
 from replies import entries_of
 from status import caught_up
 from stream_consumer import StreamConsumer, serve
 
 STREAM = "bench:orders"
+MEMORY_STREAM = "bench:memory"
+# The template's least-privilege users may touch only the default stream's keys.
+PRODUCTION_STREAM = DEFAULTS["STREAM_KEY"]
+GROUPS = ("bench-fulfillment", "bench-email")
 PAYLOAD_110 = "x" * 110  # redis-benchmark's value: the size of a typical order
+START_SH = Path(__file__).with_name("redis") / "start.sh"
+# Orders through the pipeline before memory is first read: keys, groups and consumers exist,
+# and the producer's id map (at most IDMP_KEEP ids) is already full, as at steady state.
+WARM_UP = 2 * library.IDMP_KEEP
 
 
 @dataclasses.dataclass
@@ -43,10 +58,11 @@ class Sizes:
     e2e: int
     latency_s: float
     repeat: int
+    memory: int
 
 
-FULL = Sizes(publish=500_000, baseline=20_000, e2e=1_000_000, latency_s=10.0, repeat=3)
-QUICK = Sizes(publish=50_000, baseline=3_000, e2e=50_000, latency_s=2.0, repeat=1)
+FULL = Sizes(publish=500_000, baseline=20_000, e2e=1_000_000, latency_s=10.0, repeat=3, memory=100_000)
+QUICK = Sizes(publish=50_000, baseline=3_000, e2e=50_000, latency_s=2.0, repeat=1, memory=10_000)
 
 
 def bench_orders(count: int) -> list[Order]:
@@ -64,6 +80,33 @@ def progress(message: str) -> None:
 
 def rate(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else 0.0
+
+
+def bench_settings(url: str, stream: str, batch: int) -> Settings:
+    """The settings of the bench's consumers of `stream`: its own groups, short blocking reads."""
+    return Settings.from_env(
+        {
+            "REDIS_URL": url,
+            "STREAM_KEY": stream,
+            "DEAD_LETTER_STREAM": f"{stream}:dead-letter",
+            "GROUPS": ",".join(GROUPS),
+            "BLOCK_MS": "100",
+            "BATCH_SIZE": str(batch),
+        }
+    )
+
+
+async def forget(redis: Redis, settings: Settings) -> None:
+    """Delete the stream and every key the pipeline keeps beside it (guard, dead letters, the id map)."""
+    keys = keys_for(settings)
+    guard = [key for group in GROUPS for key in (keys.done(group), keys.running(group))]
+    await redis.delete(keys.stream, keys.dead_letter, *guard, *keys.producer(producer.producer_id()))
+
+
+async def reset(redis: Redis, settings: Settings) -> None:
+    """An empty stream set up as in production by initialization_stream (groups, library, IDMP window)."""
+    await forget(redis, settings)
+    await initialize(redis, settings)
 
 
 # --- publishing ---------------------------------------------------------------------
@@ -97,10 +140,66 @@ async def baseline(redis: Redis, orders: list[Order]) -> float:
     return rate(len(orders), time.perf_counter() - started)
 
 
-async def publish_rate(redis: Redis, orders: list[Order]) -> float:
+async def publish_rate(redis: Redis, stream: str, orders: list[Order]) -> float:
     started = time.perf_counter()
-    await producer.publish_many(redis, STREAM, orders)
+    await producer.publish_many(redis, stream, orders)
     return rate(len(orders), time.perf_counter() - started)
+
+
+async def append_plain(redis: Redis, stream: str, orders: Sequence[Order]) -> None:
+    """Orders appended by another client: XADD of `data` only, 1000 per pipeline."""
+    for start in range(0, len(orders), 1000):
+        pipe = redis.pipeline(transaction=False)
+        for order in orders[start : start + 1000]:
+            pipe.xadd(stream, {"data": serialize(order)})
+        await pipe.execute()
+
+
+# --- the production users -----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Users:
+    """URLs of the template's least-privilege users, on the bench's own server."""
+
+    producer_url: str = dataclasses.field(repr=False)
+    consumer_url: str = dataclasses.field(repr=False)
+
+
+def with_user(url: str, user: str, password: str) -> str:
+    """`url` logged in as `user`."""
+    parts = urlsplit(url)
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{parts.hostname}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def render_users(passwords: dict[str, str]) -> list[list[str]]:
+    """The lines of redis/users.acl.template as redis/start.sh renders them, split into words."""
+    with tempfile.TemporaryDirectory(prefix="bench-acl-") as directory:
+        acl = Path(directory) / "users.acl"
+        env = {**os.environ, **passwords, "ACL_FILE": str(acl), "RENDER_ONLY": "1"}
+        subprocess.run(["sh", str(START_SH)], env=env, check=True, timeout=30)
+        return [line.split() for line in acl.read_text().splitlines() if line.strip()]
+
+
+async def add_template_users(redis: Redis, url: str) -> Users:
+    """Create the users of redis/users.acl.template with made-up passwords; only on the bench's own server.
+
+    Its `user default off` is left out: the bench's own connection (the admin rows,
+    redis-benchmark) stays the default user.
+    """
+    passwords = {
+        name: secrets.token_urlsafe(16)
+        for name in ("REDIS_ADMIN_PASSWORD", "PRODUCER_PASSWORD", "CONSUMER_PASSWORD")
+    }
+    for _, name, *rules in await asyncio.to_thread(render_users, passwords):
+        if name != "default":
+            # Words as in an ACL file: Redis joins a selector's "(~key", "+cmd)" itself.
+            await redis.execute_command("ACL", "SETUSER", name, *rules)  # type: ignore[no-untyped-call]
+    return Users(
+        producer_url=with_user(url, "producer", passwords["PRODUCER_PASSWORD"]),
+        consumer_url=with_user(url, "consumer", passwords["CONSUMER_PASSWORD"]),
+    )
 
 
 # --- consuming in worker processes --------------------------------------------------
@@ -136,22 +235,23 @@ async def worker_bare(settings: Settings, group: str) -> dict[str, Any]:
 
         loads = orjson.loads
     count = 0
+    stream = settings.stream_key
     async with redis_connect(settings) as redis:
         while not stop.is_set():
             reply = await redis.xreadgroup(
-                group, settings.consumer_name, {STREAM: ">"}, count=settings.batch_size, block=100
+                group, settings.consumer_name, {stream: ">"}, count=settings.batch_size, block=100
             )
             entries = entries_of(reply)
             if entries:
                 for _, fields in entries:
                     loads(fields[b"data"])
-                await redis.xack(STREAM, group, *[entry_id for entry_id, _ in entries])
+                await redis.xack(stream, group, *[entry_id for entry_id, _ in entries])
                 count += len(entries)
     return {"processed": count, "rss_mb": [rss_mb()]}
 
 
 def worker_main(args: argparse.Namespace) -> None:
-    settings = dataclasses.replace(load_settings(), consumer_name=args.name, stream_key=STREAM)
+    settings = dataclasses.replace(load_settings(), consumer_name=args.name)
     configure_logging("WARNING")
     if args.worker == "ours-no-dedupe":
         settings = dataclasses.replace(settings, dedupe_window_ms=0)
@@ -161,9 +261,17 @@ def worker_main(args: argparse.Namespace) -> None:
 
 
 @asynccontextmanager
-async def workers(url: str, kind: str, per_group: int, batch: int) -> AsyncIterator[list[dict[str, Any]]]:
+async def workers(settings: Settings, kind: str, per_group: int) -> AsyncIterator[list[dict[str, Any]]]:
     """Run consumer processes for both groups; on exit SIGTERM them and collect their reports."""
-    env = {**os.environ, "REDIS_URL": url, "BATCH_SIZE": str(batch), "BLOCK_MS": "100"}
+    env = {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "STREAM_KEY": settings.stream_key,
+        "DEAD_LETTER_STREAM": settings.dead_letter_stream,
+        "GROUPS": ",".join(settings.groups),
+        "BATCH_SIZE": str(settings.batch_size),
+        "BLOCK_MS": str(settings.block_ms),
+    }
     processes = [
         await asyncio.create_subprocess_exec(
             *(sys.executable, "-m", "bench", "--worker", kind, "--group", group, "--name", f"{group}-{n}"),
@@ -178,7 +286,8 @@ async def workers(url: str, kind: str, per_group: int, batch: int) -> AsyncItera
         yield reports
     finally:
         for process in processes:
-            process.send_signal(signal.SIGTERM)
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
         for process in processes:
             async with asyncio.timeout(30):
                 out, _ = await process.communicate()
@@ -186,58 +295,85 @@ async def workers(url: str, kind: str, per_group: int, batch: int) -> AsyncItera
             reports.append(json.loads(lines[-1]) if lines else {})
 
 
-GROUPS = ("bench-fulfillment", "bench-email")
-
-
-async def wait_groups(redis: Redis, total: int, timeout: float) -> float:
+async def wait_groups(redis: Redis, stream: str, total: int, timeout: float) -> float:
     """Wait until both groups have read and acked `total` entries; return when that happened."""
     deadline = time.monotonic() + timeout
     next_note = time.monotonic() + 5
     while time.monotonic() < deadline:
-        if await caught_up(redis, STREAM, GROUPS):
+        if await caught_up(redis, stream, GROUPS):
             return time.perf_counter()
         if time.monotonic() > next_note:
-            infos = await redis.xinfo_groups(STREAM)
+            infos = await redis.xinfo_groups(stream)
             progress("  " + ", ".join(f"{g['name'].decode()} read {g['entries-read']}" for g in infos))
             next_note += 5
         await asyncio.sleep(0.005)
     raise TimeoutError(f"the groups did not finish {total} orders within {timeout:.0f}s")
 
 
-async def reset(redis: Redis) -> None:
-    await redis.delete(STREAM)
-    for group in GROUPS:
-        await redis.xgroup_create(STREAM, group, id="0", mkstream=True)
-
-
 async def end_to_end(
-    redis: Redis, url: str, orders: list[Order], kind: str, per_group: int, batch: int
+    redis: Redis, publisher: Redis, settings: Settings, orders: list[Order], kind: str, per_group: int
 ) -> tuple[float, list[dict[str, Any]]]:
-    """Publish `orders` while consumers of both groups run; rate = orders / (first publish .. last ack)."""
-    await reset(redis)
-    async with workers(url, kind, per_group, batch) as reports:
+    """Publish `orders` with `publisher` while consumers of both groups run (as `settings` say).
+
+    Rate = orders / (first publish .. last ack); `redis` (an admin) sets up and watches.
+    """
+    await reset(redis, settings)
+    async with workers(settings, kind, per_group) as reports:
         await asyncio.sleep(0.5)  # let the workers start and block on XREADGROUP
         started = time.perf_counter()
-        await producer.publish_many(redis, STREAM, orders)
-        finished = await wait_groups(redis, len(orders), timeout=600)
+        await producer.publish_many(publisher, settings.stream_key, orders)
+        finished = await wait_groups(redis, settings.stream_key, len(orders), timeout=600)
     return rate(len(orders), finished - started), reports
 
 
-async def consume_only(redis: Redis, url: str, orders: list[Order], batch: int) -> float:
+async def consume_only(redis: Redis, settings: Settings, orders: list[Order]) -> float:
     """One consumer per group draining a preloaded stream (groups in parallel processes)."""
-    await reset(redis)
-    await producer.publish_many(redis, STREAM, orders)
-    async with workers(url, "ours", 1, batch):
+    await reset(redis, settings)
+    await producer.publish_many(redis, settings.stream_key, orders)
+    async with workers(settings, "ours", 1):
         # Start the clock when both workers are reading, so process start-up is not counted.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            infos = await redis.xinfo_groups(STREAM)
+            infos = await redis.xinfo_groups(settings.stream_key)
             if all(g["entries-read"] for g in infos):
                 break
             await asyncio.sleep(0.001)
-        started, already = time.perf_counter(), max(g["entries-read"] for g in infos)
-        finished = await wait_groups(redis, len(orders), timeout=600)
+        started, already = time.perf_counter(), max(g["entries-read"] or 0 for g in infos)
+        finished = await wait_groups(redis, settings.stream_key, len(orders), timeout=600)
     return rate(len(orders) - already, finished - started)
+
+
+# --- memory at steady state ---------------------------------------------------------
+
+
+async def bytes_per_order(
+    redis: Redis, settings: Settings, count: int, *, foreign: bool
+) -> tuple[float, int]:
+    """Redis's used_memory growth per order once both groups acked `count` orders; the stream's length.
+
+    Own orders are published with producer.publish_many; foreign ones by plain XADD of `data`
+    (the dedupe guard keeps a done mark per order and group for those). Memory is read at two
+    quiet moments, consumers and publisher gone and the stream trimmed: after a warm-up round
+    (so keys, groups and consumers exist in both readings), and after `count` more orders.
+    """
+    await reset(redis, settings)
+    capabilities = await detect(redis)
+
+    async def round_of(orders: list[Order]) -> int:
+        async with workers(settings, "ours", 1):
+            # A client of its own, closed before memory is read: its buffers are not counted.
+            async with redis_connect(settings) as publisher:
+                if foreign:
+                    await append_plain(publisher, settings.stream_key, orders)
+                else:
+                    await producer.publish_many(publisher, settings.stream_key, orders)
+            await wait_groups(redis, settings.stream_key, len(orders), timeout=600)
+        await trim(redis, settings, capabilities)
+        return int((await redis.info("memory"))["used_memory"])
+
+    before = await round_of(bench_orders(WARM_UP))
+    after = await round_of(bench_orders(count))
+    return (after - before) / count, int(await redis.xlen(settings.stream_key))
 
 
 # --- latency ------------------------------------------------------------------------
@@ -259,7 +395,7 @@ class _TimedConsumer(StreamConsumer):
 
 async def latency(redis: Redis, settings: Settings, per_second: int, seconds: float) -> list[float]:
     """Publish at a steady rate with both groups consuming in this process; return latencies in ms."""
-    await reset(redis)
+    await reset(redis, settings)
     published: dict[str, float] = {}
     latencies: list[float] = []
     stop = asyncio.Event()
@@ -282,9 +418,9 @@ async def latency(redis: Redis, settings: Settings, per_second: int, seconds: fl
     for n in range(0, total, per_tick):
         for order in orders[n : n + per_tick]:
             published[order.order_id] = time.time()
-            await producer.publish(redis, STREAM, order)
+            await producer.publish(redis, settings.stream_key, order)
         await asyncio.sleep(max(0.0, started + (n + per_tick) / per_second - time.perf_counter()))
-    await wait_groups(redis, total, timeout=60)
+    await wait_groups(redis, settings.stream_key, total, timeout=60)
     stop.set()
     await asyncio.gather(*tasks)
     return [seconds * 1000 for seconds in latencies]
@@ -293,67 +429,152 @@ async def latency(redis: Redis, settings: Settings, per_second: int, seconds: fl
 # --- the run ------------------------------------------------------------------------
 
 
-async def run(url: str, sizes: Sizes, batch: int) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Streams:
+    """The settings of each stream the bench uses; `production` is the stream the template's users may use."""
+
+    bench: Settings
+    memory: Settings
+    production: Settings
+
+
+async def run(url: str, sizes: Sizes, batch: int, own_server: bool) -> dict[str, Any]:
+    """Every measurement; the template's users only on the bench's `own_server` (never a user's ACLs)."""
     results: dict[str, Any] = {
         "cores": os.cpu_count(),
         "batch_size": batch,
         "date": datetime.now(UTC).date().isoformat(),
     }
-    settings = Settings.from_env(
-        {"REDIS_URL": url, "STREAM_KEY": STREAM, "BLOCK_MS": "100", "BATCH_SIZE": str(batch)}
+    streams = Streams(
+        bench=bench_settings(url, STREAM, batch),
+        memory=bench_settings(url, MEMORY_STREAM, batch),
+        production=bench_settings(url, PRODUCTION_STREAM, batch),
     )
-    async with redis_connect(dataclasses.replace(settings, redis_max_connections=16)) as redis:
-        info = await redis.info("server")
-        results["redis_version"] = info["redis_version"]
-        progress(f"ceiling: redis-benchmark XADD x{sizes.publish * 2}")
-        results["ceiling_per_s"] = ceiling(url, sizes.publish * 2)
-        await redis.delete("bench:ceiling")
-
-        progress(f"baseline: {sizes.baseline} awaited XADDs x{sizes.repeat}")
-        runs = []
-        for _ in range(sizes.repeat):
-            await redis.delete(STREAM)
-            runs.append(await baseline(redis, bench_orders(sizes.baseline)))
-        results["baseline_per_s"] = statistics.median(runs)
-
-        progress(f"publish_many of {sizes.publish} x{sizes.repeat}")
-        runs = []
-        for _ in range(sizes.repeat):
-            await redis.delete(STREAM)
-            runs.append(await publish_rate(redis, bench_orders(sizes.publish)))
-        results["publish_per_s"] = statistics.median(runs)
-
-        progress(f"consume: {sizes.publish} preloaded, one consumer per group")
-        results["consume_per_s"] = await consume_only(redis, url, bench_orders(sizes.publish), batch)
-
-        progress(f"end to end: {sizes.e2e} orders, 2 groups x 1 consumer (memory sampled)")
-        e2e, reports = await end_to_end(redis, url, bench_orders(sizes.e2e), "ours", 1, batch)
-        results["e2e_per_s"] = e2e
-        rss = [r["rss_mb"] for r in reports if r.get("rss_mb")]
-        results["consumer_rss_mb_first"] = max(samples[0] for samples in rss)
-        results["consumer_rss_mb_last"] = max(samples[-1] for samples in rss)
-        memory = await redis.info("memory")
-        results["redis_used_mb"] = memory["used_memory"] / 1e6
-        results["redis_entries"] = await redis.xlen(STREAM)
-
-        half = max(sizes.e2e // 2, 1)
-        progress(f"end to end: {half} orders, 2 groups x 2 consumers")
-        results["e2e_2x2_per_s"], _ = await end_to_end(redis, url, bench_orders(half), "ours", 2, batch)
-        progress(f"end to end: {half} orders, hand-written loop without safety features, 2 groups x 1")
-        results["e2e_bare_per_s"], _ = await end_to_end(redis, url, bench_orders(half), "bare", 1, batch)
-        progress(f"end to end: {half} orders, ours again, for the safety cost")
-        results["e2e_safety_on_per_s"], _ = await end_to_end(redis, url, bench_orders(half), "ours", 1, batch)
-        progress(f"end to end: {half} orders, ours with the dedupe guard off")
-        results["e2e_no_dedupe_per_s"], _ = await end_to_end(
-            redis, url, bench_orders(half), "ours-no-dedupe", 1, batch
-        )
-
-        progress(f"latency: 5000 orders/s for {sizes.latency_s:.0f}s")
-        lat = await latency(redis, dataclasses.replace(settings, batch_size=batch), 5000, sizes.latency_s)
-        cuts = statistics.quantiles(lat, n=100)
-        results["latency_p50_ms"], results["latency_p99_ms"] = cuts[49], cuts[98]
-        await redis.delete(STREAM, "bench:ceiling")
+    async with redis_connect(dataclasses.replace(streams.bench, redis_max_connections=16)) as redis:
+        try:
+            info = await redis.info("server")
+            results["redis_version"] = info["redis_version"]
+            # initialization_stream gives each stream Redis 8.6's IDMP window, as in production.
+            native = (await detect(redis)).xadd_idmp
+            results["append_path"] = "xadd-idmp" if native else "library-id-map"
+            users = await add_template_users(redis, url) if own_server else None
+            await measure_publishing(redis, results, streams, sizes, users)
+            await measure_consuming(redis, results, streams, sizes, users)
+            await measure_memory(redis, results, streams.memory, sizes.memory)
+        finally:
+            await redis.delete("bench:ceiling")
+            for bench_stream in (streams.bench, streams.memory):
+                await forget(redis, bench_stream)
     return results
+
+
+def as_user(settings: Settings, url: str) -> Settings:
+    return dataclasses.replace(settings, redis_url=url, redis_max_connections=16)
+
+
+async def measure_publishing(
+    redis: Redis, results: dict[str, Any], streams: Streams, sizes: Sizes, users: Users | None
+) -> None:
+    """The ceiling, the baseline, publish_many as the admin and as the producer user."""
+    url = streams.bench.redis_url
+    progress(f"ceiling: redis-benchmark XADD x{sizes.publish * 2}")
+    results["ceiling_per_s"] = ceiling(url, sizes.publish * 2)
+    await redis.delete("bench:ceiling")
+
+    progress(f"baseline: {sizes.baseline} awaited XADDs x{sizes.repeat}")
+    runs = []
+    for _ in range(sizes.repeat):
+        await redis.delete(STREAM)
+        runs.append(await baseline(redis, bench_orders(sizes.baseline)))
+    results["baseline_per_s"] = statistics.median(runs)
+
+    progress(f"publish_many of {sizes.publish} x{sizes.repeat}")
+    runs = []
+    for _ in range(sizes.repeat):
+        await reset(redis, streams.bench)
+        runs.append(await publish_rate(redis, STREAM, bench_orders(sizes.publish)))
+    results["publish_per_s"] = statistics.median(runs)
+
+    results["publish_production_per_s"] = None
+    if users is None:
+        progress("publish_many as the template's producer user: skipped, REDIS_URL is set")
+        return
+    progress(f"publish_many as the template's producer user, {sizes.publish} x{sizes.repeat}")
+    runs = []
+    async with redis_connect(as_user(streams.production, users.producer_url)) as publisher:
+        for _ in range(sizes.repeat):
+            await reset(redis, streams.production)
+            runs.append(await publish_rate(publisher, PRODUCTION_STREAM, bench_orders(sizes.publish)))
+    results["publish_production_per_s"] = statistics.median(runs)
+
+
+async def measure_consuming(
+    redis: Redis, results: dict[str, Any], streams: Streams, sizes: Sizes, users: Users | None
+) -> None:
+    """Consume, end to end (as the admin, hand-written, as the template's users), latency."""
+    settings = streams.bench
+    progress(f"consume: {sizes.publish} preloaded, one consumer per group")
+    results["consume_per_s"] = await consume_only(redis, settings, bench_orders(sizes.publish))
+
+    progress(f"end to end: {sizes.e2e} orders, 2 groups x 1 consumer (memory sampled)")
+    e2e, reports = await end_to_end(redis, redis, settings, bench_orders(sizes.e2e), "ours", 1)
+    results["e2e_per_s"] = e2e
+    rss = [r["rss_mb"] for r in reports if r.get("rss_mb")]
+    results["consumer_rss_mb_first"] = max(samples[0] for samples in rss)
+    results["consumer_rss_mb_last"] = max(samples[-1] for samples in rss)
+    memory = await redis.info("memory")
+    results["redis_used_mb"] = memory["used_memory"] / 1e6
+    results["redis_entries"] = await redis.xlen(STREAM)
+
+    half = max(sizes.e2e // 2, 1)
+    progress(f"end to end: {half} orders, 2 groups x 2 consumers")
+    results["e2e_2x2_per_s"], _ = await end_to_end(redis, redis, settings, bench_orders(half), "ours", 2)
+    progress(f"end to end: {half} orders, hand-written loop without safety features, 2 groups x 1")
+    results["e2e_bare_per_s"], _ = await end_to_end(redis, redis, settings, bench_orders(half), "bare", 1)
+    progress(f"end to end: {half} orders, ours again, for the safety cost")
+    results["e2e_safety_on_per_s"], _ = await end_to_end(
+        redis, redis, settings, bench_orders(half), "ours", 1
+    )
+    results["e2e_production_per_s"] = None
+    if users is None:
+        progress("end to end as the template's producer and consumer users: skipped, REDIS_URL is set")
+    else:
+        progress(f"end to end: {half} orders as the template's producer and consumer users, 2 groups x 1")
+        consumers = dataclasses.replace(streams.production, redis_url=users.consumer_url)
+        async with redis_connect(as_user(streams.production, users.producer_url)) as publisher:
+            results["e2e_production_per_s"], _ = await end_to_end(
+                redis, publisher, consumers, bench_orders(half), "ours", 1
+            )
+    progress(f"end to end: {half} orders, ours with the dedupe guard off")
+    results["e2e_no_dedupe_per_s"], _ = await end_to_end(
+        redis, redis, settings, bench_orders(half), "ours-no-dedupe", 1
+    )
+
+    progress(f"latency: 5000 orders/s for {sizes.latency_s:.0f}s")
+    lat = await latency(redis, settings, 5000, sizes.latency_s)
+    cuts = statistics.quantiles(lat, n=100)
+    results["latency_p50_ms"], results["latency_p99_ms"] = cuts[49], cuts[98]
+    await forget(redis, settings)
+
+
+async def measure_memory(redis: Redis, results: dict[str, Any], settings: Settings, count: int) -> None:
+    """Bytes per order at steady state, guard on, for orders of this project's producer and foreign ones."""
+    progress(f"memory: {count} orders of each kind through both groups, guard on, then trimmed")
+    results["memory_orders"] = count
+    results["dedupe_window_ms"] = settings.dedupe_window_ms
+    for kind in ("own", "foreign"):
+        per_order, length = await bytes_per_order(redis, settings, count, foreign=kind == "foreign")
+        results[f"bytes_per_order_{kind}"] = per_order
+        results[f"stream_length_after_trim_{kind}"] = length
+        if kind == "own":
+            results["producer_id_map_bytes"] = await id_map_bytes(redis, settings)
+
+
+async def id_map_bytes(redis: Redis, settings: Settings) -> int | None:
+    """What this producer's id map takes (the library's keys), full; None where Redis keeps the ids (8.6)."""
+    keys = keys_for(settings).producer(producer.producer_id())
+    sizes = [size for key in keys if (size := await redis.memory_usage(key, samples=0)) is not None]
+    return sum(sizes) if len(sizes) == len(keys) else None
 
 
 def table(r: dict[str, Any]) -> str:
@@ -364,31 +585,66 @@ def table(r: dict[str, Any]) -> str:
 
     def row(name: str, value: float) -> str:
         vs_ceiling = f"{value / ceiling_rate:>6.0%}" if ceiling_rate else "     -"
-        return f"{name:<58} {value:>12,.0f} {vs_ceiling}  {value / base:>7.1f}x"
+        return f"{name:<62} {value:>12,.0f} {vs_ceiling}  {value / base:>7.1f}x"
 
+    def production_row(name: str, value: float | None) -> list[str]:
+        return [] if value is None else [row(name, value)]
+
+    path = "XADD IDMP" if r["append_path"] == "xadd-idmp" else "the library's id map"
+    id_map = (
+        "kept by Redis in the stream (XADD IDMP)"
+        if r["producer_id_map_bytes"] is None
+        else f"{r['producer_id_map_bytes'] / 1000:,.0f} kB per producer"
+    )
     lines = [
         f"bench: {r['date']}, {r['cores']} cores, redis-server {r['redis_version']}, "
         f"batch size {r['batch_size']}",
-        f"{'path (orders/s)':<58} {'rate':>12} {'/ceil':>6}  {'/base':>8}",
+        f"{'path (orders/s)':<62} {'rate':>12} {'/ceil':>6}  {'/base':>8}",
     ]
     if ceiling_rate:
         lines.append(row("ceiling: redis-benchmark XADD, 8 connections, pipeline 128", ceiling_rate))
     lines += [
         row("baseline: one awaited XADD per order (the seed's style)", base),
         row("publish_many: idempotent append, 500 per FCALL, two in flight", r["publish_per_s"]),
+        *production_row(
+            "publish_many as the producer user (users.acl.template)", r["publish_production_per_s"]
+        ),
         row("consume: preloaded, 1 consumer per group, both groups", r["consume_per_s"]),
         row("end to end: 2 groups x 1 consumer, all safety on", r["e2e_per_s"]),
         row("end to end: 2 groups x 2 consumers", r["e2e_2x2_per_s"]),
         row("end to end: hand-written loop, no safety features", r["e2e_bare_per_s"]),
         row("end to end: ours again (same size as the line above)", r["e2e_safety_on_per_s"]),
+        *production_row(
+            "end to end: as the producer and consumer users (same size)", r["e2e_production_per_s"]
+        ),
         row("end to end: ours with the dedupe guard off (same size)", r["e2e_no_dedupe_per_s"]),
+        f"idempotent append path: {path}",
         f"safety features: ours runs at {safety:.0%} of the hand-written loop's rate "
         f"(they cost {1 - safety:.0%}); without the dedupe guard at {no_dedupe:.0%}",
+    ]
+    if r["publish_production_per_s"] is None or r["e2e_production_per_s"] is None:
+        lines.append(
+            "least-privilege users: not measured, REDIS_URL is set (the bench never changes a server's users)"
+        )
+    else:
+        lines.append(
+            f"least-privilege users: publish at {r['publish_production_per_s'] / r['publish_per_s']:.0%} of "
+            f"the admin's rate, end to end at {r['e2e_production_per_s'] / r['e2e_safety_on_per_s']:.0%}"
+        )
+    lines += [
         f"latency publish -> ack at 5000/s: p50 {r['latency_p50_ms']:.2f} ms, "
         f"p99 {r['latency_p99_ms']:.2f} ms",
         f"memory: consumer RSS {r['consumer_rss_mb_first']:.1f} MB early -> "
         f"{r['consumer_rss_mb_last']:.1f} MB at the end; redis used_memory "
         f"{r['redis_used_mb']:.0f} MB for {r['redis_entries']:,} entries",
+        f"memory per order at steady state ({r['memory_orders']:,} orders of each kind, both groups "
+        f"acked, stream trimmed, DEDUPE_WINDOW_MS {r['dedupe_window_ms']}):",
+        f"  own orders (publish_many): {r['bytes_per_order_own']:,.1f} bytes each; "
+        f"stream {r['stream_length_after_trim_own']:,} entries after trimming",
+        f"  foreign orders (plain XADD of data): {r['bytes_per_order_foreign']:,.1f} bytes each "
+        f"({r['bytes_per_order_foreign'] / len(GROUPS):,.1f} per group: the guard's done marks); "
+        f"stream {r['stream_length_after_trim_foreign']:,} entries after trimming",
+        f"  the producer's id map, full in both readings (so in neither figure): {id_map}",
     ]
     return "\n".join(lines)
 
@@ -398,7 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench",
         description="Measure publish, consume, end-to-end, latency and memory in one run, against "
         "redis-benchmark's XADD (the ceiling) and a one-await-per-order loop (the baseline). Uses "
-        "REDIS_URL when it is set (keys bench:*, deleted after), else a throwaway local redis-server.",
+        "REDIS_URL when it is set (keys bench:* and {bench:*}:*, deleted after), else a throwaway local "
+        "redis-server, where it also measures the least-privilege users of redis/users.acl.template.",
     )
     parser.add_argument(
         "--quick",
@@ -416,6 +673,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"orders for the end-to-end and memory run, at least 1000 (default: {FULL.e2e:,}; "
         f"{QUICK.e2e:,} with --quick)",
+    )
+    parser.add_argument(
+        "--memory-orders",
+        type=int,
+        metavar="N",
+        help=f"orders of each kind for the memory per order at steady state, at least 1000 (default: "
+        f"{FULL.memory:,}; {QUICK.memory:,} with --quick)",
     )
     parser.add_argument(
         "--batch-size",
@@ -441,6 +705,10 @@ def main() -> None:
         if args.orders < 1000:
             parser.error("--orders must be at least 1000")
         sizes.e2e = args.orders
+    if args.memory_orders is not None:
+        if args.memory_orders < 1000:
+            parser.error("--memory-orders must be at least 1000")
+        sizes.memory = args.memory_orders
     if not 1 <= args.batch_size <= 10_000:
         parser.error("--batch-size must be between 1 and 10000")
     server = None
@@ -449,7 +717,7 @@ def main() -> None:
         server = start_local_redis("--appendonly", "no")
         url = server.url
     try:
-        results = asyncio.run(run(url, sizes, args.batch_size))
+        results = asyncio.run(run(url, sizes, args.batch_size, own_server=server is not None))
     finally:
         if server is not None:
             server.close()

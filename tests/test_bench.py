@@ -1,0 +1,102 @@
+"""The bench's own parts: the template's users on its throwaway server, and the table it prints."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import need_redis_server
+from redis.asyncio import Redis
+from redis.exceptions import NoPermissionError
+
+import bench
+from initialization_stream import initialize
+from local_redis import LocalRedis, start_local_redis
+from producer import publish_many, sample_orders
+
+
+@pytest.fixture
+def server() -> Iterator[LocalRedis]:
+    """A throwaway redis-server of this test's own: the bench adds users to it."""
+    need_redis_server()
+    server = start_local_redis()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+async def test_the_template_users_work_as_in_production_and_default_stays_usable(server: LocalRedis) -> None:
+    admin = Redis.from_url(server.url)
+    users = await bench.add_template_users(admin, server.url)
+    producer = Redis.from_url(users.producer_url)
+    consumer = Redis.from_url(users.consumer_url)
+    try:
+        await initialize(admin, bench.bench_settings(server.url, bench.PRODUCTION_STREAM, 100))
+        assert await admin.ping()  # the template's `default off` is left out
+        # The append's XADD is allowed only by a selector: its words were joined as in an ACL file.
+        assert len(await publish_many(producer, bench.PRODUCTION_STREAM, sample_orders(3))) == 3
+        with pytest.raises(NoPermissionError):
+            await producer.xadd(bench.STREAM, {"data": b"x"})
+        assert await consumer.xlen(bench.PRODUCTION_STREAM) == 3
+        with pytest.raises(NoPermissionError):
+            await consumer.xtrim(bench.PRODUCTION_STREAM, maxlen=0)
+    finally:
+        for client in (admin, producer, consumer):
+            await client.aclose()
+    assert "secret" not in repr(users)
+
+
+def results(production: float | None) -> dict[str, Any]:
+    return {
+        "cores": 2,
+        "batch_size": 1000,
+        "date": "2026-11-29",
+        "redis_version": "7.0.15",
+        "append_path": "library-id-map",
+        "ceiling_per_s": 500_000.0,
+        "baseline_per_s": 5_000.0,
+        "publish_per_s": 100_000.0,
+        "publish_production_per_s": production,
+        "consume_per_s": 40_000.0,
+        "e2e_per_s": 30_000.0,
+        "e2e_2x2_per_s": 35_000.0,
+        "e2e_bare_per_s": 60_000.0,
+        "e2e_safety_on_per_s": 30_000.0,
+        "e2e_production_per_s": production and production / 4,
+        "e2e_no_dedupe_per_s": 45_000.0,
+        "latency_p50_ms": 2.0,
+        "latency_p99_ms": 4.0,
+        "consumer_rss_mb_first": 39.0,
+        "consumer_rss_mb_last": 39.0,
+        "redis_used_mb": 500.0,
+        "redis_entries": 1_000_000,
+        "memory_orders": 100_000,
+        "dedupe_window_ms": 3_600_000,
+        "bytes_per_order_own": 0.4,
+        "stream_length_after_trim_own": 0,
+        "producer_id_map_bytes": 207_976,
+        "bytes_per_order_foreign": 224.0,
+        "stream_length_after_trim_foreign": 12,
+    }
+
+
+def test_the_table_puts_the_production_rows_beside_the_admin_rows() -> None:
+    lines = bench.table(results(90_000.0)).splitlines()
+    assert "redis-server 7.0.15" in lines[0]
+    names = [line[:62].strip() for line in lines]
+    publish = names.index("publish_many: idempotent append, 500 per FCALL, two in flight")
+    assert names[publish + 1].startswith("publish_many as the producer user")
+    again = names.index("end to end: ours again (same size as the line above)")
+    assert names[again + 1].startswith("end to end: as the producer and consumer users")
+    text = "\n".join(lines)
+    assert "publish at 90% of the admin's rate, end to end at 75%" in text
+    assert "224.0 bytes each (112.0 per group" in text
+    assert "208 kB per producer" in text
+
+
+def test_without_the_production_users_the_table_says_why() -> None:
+    text = bench.table(results(None))
+    assert "as the producer user" not in text
+    assert "not measured, REDIS_URL is set" in text
