@@ -100,7 +100,7 @@ async def forget(redis: Redis, settings: Settings) -> None:
     """Delete the stream and every key the pipeline keeps beside it (guard, dead letters, the id map)."""
     keys = keys_for(settings)
     guard = [key for group in GROUPS for key in (keys.done(group), keys.running(group))]
-    await redis.delete(keys.stream, keys.dead_letter, *guard, *keys.producer(producer.producer_id()))
+    await redis.delete(keys.stream, keys.dead_letter, *guard, *keys.producer(settings.producer_id))
 
 
 async def reset(redis: Redis, settings: Settings) -> None:
@@ -572,7 +572,7 @@ async def measure_memory(redis: Redis, results: dict[str, Any], settings: Settin
 
 async def id_map_bytes(redis: Redis, settings: Settings) -> int | None:
     """What this producer's id map takes (the library's keys), full; None where Redis keeps the ids (8.6)."""
-    keys = keys_for(settings).producer(producer.producer_id())
+    keys = keys_for(settings).producer(settings.producer_id)
     sizes = [size for key in keys if (size := await redis.memory_usage(key, samples=0)) is not None]
     return sum(sizes) if len(sizes) == len(keys) else None
 
@@ -671,7 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--orders",
         type=int,
         metavar="N",
-        help=f"orders for the end-to-end and memory run, at least 1000 (default: {FULL.e2e:,}; "
+        help=f"orders for the first end-to-end run (RSS and used_memory sampled; the other end-to-end "
+        f"runs take half), at least 1000 (default: {FULL.e2e:,}; "
         f"{QUICK.e2e:,} with --quick)",
     )
     parser.add_argument(
