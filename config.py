@@ -24,6 +24,7 @@ DEFAULTS: dict[str, str] = {
     "EMAIL_GROUP": "email_group",
     "GROUPS": "",  # every group that must get every order; empty: FULFILLMENT_GROUP,EMAIL_GROUP
     "CONSUMER_NAME": "",  # empty: host name and pid, unique per process
+    "PRODUCER_ID": "",  # empty: host name; Redis remembers each producer id's last order ids
     "BATCH_SIZE": "100",
     "BLOCK_MS": "2000",
     "SOCKET_TIMEOUT_MS": "5000",
@@ -87,6 +88,7 @@ class Settings:
     email_group: str
     groups: tuple[str, ...]
     consumer_name: str
+    producer_id: str
     batch_size: int
     block_ms: int
     socket_timeout_ms: int
@@ -134,6 +136,7 @@ class Settings:
             email_group=email_group,
             groups=get.names("GROUPS") or (fulfillment_group, email_group),
             consumer_name=get.text("CONSUMER_NAME", empty_ok=True) or f"{socket.gethostname()}-{os.getpid()}",
+            producer_id=get.text("PRODUCER_ID", empty_ok=True) or socket.gethostname(),
             batch_size=get.integer("BATCH_SIZE", low=1, high=10_000),
             block_ms=get.integer("BLOCK_MS", low=1),
             socket_timeout_ms=get.integer("SOCKET_TIMEOUT_MS", low=100),
@@ -153,6 +156,8 @@ class Settings:
         )
         if any(char.isspace() for char in settings.consumer_name):
             raise ConfigError("CONSUMER_NAME must not contain spaces")
+        if any(char.isspace() or char in "{}" for char in settings.producer_id):
+            raise ConfigError("PRODUCER_ID must not contain spaces or braces")
         if settings.block_ms >= settings.socket_timeout_ms:
             raise ConfigError(
                 f"BLOCK_MS ({settings.block_ms}) must be below SOCKET_TIMEOUT_MS "

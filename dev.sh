@@ -6,10 +6,12 @@ cd "$(dirname "$0")"
 
 usage() {
   cat >&2 <<'EOF'
-usage: ./dev.sh demo [--count N] | test [PYTEST ARGS] | bench [ARGS] | run MODULE [ARGS]
+usage: ./dev.sh demo [--count N] | test [PYTEST ARGS] | bench [ARGS] | run MODULE [ARGS] | redis8
   demo          the whole pipeline end to end (./dev.sh demo --help: its options)
-  test          ruff, mypy and pytest against a throwaway redis-server
+  test          ruff, mypy, then pytest on Debian's redis-server and again on Redis 8.6
+                (REDIS_SERVER=PATH ./dev.sh test: on that redis-server only)
   bench         the benchmark (./dev.sh bench --help)
+  redis8        build Redis 8.6 from Debian's source package (cached); prints its redis-server
   run MODULE    a script with .venv's Python, e.g. ./dev.sh run status --help; modules:
                 initialization_stream producer consumer1 consumer2 status deadletter
                 maintenance demo bench chaos
@@ -89,7 +91,16 @@ case "$cmd" in
     .venv/bin/ruff format --check --diff .
     .venv/bin/ruff check .
     .venv/bin/mypy
-    exec .venv/bin/python -m pytest "$@"
+    if [ -n "${REDIS_SERVER:-}${TEST_REDIS_URL:-}" ]; then exec .venv/bin/python -m pytest "$@"; fi
+    # The whole suite on Debian's redis-server (7.0), then again on Redis 8.6 (built once, cached).
+    echo "dev.sh: tests on $(redis-server --version | cut -d' ' -f1-3)" >&2
+    .venv/bin/python -m pytest "$@"
+    redis8=$(scripts/redis-8.sh)
+    echo "dev.sh: tests on $("$redis8" --version | cut -d' ' -f1-3) ($redis8)" >&2
+    REDIS_SERVER=$redis8 exec .venv/bin/python -m pytest "$@"
+    ;;
+  redis8)
+    scripts/redis-8.sh
     ;;
   bench)
     ensure_venv

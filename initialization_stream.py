@@ -13,6 +13,7 @@ from redis.exceptions import ResponseError
 import library
 from config import ConfigError, Settings, run_script
 from keys import keys_for
+from maintenance import detect
 from redisPool import redis_connect
 
 log = logging.getLogger("initialization_stream")
@@ -43,10 +44,33 @@ async def initialize(redis: Redis, settings: Settings, start: str = "0") -> list
     """Load the function library and make sure the stream and every configured group exist."""
     await library.load(redis)
     created = await ensure_groups(redis, settings.stream_key, settings.groups, start)
+    await configure_idmp(redis, settings.stream_key)
     for group in settings.groups:
         state = f"created from {start}" if group in created else "already there"
         log.info("group %s on stream %s: %s", group, settings.stream_key, state)
     return created
+
+
+async def configure_idmp(redis: Redis, stream: str) -> bool:
+    """On Redis 8.6+, give the stream the IDMP window producers rely on; True if it was changed.
+
+    Only when it differs: XCFGSET forgets every producer's remembered ids.
+    """
+    if not (await detect(redis)).xadd_idmp:
+        return False
+    info = await redis.xinfo_stream(stream)
+    if (info.get("idmp-duration"), info.get("idmp-maxsize")) == (library.IDMP_SECONDS, library.IDMP_KEEP):
+        return False
+    await redis.execute_command(  # type: ignore[no-untyped-call]
+        "XCFGSET", stream, "IDMP-DURATION", library.IDMP_SECONDS, "IDMP-MAXSIZE", library.IDMP_KEEP
+    )
+    log.info(
+        "stream %s: IDMP window set to %d s, %d ids per producer",
+        stream,
+        library.IDMP_SECONDS,
+        library.IDMP_KEEP,
+    )
+    return True
 
 
 async def retire(redis: Redis, settings: Settings, group: str) -> bool:

@@ -11,6 +11,7 @@ stream, the stream key stays exactly as configured and `redis-cli XADD orders ..
 | `{orders}:lease:<group>:<consumer>` | string with a TTL | a running consumer's sign of life |
 | `{orders}:done:<group>` | sorted set | order_id -> server time it was done, for DEDUPE_WINDOW_MS |
 | `{orders}:running:<group>` | hash | order_id -> "consumer entry_id" while a consumer runs it |
+| `{orders}:producer:<id>:ids` / `:recent` | hash / list | a producer's last order ids (Redis 7.x only) |
 """
 
 from __future__ import annotations
@@ -52,6 +53,15 @@ class Keys:
     def running(self, group: str) -> str:
         return f"{self.tag}:running:{group}"
 
+    def producer(self, producer_id: str) -> tuple[str, str]:
+        """A producer's map of idempotency ids to entry ids, and its list of them, newest first."""
+        return f"{self.tag}:producer:{producer_id}:ids", f"{self.tag}:producer:{producer_id}:recent"
+
 
 def keys_for(settings: Settings) -> Keys:
     return Keys(stream=settings.stream_key, dead_letter=settings.dead_letter_stream)
+
+
+def stream_keys(stream: str) -> Keys:
+    """The keys of `stream` where only the stream is known (the producer's API takes a stream name)."""
+    return Keys(stream=stream, dead_letter=f"{stream}:dead-letter")

@@ -127,7 +127,45 @@ local function dead_letter(keys, args)
   return new_id
 end
 
+-- Idempotent append: a chunk of orders, each under its idempotency id (the order id) for
+-- this producer, so a chunk sent again after a lost reply adds nothing twice; returns the entry
+-- ids, the first entry's id for an order already appended. KEYS: stream, the producer's map
+-- (iid -> entry id), the producer's list of iids, newest first. ARGV: producer id, how many iids
+-- to remember, their TTL in ms, '1' to use Redis 8.6's own XADD IDMP, then pairs of iid and
+-- payload. Memory: at most that many iids per producer, gone after the TTL.
+local function append(keys, args)
+  local stream, map, recent = keys[1], keys[2], keys[3]
+  local producer, keep, ttl, native = args[1], tonumber(args[2]), args[3], args[4] == '1'
+  local ids = {}
+  for i = 5, #args, 2 do
+    local iid, payload = args[i], args[i + 1]
+    local id
+    if native then
+      id = redis.call('XADD', stream, 'IDMP', producer, iid, '*', 'data', payload, 'producer', producer)
+    else
+      id = redis.call('HGET', map, iid)
+      if not id then
+        id = redis.call('XADD', stream, '*', 'data', payload, 'producer', producer)
+        redis.call('HSET', map, iid, id)
+        redis.call('LPUSH', recent, iid)
+      end
+    end
+    ids[#ids + 1] = id
+  end
+  if not native then
+    local old = redis.call('LRANGE', recent, keep, -1)
+    if #old > 0 then
+      redis.call('HDEL', map, unpack(old))
+      redis.call('LTRIM', recent, 0, keep - 1)
+    end
+    redis.call('PEXPIRE', map, ttl)
+    redis.call('PEXPIRE', recent, ttl)
+  end
+  return ids
+end
+
 redis.register_function('orders___VERSION___version', function() return '__VERSION__' end)
 redis.register_function('orders___VERSION___admit', admit)
 redis.register_function('orders___VERSION___commit', commit)
 redis.register_function('orders___VERSION___dead_letter', dead_letter)
+redis.register_function('orders___VERSION___append', append)

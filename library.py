@@ -25,6 +25,13 @@ SOURCE = Path(__file__).with_name("library.lua")
 # Answers of orders_admit, per entry.
 RUN, DONE, RUNNING_ELSEWHERE = 1, 0, 2
 
+# How many order ids a producer remembers, and for how long: a chunk sent again after a lost
+# reply (at most two chunks are in flight) finds its orders among them and adds nothing twice.
+# Redis 8.6 keeps them in the stream (XCFGSET IDMP-MAXSIZE / IDMP-DURATION, set by
+# initialization_stream); Redis 7.x in two small keys per producer.
+IDMP_KEEP = 2000
+IDMP_SECONDS = 600
+
 
 class LibraryMissing(CliError):
     """The function library is not loaded and this user may not load it: exit code 1."""
@@ -61,6 +68,18 @@ async def ensure_loaded(redis: Redis) -> None:
             f"the Redis function library orders_{version()} is not loaded and this user may not load "
             "it: run `python -m initialization_stream` as an admin user"
         ) from None
+
+
+def append_command(
+    keys: Keys, producer_id: str, native: bool, records: list[tuple[str, bytes]]
+) -> list[EncodableT]:
+    """FCALL arguments appending `records` (order id, payload), each once per producer."""
+    ids_key, recent_key = keys.producer(producer_id)
+    command: list[EncodableT] = ["FCALL", function("append"), 3, keys.stream, ids_key, recent_key]
+    command += [producer_id, IDMP_KEEP, IDMP_SECONDS * 1000, "1" if native else "0"]
+    for order_id, payload in records:
+        command += [order_id, payload]
+    return command
 
 
 @dataclass

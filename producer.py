@@ -6,12 +6,14 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 import sys
 import tempfile
 import time
 import uuid
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import AsyncGenerator, Iterable, Iterator, Sequence
 from contextlib import ExitStack, aclosing, nullcontext
 from datetime import UTC, datetime
 from itertools import islice
@@ -19,11 +21,16 @@ from types import FrameType
 from typing import Any, BinaryIO, NoReturn
 
 from redis.asyncio import Redis
-from redis.exceptions import NoPermissionError, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]  # no stubs without types-tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm  # type: ignore[import-untyped, unused-ignore]
 
+import library
 from config import DEFAULTS, CliError, ConfigError, Settings, run_script
+from keys import stream_keys
+from maintenance import detect
 from orders import InvalidOrder, Item, Order, parse_order, serialize
 from redisPool import redis_connect
 from replies import text
@@ -45,27 +52,38 @@ class PublishError(CliError):
         self.published = published
 
 
-async def publish(redis: Redis, stream: str, order: Order) -> str:
+Record = tuple[str, bytes]  # (order id, payload as sent)
+
+RETRIES = 5  # reconnects after a lost connection before a publish gives up
+RETRY_CAP_S = 2.0
+
+
+async def publish(redis: Redis, stream: str, order: Order, producer: str = "") -> str:
     """Append one order; return its entry id once Redis has confirmed it.
 
-    A reply lost on the way is retried, which can append the order twice: the consumers'
-    dedupe guard runs it once.
+    Idempotent: sent again (redis-py retries after a lost reply) by the same producer id
+    (PRODUCER_ID; default the host name) within the window, the order is not added twice.
     """
-    entry_id = await redis.xadd(stream, {"data": serialize(order)})
-    return text(entry_id)
+    native = await _prepare(redis, stream)
+    command = library.append_command(
+        stream_keys(stream), producer or socket.gethostname(), native, [_record(order)]
+    )
+    reply = await redis.execute_command(*command)  # type: ignore[no-untyped-call]
+    return text(reply[0])
 
 
-async def publish_many(redis: Redis, stream: str, orders: Sequence[Order]) -> list[str]:
-    """Append orders in order, CHUNK per command; return their entry ids.
+async def publish_many(redis: Redis, stream: str, orders: Sequence[Order], producer: str = "") -> list[str]:
+    """Append orders in order, CHUNK per call; return their entry ids.
 
-    Each chunk is one script call, added whole or not at all. Where the server refuses
-    scripts, pipelines of XADDs are used instead (said once in the log). Raises PublishError
-    saying how many orders Redis confirmed before a failure.
+    Each chunk is one call of the function library's idempotent append: added whole or not
+    at all, and a chunk sent again after a lost connection adds nothing twice. Raises
+    PublishError saying how many orders Redis confirmed before a failure.
     """
     ids: list[str] = []
-    chunks = ([serialize(o) for o in orders[i : i + CHUNK]] for i in range(0, len(orders), CHUNK))
+    records = [_record(order) for order in orders]
+    chunks = (records[i : i + CHUNK] for i in range(0, len(records), CHUNK))
     try:
-        async with aclosing(append_chunks(redis, stream, chunks)) as confirmed:
+        async with aclosing(append_chunks(redis, stream, chunks, producer)) as confirmed:
             async for replies in confirmed:
                 ids.extend(replies)
     except RedisError as error:
@@ -73,85 +91,93 @@ async def publish_many(redis: Redis, stream: str, orders: Sequence[Order]) -> li
     return ids
 
 
+def _record(order: Order) -> Record:
+    return order.order_id, serialize(order)
+
+
 async def append_chunks(
-    redis: Redis, stream: str, chunks: Iterable[list[bytes]]
+    redis: Redis, stream: str, chunks: Iterable[list[Record]], producer: str = ""
 ) -> AsyncGenerator[list[str], None]:
-    """Append each chunk of payloads whole, in order; yield its entry ids once Redis confirmed it.
+    """Append each chunk of records whole, in order; yield its entry ids once Redis confirmed it.
 
-    `chunks` is read lazily, one chunk ahead of the replies: when it ends, the chunks already
-    sent are still confirmed (or their failure raised) before this ends, so the ids yielded
-    are exactly what is in the stream. Raises RedisError.
+    One connection keeps two chunks in flight, so Redis appends while Python serializes (a
+    redis-py Pipeline would wait for every reply first). `chunks` is read lazily, one chunk
+    ahead of the replies: when it ends, the chunks already sent are still confirmed (or their
+    failure raised) before this ends, so the ids yielded are exactly what is in the stream.
+    A lost connection is retried (RETRIES times, with backoff) by sending the unconfirmed
+    chunks again: the append is idempotent per order id, so nothing is added twice.
+    Raises RedisError.
     """
-    sha = await _script_sha(redis)
-    if sha is None:
-        for payloads in chunks:
-            yield await _add_with_pipeline(redis, stream, payloads)
-    else:
-        async for replies in _add_with_script(redis, sha, stream, chunks):
-            yield replies
-
-
-# The script appends a whole chunk: one command for Redis to parse instead of hundreds, and
-# a script runs to its end, so a chunk is added whole or (refused at its start) not at all.
-ADD_CHUNK_LUA = """
-local ids = {}
-for i = 1, #ARGV do
-  ids[i] = redis.call('XADD', KEYS[1], '*', 'data', ARGV[i])
-end
-return ids
-"""
-_pipelines_only: weakref.WeakSet[Redis] = weakref.WeakSet()  # clients whose server refused scripts
-
-
-async def _script_sha(redis: Redis) -> str | None:
-    """Load the script (cheap, idempotent) and return its SHA; None where scripts are refused."""
-    if redis in _pipelines_only:
-        return None
-    try:
-        return str(await redis.script_load(ADD_CHUNK_LUA))
-    except ResponseError as error:
-        if not (isinstance(error, NoPermissionError) or str(error).startswith("ERR unknown command")):
-            raise
-        # An ACL user without scripting, or a managed Redis that disables it.
-        log.warning("Redis refused scripts (%s); publishing with pipelines instead", error)
-        _pipelines_only.add(redis)
-        return None
-
-
-async def _add_with_script(
-    redis: Redis, sha: str, stream: str, chunks: Iterable[list[bytes]]
-) -> AsyncIterator[list[str]]:
-    """EVALSHA each chunk on one connection, keeping two in flight.
-
-    redis-py's Pipeline waits for all replies before we can serialize more; sending chunk
-    k+1 before reading chunk k's reply lets Redis append while Python serializes. One
-    connection keeps the chunks in order. After any error the connection is dropped, since
-    a reply may still be on its way.
-    """
+    keys = stream_keys(stream)
+    producer = producer or socket.gethostname()
+    native = await _prepare(redis, stream)
     pool = redis.connection_pool
-    connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-    in_flight = 0
-    try:
-        for payloads in chunks:
-            await connection.send_command("EVALSHA", sha, 1, stream, *payloads)
-            in_flight += 1
-            if in_flight == 2:
-                yield [text(i) for i in await connection.read_response()]
-                in_flight -= 1
-        while in_flight:
-            yield [text(i) for i in await connection.read_response()]
-            in_flight -= 1
-    finally:
-        if in_flight:  # failed or cancelled with replies unread
+    source = iter(chunks)
+    in_flight: deque[list[Record]] = deque()
+    failures = 0
+    while True:
+        try:
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        except (RedisConnectionError, RedisTimeoutError) as error:
+            failures = await _after_failure(failures, error)
+            continue
+        try:
+            for chunk in in_flight:  # unconfirmed when the connection was lost: sent again
+                await connection.send_command(*library.append_command(keys, producer, native, chunk))
+            while True:
+                while len(in_flight) < 2 and (chunk := next(source, [])):
+                    in_flight.append(chunk)  # before sending: a send cut half way is sent again whole
+                    await connection.send_command(*library.append_command(keys, producer, native, chunk))
+                if not in_flight:
+                    return
+                reply = await connection.read_response()
+                in_flight.popleft()
+                failures = 0
+                yield [text(i) for i in reply]
+        except (RedisConnectionError, RedisTimeoutError) as error:
             await connection.disconnect()
-        await pool.release(connection)
+            failures = await _after_failure(failures, error)
+        finally:
+            if in_flight:  # failed or stopped with replies unread: that connection is done
+                await connection.disconnect()
+            await pool.release(connection)
 
 
-async def _add_with_pipeline(redis: Redis, stream: str, payloads: list[bytes]) -> list[str]:
-    pipe = redis.pipeline(transaction=False)
-    for payload in payloads:
-        pipe.xadd(stream, {"data": payload})
-    return [text(i) for i in await pipe.execute()]
+async def _after_failure(failures: int, error: Exception) -> int:
+    """Back off before sending again; re-raise `error` once RETRIES reconnects have failed."""
+    failures += 1
+    if failures > RETRIES:
+        raise error
+    delay = min(0.05 * 2**failures, RETRY_CAP_S)
+    log.warning("connection lost while publishing (%s); sending again in %.2f s", type(error).__name__, delay)
+    await asyncio.sleep(delay)
+    return failures
+
+
+_ready: weakref.WeakKeyDictionary[Redis, dict[str, bool]] = weakref.WeakKeyDictionary()
+
+
+async def _prepare(redis: Redis, stream: str) -> bool:
+    """Load the function library if needed; True where Redis's own XADD IDMP can be used.
+
+    That is Redis 8.6+ with the stream's IDMP window at least what the producer relies on
+    (initialization_stream sets it); elsewhere the library remembers the ids itself.
+    """
+    known = _ready.setdefault(redis, {})
+    if stream not in known:
+        await library.ensure_loaded(redis)
+        native = False
+        if (await detect(redis)).xadd_idmp:
+            try:
+                info = await redis.xinfo_stream(stream)
+            except ResponseError:  # no stream yet: its window would be the default
+                info = {}
+            native = (
+                int(info.get("idmp-maxsize", 0)) >= library.IDMP_KEEP
+                and int(info.get("idmp-duration", 0)) >= library.IDMP_SECONDS
+            )
+        known[stream] = native
+    return known[stream]
 
 
 def iter_sample_orders(count: int, first: int = 1) -> Iterator[Order]:
@@ -181,8 +207,8 @@ def check_samples(count: int, max_bytes: int) -> None:
         raise ConfigError(f"sample orders are up to {largest} bytes, over MAX_PAYLOAD_BYTES ({max_bytes})")
 
 
-def payloads_of(lines: Iterable[bytes], source: str, max_bytes: int) -> Iterator[bytes]:
-    """Each order of JSON `lines` as it will be sent (serialized); raise ConfigError at the first bad line.
+def payloads_of(lines: Iterable[bytes], source: str, max_bytes: int) -> Iterator[Record]:
+    """Each order of JSON `lines` as sent (order id, payload); raise ConfigError at the first bad line.
 
     A line is bad when it is not a valid order, or when the order as sent would be over
     `max_bytes` (serializing can lengthen it: `1` becomes `1.0`), which the consumers refuse.
@@ -196,15 +222,16 @@ def payloads_of(lines: Iterable[bytes], source: str, max_bytes: int) -> Iterator
             )
         raw = line.rstrip(b"\r\n")
         try:
-            payload = serialize(parse_order(raw, max_bytes))
+            order = parse_order(raw, max_bytes)
         except InvalidOrder as error:
             raise ConfigError(f"{source} line {number}: {error}") from None
+        payload = serialize(order)
         if len(payload) > max_bytes:
             raise ConfigError(
                 f"{source} line {number}: the order is {len(payload)} bytes as sent ({len(raw)} in the "
                 f"file), over the {max_bytes}-byte cap"
             )
-        yield payload
+        yield order.order_id, payload
 
 
 def _line_limit(max_bytes: int) -> int:
@@ -221,22 +248,26 @@ def _lines(handle: BinaryIO, source: str, max_bytes: int) -> Iterator[bytes]:
         raise CliError(f"cannot read {source}: {error.strerror}") from None
 
 
-def _spooled(payloads: Iterable[bytes], spool: BinaryIO) -> Iterator[bytes]:
-    """`payloads`, each also written to `spool` as one line (compact JSON has no raw newline)."""
-    for payload in payloads:
+def _spooled(records: Iterable[Record], spool: BinaryIO) -> Iterator[Record]:
+    """`records`, each also written to `spool` as one line: order id, a tab, the payload.
+
+    An order id is printable (no tab) and compact JSON has no raw newline.
+    """
+    for order_id, payload in records:
         try:
-            spool.write(payload + b"\n")
+            spool.write(order_id.encode() + b"\t" + payload + b"\n")
         except OSError as error:
             raise CliError(f"cannot keep stdin in a temporary file: {error.strerror}") from None
-        yield payload
+        yield order_id, payload
 
 
-def _unspooled(spool: BinaryIO) -> Iterator[bytes]:
-    """The payloads written by _spooled, from the start."""
+def _unspooled(spool: BinaryIO) -> Iterator[Record]:
+    """The records written by _spooled, from the start."""
     try:
         spool.seek(0)
         for line in spool:
-            yield line[:-1]
+            order_id, _, payload = line[:-1].partition(b"\t")
+            yield order_id.decode(), payload
     except OSError as error:
         raise CliError(f"cannot read back stdin from a temporary file: {error.strerror}") from None
 
@@ -263,11 +294,11 @@ class Input:
     def source(self) -> str:
         return "stdin" if self.path == "-" else self.path or "samples"
 
-    def first_pass(self) -> Iterator[bytes]:
+    def first_pass(self) -> Iterator[Record]:
         """The payloads, read for the first time; raises ConfigError naming a bad line."""
         if self.path is None:
             check_samples(self.count, self.max_bytes)
-            return (serialize(order) for order in iter_sample_orders(self.count))
+            return (_record(order) for order in iter_sample_orders(self.count))
         if self.path == "-":
             if sys.stdin is None:
                 raise ConfigError("--file -: stdin is closed")
@@ -276,10 +307,10 @@ class Input:
             return _spooled(payloads, self.spool)
         return payloads_of(self._file_lines(), self.path, self.max_bytes)
 
-    def second_pass(self) -> Iterator[bytes]:
+    def second_pass(self) -> Iterator[Record]:
         """The same payloads again (samples are made anew, with new ids)."""
         if self.path is None:
-            return (serialize(order) for order in iter_sample_orders(self.count))
+            return (_record(order) for order in iter_sample_orders(self.count))
         if self.spool is not None:
             return _unspooled(self.spool)
         return payloads_of(self._file_lines(), self.source, self.max_bytes)
@@ -337,13 +368,13 @@ class Run:
             self.task.cancel()
         self.signal = signum
 
-    def chunks(self, payloads: Iterator[bytes], source: str) -> Iterator[list[bytes]]:
-        """CHUNK payloads at a time, at most `total`, until a signal or a failure to read."""
-        payloads = islice(payloads, self.total)  # a file that grew since it was checked gains nothing
+    def chunks(self, records: Iterator[Record], source: str) -> Iterator[list[Record]]:
+        """CHUNK records at a time, at most `total`, until a signal or a failure to read."""
+        records = islice(records, self.total)  # a file that grew since it was checked gains nothing
         sent = 0
         while self.signal is None:
             try:
-                chunk = list(islice(payloads, CHUNK))
+                chunk = list(islice(records, CHUNK))
             except CliError as error:
                 self.problem = CliError(f"{source} changed after it was checked: {error}")
                 return
@@ -434,7 +465,8 @@ async def main(settings: Settings, args: argparse.Namespace) -> int:
             orders = Input(args, settings.max_payload_bytes, stack)
             run.total = _check(orders, run)
             async with redis_connect(settings) as redis:
-                await _publish(redis, orders, run, show_progress=not args.quiet and sys.stderr.isatty())
+                show = not args.quiet and sys.stderr.isatty()
+                await _publish(redis, orders, run, settings.producer_id, show_progress=show)
     except asyncio.CancelledError:
         if run.signal is None:
             raise
@@ -490,7 +522,7 @@ def _check(orders: Input, run: Run) -> int:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
 
-async def _publish(redis: Redis, orders: Input, run: Run, *, show_progress: bool) -> None:
+async def _publish(redis: Redis, orders: Input, run: Run, producer: str, *, show_progress: bool) -> None:
     """Publish the orders again read from `orders`, counting what Redis confirms in `run`."""
     chunks = run.chunks(orders.second_pass(), orders.source)
     with (
@@ -505,7 +537,7 @@ async def _publish(redis: Redis, orders: Input, run: Run, *, show_progress: bool
         ) as bar,
     ):
         try:
-            async with aclosing(append_chunks(redis, run.stream, chunks)) as replies:
+            async with aclosing(append_chunks(redis, run.stream, chunks, producer)) as replies:
                 async for ids in replies:
                     run.confirm(ids)
                     bar.update(len(ids))

@@ -18,9 +18,10 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+import library
 from config import Settings, run_script
 from deadletter import describe
-from maintenance import detect, parse_id
+from maintenance import Capabilities, detect, parse_id
 from redisPool import redis_connect
 from replies import text
 
@@ -41,6 +42,22 @@ async def caught_up(redis: Redis, stream: str, groups: Iterable[str]) -> bool:
     return all(g is not None and g["pending"] == 0 and g["last-delivered-id"] == last for g in wanted)
 
 
+async def paths(redis: Redis, settings: Settings, capabilities: Capabilities) -> dict[str, str]:
+    """Which version-dependent path each part of the pipeline takes on this server."""
+    native = False
+    if capabilities.xadd_idmp:
+        try:
+            info: Any = await redis.xinfo_stream(settings.stream_key)
+            native = int(info.get("idmp-maxsize", 0)) >= library.IDMP_KEEP
+        except ResponseError:
+            native = False
+    return {
+        "publish": "XADD IDMP (Redis's own)" if native else "idempotent append (function library)",
+        "reclaim": "XPENDING IDLE + XCLAIM of lapsed leases",
+        "trim": "XTRIM MINID ~ ACKED" if capabilities.acked_trim else "XTRIM MINID ~",
+    }
+
+
 def age_ms(entry_id: Any, now_ms: int) -> int | None:
     return None if entry_id is None else max(0, now_ms - parse_id(entry_id)[0])
 
@@ -57,6 +74,7 @@ async def collect(redis: Redis, settings: Settings, newest_dead_letters: int = 5
             "xreadgroup_claim": capabilities.readgroup_claim,
             "xadd_idmp": capabilities.xadd_idmp,
         },
+        "paths": await paths(redis, settings, capabilities),
         "stream": stream,
         "exists": True,
         "groups": [],
@@ -183,6 +201,7 @@ def render(report: dict[str, Any], found: list[str], color: bool) -> str:
     bad_groups = {line.split(":", 1)[0] for line in found}
     features = ", ".join(f"{name} {'yes' if on else 'no'}" for name, on in report["features"].items())
     lines = [f"redis {report['redis_version']} ({features})"]
+    lines.append("in use: " + "; ".join(f"{name}: {how}" for name, how in report["paths"].items()))
     if not report["exists"]:
         lines.append(
             mark(f"stream {report['stream']}: does not exist (run python -m initialization_stream)", True)

@@ -89,6 +89,7 @@ class StreamConsumer:
         self.own_cursor: bytes | None = b"0"  # None once own pending entries are read
         self.claim_cursor = "-"
         self.uncommitted: list[tuple[bytes, str]] = []  # (entry id, order id or '') done, not yet acked
+        self.skipped: list[tuple[str, str]] = []  # (order id, why) of copies acked without a run
         self.retry_at: float | None = None
         self.next_claim = 0.0
         self.trouble_since: float | None = None
@@ -260,26 +261,40 @@ class StreamConsumer:
                     self.retry_at = asyncio.get_running_loop().time() + delay
                 continue
             # Kept across failures: a later turn commits what the handler already accepted.
-            self.uncommitted.append((entry_id, order.order_id))
+            # Done marks only for entries the guard admitted (not from our own producer).
+            guarded = self.settings.dedupe_window_ms and b"producer" not in fields
+            self.uncommitted.append((entry_id, order.order_id if guarded else ""))
             processed += 1
         self.stats.processed += processed
+        # Said after the batch's handlers ran, so a copy's line never comes before its order's run.
+        for order_id, state in self.skipped:
+            log.info("order %s %s in this group: acked, not run again", order_id, state)
+        self.skipped.clear()
         await self._commit()
 
     async def _admit(self, runnable: list[Runnable]) -> list[Runnable]:
-        """With the dedupe guard: the orders to run now; copies of orders done or running are acked."""
-        if not self.settings.dedupe_window_ms or not runnable:
+        """With the dedupe guard: the orders to run now; copies of orders done or running are acked.
+
+        Entries from this project's producer skip it: their copies were stopped where they
+        entered (an idempotent append), so they need no done marks and cost no memory here.
+        """
+        if not self.settings.dedupe_window_ms:
             return runnable
-        decisions = await self.fence.admit([(item[0], item[2].order_id) for item in runnable])
-        admitted = []
-        for item, decision in zip(runnable, decisions, strict=True):
-            if decision == RUN:
-                admitted.append(item)
-                continue
-            state = "already handled" if decision == DONE else "being handled from another entry"
-            log.info("order %s %s in this group: acked, not run again", item[2].order_id, state)
-            self.uncommitted.append((item[0], ""))
-            self.stats.duplicates_skipped += 1
-        return admitted
+        guarded = [item for item in runnable if b"producer" not in item[1]]
+        if not guarded:
+            return runnable
+        decisions = await self.fence.admit([(item[0], item[2].order_id) for item in guarded])
+        refused = {}
+        for item, decision in zip(guarded, decisions, strict=True):
+            if decision != RUN:
+                refused[item[0]] = decision
+        for entry_id, _, order, _ in runnable:
+            if entry_id in refused:
+                state = "already handled" if refused[entry_id] == DONE else "being handled from another entry"
+                self.skipped.append((order.order_id, state))
+                self.uncommitted.append((entry_id, ""))
+                self.stats.duplicates_skipped += 1
+        return [item for item in runnable if item[0] not in refused]
 
     async def _screen(self, entries: list[Entry], deliveries: dict[bytes, int]) -> list[Runnable]:
         """Ack entries that need no handler, dead-letter the poison; return the orders to run."""
@@ -463,10 +478,12 @@ def _start_metrics(
     if not settings.metrics_port:
         return None
     try:
-        collector = metrics.start(settings.metrics_port, stats, group, settings.consumer_name)
+        collector = metrics.start(
+            settings.metrics_port, stats, group, settings.consumer_name, host=settings.metrics_host
+        )
     except OSError as error:
         raise CliError(f"cannot serve metrics on port {settings.metrics_port}: {error.strerror}") from None
-    log.info("metrics on http://0.0.0.0:%d/metrics", settings.metrics_port)
+    log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
     return collector, metrics.timed(handler, group)
 
 

@@ -268,28 +268,25 @@ async def test_flushall_recreates_the_group_and_consumption_goes_on(
     assert len(gone) == 1
 
 
-async def test_publish_many_keeps_order_and_falls_back_to_pipelines_without_scripting(
-    own_server: LocalRedis, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_publish_many_keeps_order_and_a_user_without_fcall_is_told(own_server: LocalRedis) -> None:
     admin = Redis.from_url(own_server.url)
     await admin.acl_setuser(
-        "noscript", enabled=True, passwords=["+pw"], keys=["~*"], commands=["+@all", "-@scripting"]
+        "nofcall", enabled=True, passwords=["+pw"], keys=["~*"], commands=["+@all", "-fcall"]
     )
-    no_scripts = Redis.from_url(f"redis://noscript:pw@127.0.0.1:{own_server.port}/0")
+    no_fcall = Redis.from_url(f"redis://nofcall:pw@127.0.0.1:{own_server.port}/0")
     orders = sample_orders(1200)  # more than two chunks
     try:
-        caplog.set_level(logging.WARNING)
-        for client, stream in ((admin, "scripted"), (no_scripts, "piped"), (no_scripts, "piped")):
-            ids = await publish_many(client, stream, orders[:600] if stream == "piped" else orders)
-            entries: Any = await admin.xrange(stream)
-            assert [i.decode() for i, _ in entries[-len(ids) :]] == ids
-            got = [parse_order(fields[b"data"], 65536).order_id for _, fields in entries[-len(ids) :]]
-            assert got == [o.order_id for o in orders[: len(ids)]]
+        ids = await publish_many(admin, "kept", orders)
+        entries: Any = await admin.xrange("kept")
+        assert [i.decode() for i, _ in entries] == ids
+        got = [parse_order(fields[b"data"], 65536).order_id for _, fields in entries]
+        assert got == [o.order_id for o in orders]
+        with pytest.raises(PublishError, match="NoPermissionError"):
+            await publish_many(no_fcall, "refused", orders[:10])
+        assert await admin.exists("refused") == 0
     finally:
-        await no_scripts.aclose()
+        await no_fcall.aclose()
         await admin.aclose()
-    refused = [r for r in caplog.records if "refused scripts" in r.getMessage()]
-    assert len(refused) == 1  # said once per client, not once per call
 
 
 async def test_publish_many_reports_a_full_redis_and_claims_nothing_unsent(own_server: LocalRedis) -> None:

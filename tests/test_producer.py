@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import pty
@@ -154,8 +155,11 @@ async def test_a_signal_while_checking_stdin_publishes_nothing(redis: Redis, red
         await producer.stdin.drain()
 
         def spooling() -> bool:  # the temporary file for stdin exists: the first pass has begun
-            fds = Path(f"/proc/{producer.pid}/fd")
-            return any("(deleted)" in os.readlink(fd) for fd in fds.iterdir() if fd.is_symlink())
+            for fd in Path(f"/proc/{producer.pid}/fd").iterdir():
+                with contextlib.suppress(OSError):  # an fd closed while we look
+                    if "(deleted)" in os.readlink(fd):
+                        return True
+            return False
 
         await wait_until(spooling, "the producer to read stdin", timeout=30)
         producer.send_signal(signal.SIGINT)  # stdin is still open: it waits for more
@@ -255,7 +259,7 @@ async def test_what_a_signal_means_depends_on_when_it_comes() -> None:
 
         during = Run(idle, STREAM)
         during.total = 3 * CHUNK
-        for chunk in during.chunks(iter([b"{}"] * during.total), "input"):
+        for chunk in during.chunks(iter([("o", b"{}")] * during.total), "input"):
             during.confirm(["1-0"] * len(chunk))
             if during.confirmed == CHUNK:
                 during.on_signal(signal.SIGTERM)  # no more chunks; this one was confirmed
@@ -266,7 +270,7 @@ async def test_what_a_signal_means_depends_on_when_it_comes() -> None:
 
         after = Run(idle, STREAM)
         after.total = 2
-        for chunk in after.chunks(iter([b"{}"] * after.total), "input"):
+        for chunk in after.chunks(iter([("o", b"{}")] * after.total), "input"):
             after.confirm(["1-0"] * len(chunk))
         after.on_signal(signal.SIGINT)  # everything was confirmed already: a normal end
         assert after.outcome() is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import re
 import time
 from collections import Counter
@@ -376,3 +377,26 @@ def test_a_service_whose_group_is_not_configured_stops_with_one_line(redis_url: 
     assert result.returncode == 2
     assert "unlisted_group is not in GROUPS" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_a_copy_is_reported_after_its_order_ran(
+    redis: Redis, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two copies in one batch: the log says the order ran before it says the copy was skipped."""
+    await initialize(redis, settings)
+    order = sample_orders(1)[0]
+    for _ in range(2):
+        await redis.xadd(STREAM, {"data": serialize(order)})
+    caplog.set_level("INFO")
+    log = logging.getLogger("test_handler")
+
+    async def handle(order: Order) -> None:
+        log.info("ran order %s", order.order_id)
+
+    group = settings.email_group
+    async with running(redis, settings, (group, "c", handle)):
+        await wait_until(lambda: caught_up(redis, STREAM, [group]), "both copies")
+    lines = [record.getMessage() for record in caplog.records]
+    ran_at = lines.index(f"ran order {order.order_id}")
+    skipped_at = next(i for i, line in enumerate(lines) if "acked, not run again" in line)
+    assert ran_at < skipped_at

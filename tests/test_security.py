@@ -72,7 +72,8 @@ async def denied(call: Any) -> bool:
     try:
         await call
     except (NoPermissionError, ResponseError) as error:
-        return "NOPERM" in str(error) or "no permissions" in str(error)
+        # Redis 7.0 says "no permissions", 8.6 "No permissions" (redis-py drops the NOPERM prefix).
+        return isinstance(error, NoPermissionError) or "no permissions" in str(error).lower()
     return False
 
 
