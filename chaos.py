@@ -12,7 +12,15 @@ have nothing pending, and checks per group, from the handlers' own log lines:
   effective duplicates  orders whose handler ran more than once in a group
   raw redeliveries      deliveries beyond the first (handler reruns + duplicates the guard skipped)
 
-Exit 0 only when lost, unexpected and effective duplicates are all 0.
+and, from Redis itself, the fulfillment service's transactional effects (consumer1 books
+stock and appends a shipment event through `tx`, committed with the ack):
+
+  redis_effects_missing    confirmed orders with no shipment event
+  redis_effect_duplicates  shipment events beyond one per order
+
+Exit 0 only when lost, unexpected and effective duplicates are all 0; with --redis-effects,
+when lost, unexpected and both Redis-side figures are 0 (handlers' log lines are effects
+outside Redis, at least once by nature).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -39,10 +48,12 @@ from redis.exceptions import RedisError
 from local_redis import LocalRedis, start_local_redis
 from orders import Order
 from producer import CHUNK, PublishError, publish_many, sample_orders
+from replies import text
 from status import caught_up
 
 STREAM = "orders"
 DEAD_LETTERS = "orders:dead-letter"
+SHIPMENTS = "{orders}:shipments"  # consumer1's outbox
 SERVICES = {"fulfillment_group": "consumer1", "email_group": "consumer2"}
 EFFECT = {
     "fulfillment_group": re.compile(rb"fulfilling order (\S+):"),
@@ -244,6 +255,7 @@ async def _soak(args: argparse.Namespace, logs: Path) -> int:
                 break
             await asyncio.sleep(0.2)
         dead_lettered = int(await redis.xlen(DEAD_LETTERS))
+        shipped = await shipments(redis)
         for slot in slots:
             await slot.stop(signal.SIGTERM)
     finally:
@@ -253,16 +265,35 @@ async def _soak(args: argparse.Namespace, logs: Path) -> int:
         await redis.aclose()
         server.close()
     result = figures(slots, ledger)
+    missing = len(set(ledger.confirmed) - set(shipped))
+    extra = sum(n - 1 for n in shipped.values())
     print(
         f"chaos: published={len(ledger.confirmed)} unknown={len(ledger.unknown)} lost={result['lost']} "
         f"unexpected={result['unexpected']} effective_duplicates={result['effective_duplicates']} "
         f"raw_redeliveries={result['raw_redeliveries']} dead_lettered={dead_lettered} "
         f"consumer_kills={faults['consumer']} redis_restarts={faults['redis']} "
-        f"partitions={faults['partition']} "
+        f"partitions={faults['partition']} redis_effects_missing={missing} redis_effect_duplicates={extra} "
         f"wall={time.monotonic() - started:.1f}s"
     )
-    clean = result["lost"] == result["unexpected"] == result["effective_duplicates"] == 0
+    if args.redis_effects:
+        clean = result["lost"] == result["unexpected"] == missing == extra == 0
+    else:
+        clean = result["lost"] == result["unexpected"] == result["effective_duplicates"] == 0
     return 0 if clean else 1
+
+
+async def shipments(redis: Redis) -> Counter[str]:
+    """Shipment events per order id in consumer1's outbox, read in pages."""
+    counts: Counter[str] = Counter()
+    start = "-"
+    for _ in range(100_000):  # bounded: a page of 1000 per round
+        page: Any = await redis.xrange(SHIPMENTS, min=start, count=1000)
+        for entry_id, fields in page:
+            counts[text(fields[b"order_id"])] += 1
+            start = "(" + text(entry_id)
+        if len(page) < 1000:
+            break
+    return counts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--orders", type=int, default=100_000, metavar="N", help="orders to publish (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--redis-effects",
+        action="store_true",
+        help="judge the Redis-side effects (exactly once) instead of the handlers' log lines "
+        "(at least once) (default: off)",
     )
     parser.add_argument(
         "--consumer-kills", type=int, default=20, metavar="N", help="consumer SIGKILLs (default: %(default)s)"

@@ -1,4 +1,9 @@
-"""Fulfillment service: every order once per fulfillment consumer group, shared among its consumers."""
+"""Fulfillment service: every order once per fulfillment consumer group, shared among its consumers.
+
+Its handler is transactional: the stock it books and the shipment event it emits are Redis
+writes staged on `tx`, applied with the order's commit, so each happens exactly once per
+order even when a consumer dies or is cut off mid-batch.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,17 @@ import logging
 
 from orders import Order
 from stream_consumer import run_service
+from tx import Tx
 
 log = logging.getLogger("consumer1")
 
 
-async def handle(order: Order) -> None:
-    """Fulfil one order; raising leaves it pending so it is retried (then dead-lettered)."""
+async def handle(order: Order, tx: Tx) -> None:
+    """Book stock per SKU and emit a shipment event; raising drops both and retries the order."""
     units = sum(item.qty for item in order.items)
+    for item in order.items:
+        tx.hincrby(tx.key("stock-booked"), item.sku, item.qty)
+    tx.xadd(tx.key("shipments"), {"order_id": order.order_id, "units": units})
     log.info("fulfilling order %s: %d items, %d units", order.order_id, len(order.items), units)
 
 

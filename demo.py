@@ -30,7 +30,8 @@ from orders import Order
 from producer import publish, sample_orders
 from redisPool import RedisRefused, RedisUnavailable, redis_connect
 from redisPool import log as pool_log
-from stream_consumer import Handler, consume
+from stream_consumer import AnyHandler, TxHandler, consume, with_tx
+from tx import Tx
 
 log = logging.getLogger("demo")
 
@@ -157,10 +158,12 @@ async def run_pipeline(redis: Redis, settings: Settings, count: int) -> dict[str
     left = len(seen) * count
     all_seen = asyncio.Event()
 
-    def recording(group: str, name: str, handler: Handler) -> Handler:
-        async def handle(order: Order) -> None:
+    def recording(group: str, name: str, handler: AnyHandler) -> TxHandler:
+        run = with_tx(handler)
+
+        async def handle(order: Order, tx: Tx) -> None:
             nonlocal left
-            await handler(order)
+            await run(order, tx)
             handlers = seen[group].get(order.order_id)
             if handlers is not None:  # not an order left over from an earlier run
                 left -= not handlers
@@ -170,7 +173,7 @@ async def run_pipeline(redis: Redis, settings: Settings, count: int) -> dict[str
 
         return handle
 
-    team = [
+    team: list[tuple[str, str, AnyHandler]] = [
         (settings.fulfillment_group, "fulfillment-1", consumer1.handle),
         (settings.fulfillment_group, "fulfillment-2", consumer1.handle),
         (settings.email_group, "email-1", consumer2.handle),

@@ -69,20 +69,36 @@ local function admit(keys, args)
   return out
 end
 
--- The fenced commit: ack each entry still pending on this consumer, mark its order done and no
--- longer running; an entry another consumer took over meanwhile is left alone.
--- KEYS: stream, done, running. ARGV: group, consumer, window ms, then pairs of entry id and
--- order id ('' for an entry acked without a run: a duplicate, a deleted entry).
--- Returns {acked, ids fenced out (pending on another consumer)}; entries no longer pending
--- (committed before, as when a reply was lost) count in neither.
+-- The fenced commit: for each entry still pending on this consumer, apply the writes its
+-- handler staged (tx.py), ack it, mark its order done and no longer running; an entry another
+-- consumer took over meanwhile is left alone, its staged writes dropped.
+-- KEYS: stream, done, running. ARGV: group, consumer, window ms, then per entry: its id, its
+-- order id ('' for an entry acked without a run: a duplicate, a deleted entry), the number of
+-- staged writes, and each write as its argument count followed by its arguments.
+-- Returns {acked, ids fenced out (pending on another consumer), errors of staged writes}.
+-- Entries no longer pending (committed before, as when a reply was lost) count in neither,
+-- and their writes are not applied again. A staged write Redis refuses is reported, not retried:
+-- Redis has no rollback, and applying the rest once beats applying some of them twice.
 local function commit(keys, args)
   local stream, done, running = keys[1], keys[2], keys[3]
   local group, consumer, window = args[1], args[2], tonumber(args[3])
   local now = now_ms()
-  local acked, fenced = 0, {}
-  for i = 4, #args, 2 do
-    local id, order = args[i], args[i + 1]
+  local acked, fenced, errors = 0, {}, {}
+  local i = 4
+  while i <= #args do
+    local id, order, writes = args[i], args[i + 1], tonumber(args[i + 2])
+    i = i + 3
     local owner = owner_of(stream, group, id)
+    for _ = 1, writes do
+      local count = tonumber(args[i])
+      if owner == consumer then
+        local reply = redis.pcall(unpack(args, i + 1, i + count))
+        if type(reply) == 'table' and reply.err then
+          errors[#errors + 1] = id .. ' ' .. args[i + 1] .. ': ' .. reply.err
+        end
+      end
+      i = i + 1 + count
+    end
     if owner == consumer then
       acked = acked + redis.call('XACK', stream, group, id)
       if order ~= '' then
@@ -100,7 +116,7 @@ local function commit(keys, args)
   if window > 0 then
     redis.call('ZREMRANGEBYSCORE', done, '-inf', '(' .. (now - window))
   end
-  return {acked, fenced}
+  return {acked, fenced, errors}
 end
 
 -- The fenced dead-letter: copy the entry to the dead-letter stream and ack it, if it is still

@@ -82,6 +82,11 @@ def append_command(
     return command
 
 
+# An entry to commit: its id, its order id ('' when acked without a run), the writes its
+# handler staged (tx.py), each a command with its arguments.
+Commit = tuple[bytes, str, list[list[EncodableT]]]
+
+
 @dataclass
 class Fence:
     """One consumer's atomic steps in one group: admission, the fenced commit, the fenced dead-letter.
@@ -110,11 +115,16 @@ class Fence:
         reply = await self.redis.fcall(function("admit"), 3, *self._guard_keys(), *args)
         return [int(decision) for decision in reply]
 
-    async def commit(self, entries: list[tuple[bytes, str]]) -> tuple[int, list[bytes]]:
-        """Ack these (entry id, order id or '') still pending on us; return (acked, ids taken over)."""
+    async def commit(self, entries: list[Commit]) -> tuple[int, list[bytes], list[str]]:
+        """Apply the staged writes of, and ack, these entries still pending on us, in one atomic step.
+
+        Returns (acked, ids another consumer holds, errors of staged writes Redis refused).
+        """
         args: list[EncodableT] = [self.group, self.consumer, self.window_ms]
-        for entry_id, order_id in entries:
-            args += [entry_id, order_id]
+        for entry_id, order_id, writes in entries:
+            args += [entry_id, order_id, len(writes)]
+            for write in writes:
+                args += [len(write), *write]
         return commit_of(await self.redis.fcall(function("commit"), 3, *self._guard_keys(), *args))
 
     async def dead_letter(

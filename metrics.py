@@ -23,7 +23,8 @@ from config import DEFAULTS, Settings
 from orders import Order
 
 if TYPE_CHECKING:  # stream_consumer imports this module
-    from stream_consumer import Handler, Stats
+    from stream_consumer import Stats, TxHandler
+    from tx import Tx
 
 REFRESH_S = 5.0
 
@@ -90,14 +91,14 @@ class ConsumerCollector(Collector):
         self.dead_letters = int(await redis.xlen(settings.dead_letter_stream))
 
 
-def timed(handler: Handler, group: str) -> Handler:
+def timed(handler: TxHandler, group: str) -> TxHandler:
     """The handler, with its duration observed in the histogram."""
     observe = HANDLER_SECONDS.labels(group).observe
 
-    async def handle(order: Order) -> None:
+    async def handle(order: Order, tx: Tx) -> None:
         started = time.perf_counter()
         try:
-            await handler(order)
+            await handler(order, tx)
         finally:
             observe(time.perf_counter() - started)
 

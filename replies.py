@@ -37,10 +37,10 @@ def owners_of(rows: Any) -> dict[bytes, bytes]:
     return {cast(bytes, row["message_id"]): cast(bytes, row["consumer"]) for row in rows}
 
 
-def commit_of(reply: Any) -> tuple[int, list[bytes]]:
-    """An orders_commit reply as (entries acked, entry ids another consumer holds)."""
-    acked, fenced = reply
-    return int(acked), cast(list[bytes], fenced)
+def commit_of(reply: Any) -> tuple[int, list[bytes], list[str]]:
+    """A commit reply as (entries acked, entry ids another consumer holds, refused staged writes)."""
+    acked, fenced, errors = reply
+    return int(acked), cast(list[bytes], fenced), [text(error) for error in errors]
 
 
 def pending_rows_of(rows: Any) -> list[tuple[bytes, bytes, int]]:

@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import logging
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -31,15 +33,18 @@ from deadletter import dead_letter_fields
 from initialization_stream import ensure_groups
 from keys import keys_for
 from lease import Lease
-from library import DONE, RUN, Fence, LibraryMissing
+from library import DONE, RUN, Commit, Fence, LibraryMissing
 from maintenance import Capabilities, detect, run_once
 from orders import InvalidOrder, Order, parse_order
 from redisPool import redis_connect
 from replies import Entry, entries_of, entries_of_claim, pending_rows_of, text
+from tx import Tx
 
 log = logging.getLogger("stream_consumer")
 
 Handler = Callable[[Order], Awaitable[None]]
+TxHandler = Callable[[Order, Tx], Awaitable[None]]  # stages Redis writes that commit with the order
+AnyHandler = Handler | TxHandler
 Runnable = tuple[bytes, dict[bytes, bytes], Order, int]  # entry id, fields, order, delivery
 
 BACKOFF_START_S = 0.1
@@ -63,6 +68,18 @@ class Stats:
         return ", ".join(f"{name}={value}" for name, value in vars(self).items())
 
 
+def with_tx(handler: AnyHandler) -> TxHandler:
+    """Every handler as one taking a Tx: a handler that takes only the order ignores it."""
+    if len(inspect.signature(handler).parameters) >= 2:
+        return cast(TxHandler, handler)
+    plain = cast(Handler, handler)
+
+    async def run(order: Order, tx: Tx) -> None:
+        await plain(order)
+
+    return run
+
+
 def _data_of(fields: dict[bytes, bytes]) -> bytes:
     payload = fields.get(b"data")
     if payload is None:
@@ -78,7 +95,7 @@ class StreamConsumer:
     settings: Settings
     group: str
     name: str
-    handler: Handler
+    handler: AnyHandler
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     stats: Stats = field(default_factory=Stats)
 
@@ -88,7 +105,9 @@ class StreamConsumer:
         self.fence = Fence(self.redis, self.keys, self.group, self.name, self.settings.dedupe_window_ms)
         self.own_cursor: bytes | None = b"0"  # None once own pending entries are read
         self.claim_cursor = "-"
-        self.uncommitted: list[tuple[bytes, str]] = []  # (entry id, order id or '') done, not yet acked
+        self.uncommitted: list[Commit] = []  # done, not yet committed
+        self.run_handler = with_tx(self.handler)
+        self.commit_sent = False  # a commit went out and its reply did not come back
         self.skipped: list[tuple[str, str]] = []  # (order id, why) of copies acked without a run
         self.retry_at: float | None = None
         self.next_claim = 0.0
@@ -102,6 +121,7 @@ class StreamConsumer:
     async def run(self) -> Stats:
         """Consume until `stop` is set; the batch in hand is finished and committed before returning."""
         log.info("consumer %s in group %s on stream %s started", self.name, self.group, self.stream)
+        self.run_handler = with_tx(self.handler)
         lease = Lease(self.settings, [self.keys.lease(self.group, self.name)], self.settings.claim_idle_ms)
         async with lease:
             await library.ensure_loaded(self.redis)  # at start a missing library ends the process
@@ -242,9 +262,10 @@ class StreamConsumer:
         max_deliveries = self.settings.max_deliveries
         processed = 0
         for entry_id, fields, order, delivery in runnable:
+            tx = Tx(self.stream)
             try:
-                await self.handler(order)
-            except Exception as error:
+                await self.run_handler(order, tx)
+            except Exception as error:  # its staged writes are dropped with it
                 self.stats.failed += 1
                 log.exception(
                     "handler failed for order %s (entry %s, delivery %d of %d)",
@@ -263,7 +284,7 @@ class StreamConsumer:
             # Kept across failures: a later turn commits what the handler already accepted.
             # Done marks only for entries the guard admitted (not from our own producer).
             guarded = self.settings.dedupe_window_ms and b"producer" not in fields
-            self.uncommitted.append((entry_id, order.order_id if guarded else ""))
+            self.uncommitted.append((entry_id, order.order_id if guarded else "", tx.commands))
             processed += 1
         self.stats.processed += processed
         # Said after the batch's handlers ran, so a copy's line never comes before its order's run.
@@ -292,7 +313,7 @@ class StreamConsumer:
             if entry_id in refused:
                 state = "already handled" if refused[entry_id] == DONE else "being handled from another entry"
                 self.skipped.append((order.order_id, state))
-                self.uncommitted.append((entry_id, ""))
+                self.uncommitted.append((entry_id, "", []))
                 self.stats.duplicates_skipped += 1
         return [item for item in runnable if item[0] not in refused]
 
@@ -303,7 +324,7 @@ class StreamConsumer:
         runnable = []
         for entry_id, fields in entries:
             if not fields:  # deleted or trimmed while pending: nothing left to process
-                self.uncommitted.append((entry_id, ""))
+                self.uncommitted.append((entry_id, "", []))
                 self.stats.deleted_skipped += 1
                 continue
             delivery = deliveries.get(entry_id, 1)
@@ -311,7 +332,7 @@ class StreamConsumer:
             if redrive_for is not None and text(redrive_for) != self.group:
                 if text(redrive_for) in self.settings.groups:
                     # Sent back from the dead-letter stream for another group only.
-                    self.uncommitted.append((entry_id, ""))
+                    self.uncommitted.append((entry_id, "", []))
                     self.stats.redrives_for_other_groups += 1
                 else:
                     reason = "redrive_for names no configured group"
@@ -330,18 +351,31 @@ class StreamConsumer:
         return runnable
 
     async def _commit(self) -> None:
-        """Ack what is done, and mark those orders done, in one step fenced by entry ownership."""
+        """Apply the staged writes of, and ack, what is done, in one step fenced by entry ownership.
+
+        On a first try every entry is pending on this consumer unless another one took it over
+        (and maybe finished it) meanwhile; on a retry after a lost reply, entries already
+        committed are simply no longer pending.
+        """
         if not self.uncommitted:
             return
-        _, taken = await self.fence.commit(self.uncommitted)
+        retry, self.commit_sent = self.commit_sent, True
+        acked, _, refused = await self.fence.commit(self.uncommitted)
+        taken = 0 if retry else len(self.uncommitted) - acked
         self.uncommitted.clear()
+        self.commit_sent = False
+        if refused:
+            log.error(
+                "Redis refused %d staged writes at commit (not applied; the rest were, once): %s",
+                len(refused),
+                "; ".join(refused[:5]),
+            )
         if taken:
-            self.stats.taken_over += len(taken)
+            self.stats.taken_over += taken
             log.warning(
-                "%d entries were taken over by another consumer while this one worked on them "
-                "(it was cut off longer than CLAIM_IDLE_MS); their commit was dropped, first id %s",
-                len(taken),
-                text(taken[0]),
+                "%d entries were taken over by another consumer while this one worked on them (it "
+                "was cut off longer than CLAIM_IDLE_MS); their commit and staged writes were dropped",
+                taken,
             )
 
     async def _dead_letter(
@@ -419,13 +453,13 @@ class StreamConsumer:
 
 
 async def consume(
-    redis: Redis, settings: Settings, group: str, name: str, handler: Handler, stop: asyncio.Event
+    redis: Redis, settings: Settings, group: str, name: str, handler: AnyHandler, stop: asyncio.Event
 ) -> Stats:
     """Consume `settings.stream_key` as `name` in `group` until `stop` is set."""
     return await StreamConsumer(redis, settings, group, name, handler, stop).run()
 
 
-async def serve(settings: Settings, group: str, handler: Handler) -> int:
+async def serve(settings: Settings, group: str, handler: AnyHandler) -> int:
     """Run one consumer until SIGINT/SIGTERM: the first drains, a second exits at once."""
     stop = asyncio.Event()
     task = asyncio.current_task()
@@ -472,8 +506,8 @@ async def serve(settings: Settings, group: str, handler: Handler) -> int:
 
 
 def _start_metrics(
-    settings: Settings, stats: Stats, group: str, handler: Handler
-) -> tuple[metrics.ConsumerCollector, Handler] | None:
+    settings: Settings, stats: Stats, group: str, handler: AnyHandler
+) -> tuple[metrics.ConsumerCollector, TxHandler] | None:
     """Serve Prometheus metrics when METRICS_PORT is set: the collector and the timed handler."""
     if not settings.metrics_port:
         return None
@@ -484,10 +518,12 @@ def _start_metrics(
     except OSError as error:
         raise CliError(f"cannot serve metrics on port {settings.metrics_port}: {error.strerror}") from None
     log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
-    return collector, metrics.timed(handler, group)
+    return collector, metrics.timed(with_tx(handler), group)
 
 
-def run_service(prog: str, description: str, group_of: Callable[[Settings], str], handler: Handler) -> None:
+def run_service(
+    prog: str, description: str, group_of: Callable[[Settings], str], handler: AnyHandler
+) -> None:
     """The whole `main` of a consumer script: pick its group from the settings and serve."""
     argparse.ArgumentParser(
         prog=f"python -m {prog}",

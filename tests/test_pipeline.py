@@ -23,7 +23,7 @@ from local_redis import LocalRedis
 from orders import Order, parse_order
 from producer import CHUNK, PublishError, publish, publish_many, sample_orders
 from status import caught_up
-from stream_consumer import Handler, Stats, consume
+from stream_consumer import AnyHandler, Handler, Stats, consume
 
 
 class Recorder:
@@ -44,7 +44,7 @@ class Recorder:
 
 @asynccontextmanager
 async def running(
-    redis: Redis, settings: Settings, *members: tuple[str, str, Handler]
+    redis: Redis, settings: Settings, *members: tuple[str, str, AnyHandler]
 ) -> AsyncIterator[list[asyncio.Task[Stats]]]:
     """Run (group, name, handler) consumers until the block ends, then stop them gracefully."""
     stop = asyncio.Event()
