@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 from test_pipeline import Recorder
 
+import consumer1
 from initialization_stream import initialize
 from local_redis import LocalRedis, free_port
 from producer import publish_many, sample_orders
@@ -111,11 +112,16 @@ async def test_each_app_user_can_do_its_job_and_nothing_else(
 
     recorder = Recorder()
     worker = StreamConsumer(consumer, settings, "email_group", "c1", recorder.handler("c1"))
-    task = asyncio.create_task(worker.run())
-    await wait_until(lambda: caught_up(admin, "orders", ["email_group"]), "the consumer user to work")
+    # The fulfillment service's transactional handler: its stock and outbox writes under {orders}:.
+    fulfiller = StreamConsumer(consumer, settings, "fulfillment_group", "f1", consumer1.handle)
+    tasks = [asyncio.create_task(worker.run()), asyncio.create_task(fulfiller.run())]
+    groups = ["email_group", "fulfillment_group"]
+    await wait_until(lambda: caught_up(admin, "orders", groups), "the consumer user to work")
     worker.stop.set()
-    await task
+    fulfiller.stop.set()
+    await asyncio.gather(*tasks)
     assert len(recorder.handled) == 30
+    assert await admin.xlen("{orders}:shipments") == 30  # each order's event, written as the consumer user
     assert await admin.xlen("orders:dead-letter") == 1  # XADD to the dead-letter stream was allowed
     assert worker.maintenance_refused  # trimming is the admin's job
     for call in (
