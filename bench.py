@@ -37,7 +37,7 @@ from orders import Item, Order, serialize
 from redisPool import redis_connect
 from replies import entries_of
 from status import caught_up
-from stream_consumer import StreamConsumer, serve
+from stream_consumer import Handler, StreamConsumer, serve
 
 STREAM = "bench:orders"
 MEMORY_STREAM = "bench:memory"
@@ -393,6 +393,15 @@ class _TimedConsumer(StreamConsumer):
         self.unacked.clear()
 
 
+def recorder(unacked: list[str]) -> Handler:
+    """A handler noting each order's id in `unacked` (one parameter: a second would mean a Tx)."""
+
+    async def handle(order: Order) -> None:
+        unacked.append(order.order_id)
+
+    return handle
+
+
 async def latency(redis: Redis, settings: Settings, per_second: int, seconds: float) -> list[float]:
     """Publish at a steady rate with both groups consuming in this process; return latencies in ms."""
     await reset(redis, settings)
@@ -402,11 +411,7 @@ async def latency(redis: Redis, settings: Settings, per_second: int, seconds: fl
     consumers = []
     for group in GROUPS:
         unacked: list[str] = []
-
-        async def handle(order: Order, unacked: list[str] = unacked) -> None:
-            unacked.append(order.order_id)
-
-        consumer = _TimedConsumer(redis, settings, group, f"{group}-latency", handle, stop)
+        consumer = _TimedConsumer(redis, settings, group, f"{group}-latency", recorder(unacked), stop)
         consumer.published, consumer.unacked, consumer.latencies = published, unacked, latencies
         consumers.append(consumer)
     tasks = [asyncio.create_task(c.run()) for c in consumers]
