@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from conftest import Script, run_script, script_env, wait_until
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 from test_pipeline import Recorder, dead_letters, running
 
 from config import Settings
@@ -52,6 +53,15 @@ async def idle_over(redis: Redis, group: str, ms: int) -> bool:
 
 async def gone(redis: Redis, key: str) -> bool:
     return not await redis.exists(key)
+
+
+async def registered(redis: Redis, group: str, consumer: str) -> bool:
+    """True once `consumer` has read from `group` (it shows in XINFO CONSUMERS)."""
+    try:
+        consumers = await redis.xinfo_consumers(STREAM, group)
+    except ResponseError:  # no stream or group yet
+        return False
+    return any(c["name"] == consumer.encode() for c in consumers)
 
 
 # --- 1. late or missing groups ------------------------------------------------------
@@ -111,7 +121,7 @@ async def test_an_idle_running_consumer_is_not_removed_as_stale(
     lease = keys_for(Settings.from_env(env)).lease("email_group", "idle-1")
     try:
         consumer = scripts("consumer2", {**env, "CONSUMER_NAME": "idle-1"})
-        await wait_until(lambda: redis.exists(lease), "the consumer's lease")
+        await wait_until(lambda: registered(redis, "email_group", "idle-1"), "the consumer to start")
         # STALE_CONSUMER_MS=1: idle time alone would condemn it (a blocked read on 7.0 never resets it).
         result = run_script("maintenance", {**env, "STALE_CONSUMER_MS": "1"})
         assert result.returncode == 0, result.stderr
@@ -139,10 +149,7 @@ async def test_a_batch_slower_than_the_claim_time_runs_once(
     try:
         assert run_script("initialization_stream", env).returncode == 0
         owner = scripts("tests.slow_service", {**env, "CONSUMER_NAME": "owner"})
-        await wait_until(
-            lambda: redis.exists(keys_for(Settings.from_env(env)).lease("fulfillment_group", "owner")),
-            "owner",
-        )
+        await wait_until(lambda: registered(redis, "fulfillment_group", "owner"), "the owner to start")
         orders = sample_orders(10)
         await publish_many(redis, STREAM, orders)
         await wait_until(
