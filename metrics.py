@@ -41,6 +41,8 @@ COUNTERS = {
     "dead_lettered": "Entries moved to the dead-letter stream.",
     "reclaimed": "Entries claimed from consumers that held them too long.",
     "deleted_skipped": "Pending entries found deleted or trimmed, acked and skipped.",
+    "duplicates_skipped": "Copies of orders done or being run, acked without a run (the dedupe guard).",
+    "taken_over": "Commits dropped: another consumer had taken the entry over (this one was cut off).",
 }
 
 
