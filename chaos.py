@@ -223,9 +223,30 @@ def figures(slots: list[Slot], ledger: Ledger) -> dict[str, int]:
 
 
 async def soak(args: argparse.Namespace) -> int:
-    """The soak, its consumers' log files in a temporary directory removed on every way out."""
-    with tempfile.TemporaryDirectory(prefix="chaos-") as logs:
-        return await _soak(args, Path(logs))
+    """The soak, its consumers' log files in a temporary directory removed on every way out.
+
+    SIGTERM and SIGHUP stop it as SIGINT does: its consumers and server are stopped and its
+    directories removed before it exits (128 + the signal).
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    stopped_by: list[int] = []
+
+    def stop(signum: int) -> None:
+        stopped_by.append(signum)
+        task.cancel()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, stop, signum)
+    try:
+        with tempfile.TemporaryDirectory(prefix="chaos-") as logs:
+            return await _soak(args, Path(logs))
+    except asyncio.CancelledError:
+        if not stopped_by:
+            raise
+        print(f"chaos: stopped by {signal.Signals(stopped_by[0]).name}", file=sys.stderr)
+        return 128 + stopped_by[0]
 
 
 async def _soak(args: argparse.Namespace, logs: Path) -> int:

@@ -228,3 +228,20 @@ def test_chaos_removes_its_temporary_directories(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "lost=0" in result.stdout
     assert list(tmp.iterdir()) == []  # neither chaos-* (its logs) nor orders-redis-* (its server)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+async def test_a_signal_stops_the_chaos_soak_with_its_server_and_directories(
+    tmp_path: Path, scripts: Start, signum: int
+) -> None:
+    sandbox = Sandbox(tmp_path)
+    args = ["--orders", "100000", "--seconds", "30", "--consumer-kills", "0", "--redis-restarts", "0"]
+    soak = scripts("chaos", sandbox.env, *args, "--partitions", "0", "--consumers-per-group", "1")
+    try:
+        await wait_until(lambda: any(p.name.startswith("chaos-") for p in sandbox.path.iterdir()), "its logs")
+        await wait_until(sandbox.servers, "its redis-server", 20)
+        soak.process.send_signal(signum)
+        assert soak.wait(60) == 128 + signum, soak.output()[-2000:]
+    finally:
+        await sandbox.assert_clean()
+    no_traceback(soak.output())
