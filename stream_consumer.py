@@ -69,8 +69,18 @@ class Stats:
 
 
 def with_tx(handler: AnyHandler) -> TxHandler:
-    """Every handler as one taking a Tx: a handler that takes only the order ignores it."""
-    if len(inspect.signature(handler).parameters) >= 2:
+    """Every handler as one taking a Tx: a handler that takes only the order ignores it.
+
+    A handler is transactional when it has a second required positional parameter; one whose
+    other parameters have defaults is called with the order alone.
+    """
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [
+        parameter
+        for parameter in inspect.signature(handler).parameters.values()
+        if parameter.kind in positional and parameter.default is inspect.Parameter.empty
+    ]
+    if len(required) >= 2:
         return cast(TxHandler, handler)
     plain = cast(Handler, handler)
 

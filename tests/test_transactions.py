@@ -180,3 +180,19 @@ async def test_a_handler_with_one_argument_still_works(redis: Redis, settings: S
     async with running(redis, settings, ("email_group", "c", handle)):
         await wait_until(lambda: caught_up(redis, STREAM, ["email_group"]), "the orders")
     assert seen == [o.order_id for o in orders]
+
+
+async def test_a_handler_whose_second_parameter_has_a_default_is_called_with_the_order_alone(
+    redis: Redis, settings: Settings
+) -> None:
+    await initialize(redis, settings)
+    seen: list[tuple[str, object]] = []
+
+    async def handle(order: Order, note: object = "default") -> None:
+        seen.append((order.order_id, note))
+
+    order = sample_orders(1)[0]
+    await publish_many(redis, STREAM, [order])
+    async with running(redis, settings, ("email_group", "c", handle)):
+        await wait_until(lambda: caught_up(redis, STREAM, ["email_group"]), "the order")
+    assert seen == [(order.order_id, "default")]
