@@ -66,6 +66,7 @@ def results(production: float | None) -> dict[str, Any]:
         "e2e_safety_on_per_s": 30_000.0,
         "e2e_production_per_s": production and production / 4,
         "e2e_no_dedupe_per_s": 45_000.0,
+        "e2e_tx_per_s": 20_000.0,
         "latency_p50_ms": 2.0,
         "latency_p99_ms": 4.0,
         "consumer_rss_mb_first": 39.0,
@@ -94,6 +95,8 @@ def test_the_table_puts_the_production_rows_beside_the_admin_rows() -> None:
     assert "publish at 90% of the admin's rate, end to end at 75%" in text
     assert "224.0 bytes each (112.0 per group" in text
     assert "208 kB per producer" in text
+    # 1/20,000 - 1/30,000 s per order: 16.7 us
+    assert "a transactional commit (2 staged writes per order per group) costs 16.7 us per order" in text
 
 
 def test_without_the_production_users_the_table_says_why() -> None:
