@@ -26,17 +26,6 @@ def entries_of_claim(reply: Any) -> list[Entry]:
     return cast(list[Entry], reply)
 
 
-def claimed_of(reply: Any) -> tuple[bytes, list[Entry], list[bytes]]:
-    """An XAUTOCLAIM reply as (next cursor, claimed entries, ids deleted from the stream)."""
-    cursor, claimed, deleted = reply[:3]
-    return cast(bytes, cursor), cast(list[Entry], claimed), cast(list[bytes], deleted)
-
-
-def owners_of(rows: Any) -> dict[bytes, bytes]:
-    """Entry id -> consumer, from an XPENDING range reply."""
-    return {cast(bytes, row["message_id"]): cast(bytes, row["consumer"]) for row in rows}
-
-
 def commit_of(reply: Any) -> tuple[int, list[bytes], list[str]]:
     """A commit reply as (entries acked, entry ids another consumer holds, refused staged writes)."""
     acked, fenced, errors = reply

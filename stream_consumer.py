@@ -116,7 +116,6 @@ class StreamConsumer:
         self.own_cursor: bytes | None = b"0"  # None once own pending entries are read
         self.claim_cursor = "-"
         self.uncommitted: list[Commit] = []  # done, not yet committed
-        self.run_handler = with_tx(self.handler)
         self.commit_sent = False  # a commit went out and its reply did not come back
         self.skipped: list[tuple[str, str]] = []  # (order id, why) of copies acked without a run
         self.retry_at: float | None = None
@@ -131,7 +130,7 @@ class StreamConsumer:
     async def run(self) -> Stats:
         """Consume until `stop` is set; the batch in hand is finished and committed before returning."""
         log.info("consumer %s in group %s on stream %s started", self.name, self.group, self.stream)
-        self.run_handler = with_tx(self.handler)
+        self.run_handler = with_tx(self.handler)  # here: serve() may wrap self.handler after __init__
         lease = Lease(self.settings, [self.keys.lease(self.group, self.name)], self.settings.claim_idle_ms)
         async with lease:
             await library.ensure_loaded(self.redis)  # at start a missing library ends the process
