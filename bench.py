@@ -475,9 +475,6 @@ async def run(url: str, sizes: Sizes, batch: int, own_server: bool) -> dict[str,
         try:
             info = await redis.info("server")
             results["redis_version"] = info["redis_version"]
-            # initialization_stream gives each stream Redis 8.6's IDMP window, as in production.
-            native = (await detect(redis)).xadd_idmp
-            results["append_path"] = "xadd-idmp" if native else "library-id-map"
             users = await add_template_users(redis, url) if own_server else None
             await measure_publishing(redis, results, streams, sizes, users)
             await measure_consuming(redis, results, streams, sizes, users)
@@ -515,6 +512,9 @@ async def measure_publishing(
         await reset(redis, streams.bench)
         runs.append(await publish_rate(redis, STREAM, bench_orders(sizes.publish)))
     results["publish_per_s"] = statistics.median(runs)
+    # The path the producer took: reset() set the stream up with initialization_stream, as in production.
+    native = await library.uses_native_idmp(redis, STREAM)
+    results["append_path"] = "xadd-idmp" if native else "library-id-map"
 
     results["publish_production_per_s"] = None
     if users is None:

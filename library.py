@@ -18,6 +18,7 @@ from redis.typing import EncodableT
 
 from config import CliError
 from keys import Keys
+from maintenance import detect
 from replies import commit_of
 
 SOURCE = Path(__file__).with_name("library.lua")
@@ -68,6 +69,20 @@ async def ensure_loaded(redis: Redis) -> None:
             f"the Redis function library orders_{version()} is not loaded and this user may not load "
             "it: run `python -m initialization_stream` as an admin user"
         ) from None
+
+
+async def uses_native_idmp(redis: Redis, stream: str) -> bool:
+    """True where the append uses Redis's own XADD IDMP: Redis 8.6+ and the stream's IDMP window
+    at least what producers rely on (initialization_stream sets it); elsewhere the library
+    remembers the ids itself. The one place that decides it, for the producer, status and bench.
+    """
+    if not (await detect(redis)).xadd_idmp:
+        return False
+    try:
+        info = await redis.xinfo_stream(stream)
+    except ResponseError:  # no stream yet: its window would be the default
+        return False
+    return int(info.get("idmp-maxsize", 0)) >= IDMP_KEEP and int(info.get("idmp-duration", 0)) >= IDMP_SECONDS
 
 
 def append_command(

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, NoReturn
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]  # no stubs without types-tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm  # type: ignore[import-untyped, unused-ignore]
@@ -30,7 +30,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm  # type: ignore[import-un
 import library
 from config import DEFAULTS, CliError, ConfigError, Settings, run_script
 from keys import stream_keys
-from maintenance import detect
 from orders import InvalidOrder, Item, Order, parse_order, serialize
 from redisPool import redis_connect
 from replies import text
@@ -158,25 +157,11 @@ _ready: weakref.WeakKeyDictionary[Redis, dict[str, bool]] = weakref.WeakKeyDicti
 
 
 async def _prepare(redis: Redis, stream: str) -> bool:
-    """Load the function library if needed; True where Redis's own XADD IDMP can be used.
-
-    That is Redis 8.6+ with the stream's IDMP window at least what the producer relies on
-    (initialization_stream sets it); elsewhere the library remembers the ids itself.
-    """
+    """Load the function library if needed; True where Redis's own XADD IDMP can be used."""
     known = _ready.setdefault(redis, {})
     if stream not in known:
         await library.ensure_loaded(redis)
-        native = False
-        if (await detect(redis)).xadd_idmp:
-            try:
-                info = await redis.xinfo_stream(stream)
-            except ResponseError:  # no stream yet: its window would be the default
-                info = {}
-            native = (
-                int(info.get("idmp-maxsize", 0)) >= library.IDMP_KEEP
-                and int(info.get("idmp-duration", 0)) >= library.IDMP_SECONDS
-            )
-        known[stream] = native
+        known[stream] = await library.uses_native_idmp(redis, stream)
     return known[stream]
 
 
