@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+import tx_service
 from conftest import Script, make_settings, script_env, wait_until
 from redis.asyncio import Redis
 from test_faults import ReplyDropper
@@ -38,6 +40,21 @@ async def exactly_once(redis: Redis, orders: list[Order]) -> bool:
     return await effects(redis) == wanted and await redis.xlen(OUTBOX) == len(orders)
 
 
+@asynccontextmanager
+async def published(
+    server: LocalRedis, count: int, batch: int
+) -> AsyncIterator[tuple[Redis, dict[str, str], list[Order]]]:
+    """A pipeline on `server` with `count` orders published; the client, the services' env, the orders."""
+    redis = Redis.from_url(server.url)
+    try:
+        await initialize(redis, make_settings(server.url))
+        orders = sample_orders(count)
+        await publish_many(redis, STREAM, orders)
+        yield redis, script_env(server.url, CLAIM_IDLE_MS="300", BATCH_SIZE=str(batch)), orders
+    finally:
+        await redis.aclose()
+
+
 def test_a_write_outside_the_streams_slot_is_refused_with_a_clear_message() -> None:
     tx = Tx("orders")
     tx.hincrby(tx.key("stock"), "A1", 2)
@@ -55,8 +72,7 @@ async def test_staged_writes_apply_once_and_a_failed_run_applies_nothing(
     failing = {orders[3].order_id}
 
     async def handle(order: Order, tx: Tx) -> None:
-        tx.hincrby(tx.key("effects"), order.order_id, 1)
-        tx.xadd(tx.key("outbox"), {"order_id": order.order_id})
+        await tx_service.handle(order, tx)
         if order.order_id in failing:
             failing.discard(order.order_id)
             raise RuntimeError("fails once, after staging")
@@ -78,14 +94,13 @@ async def test_a_lost_commit_reply_applies_the_writes_once(own_server: LocalRedi
     direct = Redis.from_url(own_server.url)
     orders = sample_orders(10)
 
-    async def handle(order: Order, tx: Tx) -> None:
-        tx.hincrby(tx.key("effects"), order.order_id, 1)
-        tx.xadd(tx.key("outbox"), {"order_id": order.order_id})
-
     try:
         await initialize(direct, settings)
         await publish_many(direct, STREAM, orders)
-        async with redis_connect(settings) as redis, running(redis, settings, ("email_group", "c", handle)):
+        async with (
+            redis_connect(settings) as redis,
+            running(redis, settings, ("email_group", "c", tx_service.handle)),
+        ):
             await wait_until(lambda: caught_up(direct, STREAM, ["email_group"]), "every order committed")
         assert dropper.dropped == 1  # the commit was sent again on a new connection
         assert await exactly_once(direct, orders)
@@ -95,12 +110,7 @@ async def test_a_lost_commit_reply_applies_the_writes_once(own_server: LocalRedi
 
 
 async def test_sigkill_between_the_handler_and_the_commit(own_server: LocalRedis, scripts: Start) -> None:
-    env = script_env(own_server.url, CLAIM_IDLE_MS="300", BATCH_SIZE="5")
-    redis = Redis.from_url(own_server.url)
-    try:
-        await initialize(redis, make_settings(own_server.url))
-        orders = sample_orders(5)
-        await publish_many(redis, STREAM, orders)
+    async with published(own_server, 5, batch=5) as (redis, env, orders):
         victim = scripts("tests.tx_service", {**env, "CONSUMER_NAME": "victim", "HOLD_MS": "60000"})
         await wait_until(lambda: "staged order" in victim.output(), "the handler to stage its writes")
         victim.kill()  # after the handler's effects, before the commit
@@ -109,18 +119,11 @@ async def test_sigkill_between_the_handler_and_the_commit(own_server: LocalRedis
         scripts("tests.tx_service", {**env, "CONSUMER_NAME": "rescuer"})
         await wait_until(lambda: caught_up(redis, STREAM, ["fulfillment_group"]), "the rescuer", 20)
         assert await exactly_once(redis, orders)
-    finally:
-        await redis.aclose()
 
 
 async def test_a_slow_owner_and_a_claimer_racing_commit_once(own_server: LocalRedis, scripts: Start) -> None:
     """The owner is stopped past its lease, the claimer commits, the owner wakes and commits late."""
-    env = script_env(own_server.url, CLAIM_IDLE_MS="300", BATCH_SIZE="3")
-    redis = Redis.from_url(own_server.url)
-    try:
-        await initialize(redis, make_settings(own_server.url))
-        orders = sample_orders(3)
-        await publish_many(redis, STREAM, orders)
+    async with published(own_server, 3, batch=3) as (redis, env, orders):
         owner = scripts("tests.tx_service", {**env, "CONSUMER_NAME": "owner", "HOLD_MS": "1500"})
         await wait_until(lambda: "staged order" in owner.output(), "the owner to stage its writes")
         owner.process.send_signal(signal.SIGSTOP)  # cut off: its lease lapses
@@ -139,8 +142,6 @@ async def test_a_slow_owner_and_a_claimer_racing_commit_once(own_server: LocalRe
             "max": None,
             "consumers": [],
         }
-    finally:
-        await redis.aclose()
 
 
 async def test_redis_killed_and_restarted_mid_batch(own_server: LocalRedis, scripts: Start) -> None:
