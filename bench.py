@@ -513,7 +513,7 @@ async def measure_publishing(
         runs.append(await publish_rate(redis, STREAM, bench_orders(sizes.publish)))
     results["publish_per_s"] = statistics.median(runs)
     # The path the producer took: reset() set the stream up with initialization_stream, as in production.
-    native = await library.uses_native_idmp(redis, STREAM)
+    native = await library.uses_native_idmp(redis, STREAM, await detect(redis))
     results["append_path"] = "xadd-idmp" if native else "library-id-map"
 
     results["publish_production_per_s"] = None

@@ -180,8 +180,22 @@ local function append(keys, args)
   return ids
 end
 
+-- Remove a consumer that is gone: no live lease and nothing pending, checked in the same step
+-- as the delete. KEYS: stream, the consumer's lease. ARGV: group, consumer. Returns what
+-- XGROUP DELCONSUMER does (0), -1 when it holds entries, -2 when its lease is alive.
+local function remove_consumer(keys, args)
+  if redis.call('EXISTS', keys[2]) == 1 then
+    return -2
+  end
+  if #redis.call('XPENDING', keys[1], args[1], '-', '+', 1, args[2]) > 0 then
+    return -1
+  end
+  return redis.call('XGROUP', 'DELCONSUMER', keys[1], args[1], args[2])
+end
+
 redis.register_function('orders___VERSION___version', function() return '__VERSION__' end)
 redis.register_function('orders___VERSION___admit', admit)
 redis.register_function('orders___VERSION___commit', commit)
 redis.register_function('orders___VERSION___dead_letter', dead_letter)
 redis.register_function('orders___VERSION___append', append)
+redis.register_function('orders___VERSION___remove_consumer', remove_consumer)

@@ -11,6 +11,7 @@ import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, ResponseError
@@ -18,8 +19,10 @@ from redis.typing import EncodableT
 
 from config import CliError
 from keys import Keys
-from maintenance import detect
 from replies import commit_of
+
+if TYPE_CHECKING:  # maintenance calls this library
+    from maintenance import Capabilities
 
 SOURCE = Path(__file__).with_name("library.lua")
 
@@ -71,12 +74,12 @@ async def ensure_loaded(redis: Redis) -> None:
         ) from None
 
 
-async def uses_native_idmp(redis: Redis, stream: str) -> bool:
+async def uses_native_idmp(redis: Redis, stream: str, capabilities: Capabilities) -> bool:
     """True where the append uses Redis's own XADD IDMP: Redis 8.6+ and the stream's IDMP window
     at least what producers rely on (initialization_stream sets it); elsewhere the library
     remembers the ids itself. The one place that decides it, for the producer, status and bench.
     """
-    if not (await detect(redis)).xadd_idmp:
+    if not capabilities.xadd_idmp:
         return False
     try:
         info = await redis.xinfo_stream(stream)

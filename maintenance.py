@@ -15,6 +15,7 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, ResponseError
 
+import library
 from config import Settings, run_script
 from keys import keys_for
 from redisPool import redis_connect
@@ -174,15 +175,6 @@ async def trim(redis: Redis, settings: Settings, capabilities: Capabilities) -> 
 
 # Removes the consumer only if its process is gone (no lease) and it holds nothing, both checked
 # in the same atomic step as the delete. KEYS: the stream, the consumer's lease; ARGV: group, consumer.
-DELETE_IF_STALE_LUA = """
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  return -2
-end
-if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then
-  return -1
-end
-return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-"""
 HELD, ALIVE = -1, -2
 
 
@@ -199,7 +191,7 @@ async def remove_stale_consumers(redis: Redis, settings: Settings) -> list[str]:
     except ResponseError:
         return []
     keys = keys_for(settings)
-    script = redis.register_script(DELETE_IF_STALE_LUA)
+    await library.ensure_loaded(redis)
     removed: list[str] = []
     for group in groups:
         name = group["name"]
@@ -209,9 +201,13 @@ async def remove_stale_consumers(redis: Redis, settings: Settings) -> list[str]:
             label = f"{text(name)}/{text(consumer['name'])}"
             lease = keys.lease(text(name), text(consumer["name"]))
             try:
-                result = await script(keys=[settings.stream_key, lease], args=[name, consumer["name"]])
-            except NoPermissionError:
-                log.warning("not allowed to remove stale consumers (no scripting); skipping")
+                result = await redis.fcall(
+                    library.function("remove_consumer"), 2, settings.stream_key, lease, name, consumer["name"]
+                )
+            except ResponseError as error:  # refused by the ACL, at the call or inside it
+                if not isinstance(error, NoPermissionError) and "no permissions" not in str(error).lower():
+                    raise
+                log.warning("not allowed to remove stale consumers (the admin's job); skipping")
                 return removed
             if result == ALIVE:
                 log.debug("kept idle consumer %s: its lease says it is running", label)

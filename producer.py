@@ -30,6 +30,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm  # type: ignore[import-un
 import library
 from config import DEFAULTS, CliError, ConfigError, Settings, run_script
 from keys import stream_keys
+from maintenance import detect
 from orders import InvalidOrder, Item, Order, parse_order, serialize
 from redisPool import redis_connect
 from replies import text
@@ -161,7 +162,7 @@ async def _prepare(redis: Redis, stream: str) -> bool:
     known = _ready.setdefault(redis, {})
     if stream not in known:
         await library.ensure_loaded(redis)
-        known[stream] = await library.uses_native_idmp(redis, stream)
+        known[stream] = await library.uses_native_idmp(redis, stream, await detect(redis))
     return known[stream]
 
 

@@ -44,7 +44,7 @@ async def caught_up(redis: Redis, stream: str, groups: Iterable[str]) -> bool:
 
 async def paths(redis: Redis, settings: Settings, capabilities: Capabilities) -> dict[str, str]:
     """Which version-dependent path each part of the pipeline takes on this server."""
-    native = await library.uses_native_idmp(redis, settings.stream_key)
+    native = await library.uses_native_idmp(redis, settings.stream_key, capabilities)
     return {
         "publish": "XADD IDMP (Redis's own)" if native else "idempotent append (function library)",
         "reclaim": "XPENDING IDLE + XCLAIM of lapsed leases",
