@@ -19,6 +19,10 @@ DEFAULTS: dict[str, str] = {
     "REDIS_URL": "redis://localhost:6379/0",
     "REDIS_MAX_CONNECTIONS": "5",
     "REDIS_CONNECT_TIMEOUT_MS": "10000",  # a script gives up on an unreachable Redis after this long
+    "REDIS_CLUSTER": "false",  # true: REDIS_URL names any node of a Redis Cluster
+    "STREAM_PARTITIONS": "1",  # streams the orders are spread over, by order_id (keys.partition_of)
+    "PUBLISH_MIN_REPLICAS": "0",  # confirm a chunk only once this many replicas have it (WAIT)
+    "PUBLISH_WAIT_MS": "2000",  # how long the producer's WAIT waits for them
     "STREAM_KEY": "orders",
     "FULFILLMENT_GROUP": "fulfillment_group",
     "EMAIL_GROUP": "email_group",
@@ -32,7 +36,7 @@ DEFAULTS: dict[str, str] = {
     "MAX_DELIVERIES": "5",
     "RETRY_DELAY_MS": "1000",
     "MAX_PAYLOAD_BYTES": "65536",
-    "DEAD_LETTER_STREAM": "orders:dead-letter",
+    "DEAD_LETTER_STREAM": "",  # empty: STREAM_KEY:dead-letter; partitioned: one per partition
     "LOG_LEVEL": "INFO",
     "MAINTENANCE_INTERVAL_MS": "60000",  # 0: consumers never trim or remove stale consumers
     "RETENTION_KEEP_MS": "0",  # keep acked entries this long (for replay); 0: trim them
@@ -83,6 +87,10 @@ class Settings:
     redis_url: str = field(repr=False)
     redis_max_connections: int
     redis_connect_timeout_ms: int
+    redis_cluster: bool
+    stream_partitions: int
+    publish_min_replicas: int
+    publish_wait_ms: int
     stream_key: str
     fulfillment_group: str
     email_group: str
@@ -107,6 +115,11 @@ class Settings:
     dedupe_window_ms: int
 
     @property
+    def partitioned(self) -> bool:
+        """Keys per partition (keys.partitions): on a cluster, or over more than one stream."""
+        return self.redis_cluster or self.stream_partitions > 1
+
+    @property
     def safe_redis_url(self) -> str:
         """The Redis URL with its password hidden, for log lines."""
         return redact_url(self.redis_url)
@@ -127,11 +140,16 @@ class Settings:
                 f"REDIS_URL has unknown options {sorted(unknown)}; known: {sorted(URL_OPTIONS)}"
             )
         fulfillment_group, email_group = get.text("FULFILLMENT_GROUP"), get.text("EMAIL_GROUP")
+        stream_key = get.text("STREAM_KEY")
         settings = cls(
             redis_url=url,
             redis_max_connections=get.integer("REDIS_MAX_CONNECTIONS", low=1),
             redis_connect_timeout_ms=get.integer("REDIS_CONNECT_TIMEOUT_MS", low=100),
-            stream_key=get.text("STREAM_KEY"),
+            redis_cluster=get.flag("REDIS_CLUSTER"),
+            stream_partitions=get.integer("STREAM_PARTITIONS", low=1, high=1024),
+            publish_min_replicas=get.integer("PUBLISH_MIN_REPLICAS", low=0),
+            publish_wait_ms=get.integer("PUBLISH_WAIT_MS", low=1),
+            stream_key=stream_key,
             fulfillment_group=fulfillment_group,
             email_group=email_group,
             groups=get.names("GROUPS") or (fulfillment_group, email_group),
@@ -144,7 +162,7 @@ class Settings:
             max_deliveries=get.integer("MAX_DELIVERIES", low=1),
             retry_delay_ms=get.integer("RETRY_DELAY_MS", low=0),
             max_payload_bytes=get.integer("MAX_PAYLOAD_BYTES", low=64),
-            dead_letter_stream=get.text("DEAD_LETTER_STREAM"),
+            dead_letter_stream=get.text("DEAD_LETTER_STREAM", empty_ok=True) or f"{stream_key}:dead-letter",
             log_level=get.text("LOG_LEVEL").upper(),
             maintenance_interval_ms=get.integer("MAINTENANCE_INTERVAL_MS", low=0),
             retention_keep_ms=get.integer("RETENTION_KEEP_MS", low=0),
@@ -169,6 +187,15 @@ class Settings:
             raise ConfigError(f"GROUPS names a group twice: {','.join(settings.groups)}")
         if settings.dead_letter_stream == settings.stream_key:
             raise ConfigError("DEAD_LETTER_STREAM must differ from STREAM_KEY")
+        if settings.partitioned and get.text("DEAD_LETTER_STREAM", empty_ok=True):
+            raise ConfigError(
+                "DEAD_LETTER_STREAM must be empty with REDIS_CLUSTER or STREAM_PARTITIONS > 1: "
+                "each partition has its own, in its hash slot (see keys.py)"
+            )
+        if settings.stream_partitions > 1 and ("{" in stream_key or "}" in stream_key):
+            raise ConfigError("STREAM_KEY must not contain braces with STREAM_PARTITIONS > 1: keys.py adds them")
+        if settings.redis_cluster and urlsplit(url).path.strip("/") not in ("", "0"):
+            raise ConfigError("REDIS_URL must name database 0 (or none) with REDIS_CLUSTER: a cluster has only 0")
         if settings.log_level not in logging.getLevelNamesMapping():
             raise ConfigError(
                 f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, got {settings.log_level!r}"
@@ -187,6 +214,12 @@ class _Reader:
         if not value and not empty_ok:
             raise ConfigError(f"{name} must not be empty")
         return value
+
+    def flag(self, name: str) -> bool:
+        value = self.raw[name].strip().lower()
+        if value not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value in ("true", "1", "yes")
 
     def names(self, name: str) -> tuple[str, ...]:
         """A comma-separated list of names without spaces; empty when the variable is empty."""

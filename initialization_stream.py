@@ -12,7 +12,7 @@ from redis.exceptions import ResponseError
 
 import library
 from config import ConfigError, Settings, run_script
-from keys import keys_for
+from keys import keys_for, partitions
 from maintenance import detect
 from redisPool import redis_connect
 
@@ -41,14 +41,18 @@ async def ensure_groups(redis: Redis, stream: str, groups: Iterable[str], start:
 
 
 async def initialize(redis: Redis, settings: Settings, start: str = "0") -> list[str]:
-    """Load the function library and make sure the stream and every configured group exist."""
+    """Load the function library and make sure every partition's stream and every configured group
+    exist; return the groups created on some partition."""
     await library.load(redis)
-    created = await ensure_groups(redis, settings.stream_key, settings.groups, start)
-    await configure_idmp(redis, settings.stream_key)
-    for group in settings.groups:
-        state = f"created from {start}" if group in created else "already there"
-        log.info("group %s on stream %s: %s", group, settings.stream_key, state)
-    return created
+    created: dict[str, None] = {}
+    for part in partitions(settings):
+        made = await ensure_groups(redis, part.stream_key, settings.groups, start)
+        await configure_idmp(redis, part.stream_key)
+        for group in settings.groups:
+            state = f"created from {start}" if group in made else "already there"
+            log.info("group %s on stream %s: %s", group, part.stream_key, state)
+        created.update(dict.fromkeys(made))
+    return list(created)
 
 
 async def configure_idmp(redis: Redis, stream: str) -> bool:
@@ -77,14 +81,15 @@ async def retire(redis: Redis, settings: Settings, group: str) -> bool:
     """Delete a group that is no longer configured, so it stops holding back trimming; False if absent."""
     if group in settings.groups:
         raise ConfigError(f"{group} is still in GROUPS ({','.join(settings.groups)}): remove it there first")
-    try:
-        destroyed = bool(await redis.xgroup_destroy(settings.stream_key, group))
-    except ResponseError as error:  # no such stream
-        if "no such key" not in str(error).lower():
-            raise
-        destroyed = False
-    keys = keys_for(settings)
-    await redis.delete(keys.done(group), keys.running(group))
+    destroyed = False
+    for part in partitions(settings):
+        try:
+            destroyed |= bool(await redis.xgroup_destroy(part.stream_key, group))
+        except ResponseError as error:  # no such stream
+            if "no such key" not in str(error).lower():
+                raise
+        keys = keys_for(part)
+        await redis.delete(keys.done(group), keys.running(group))
     return destroyed
 
 

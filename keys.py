@@ -1,4 +1,4 @@
-"""Every Redis key the pipeline uses, derived in one place from the stream key.
+"""Every Redis key the pipeline uses, derived in one place from the stream key and the partition.
 
 Keys that change together in one atomic step (the stream, the guard's keys, the consumers'
 leases) share the stream's hash tag, so on Redis Cluster each step stays in one slot. A key
@@ -12,11 +12,18 @@ stream, the stream key stays exactly as configured and `redis-cli XADD orders ..
 | `{orders}:done:<group>` | sorted set | order_id -> server time it was done, for DEDUPE_WINDOW_MS |
 | `{orders}:running:<group>` | hash | order_id -> "consumer entry_id" while a consumer runs it |
 | `{orders}:producer:<id>:ids` / `:recent` | hash / list | a producer's last order ids (Redis 7.x only) |
+
+Partitioned (REDIS_CLUSTER=true or STREAM_PARTITIONS=N > 1), partition `i` of `0..N-1` is the
+stream `{orders:i}` (just `orders` when N is 1), and every key above takes that stream's tag:
+`{orders:2}:done:email_group`, ... Its dead letters go to `{orders:i}:dead-letter` (`{orders}:dead-letter`
+when N is 1), in its slot, since dead-lettering is one atomic step with the ack. An order goes
+to partition `partition_of(order_id, N)`: CRC-32 of its UTF-8 `order_id`, modulo N.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 
 from config import Settings
 
@@ -65,3 +72,32 @@ def keys_for(settings: Settings) -> Keys:
 def stream_keys(stream: str) -> Keys:
     """The keys of `stream` where only the stream is known (the producer's API takes a stream name)."""
     return Keys(stream=stream, dead_letter=f"{stream}:dead-letter")
+
+
+def partition_of(order_id: str, partitions: int) -> int:
+    """The partition of an order: CRC-32 (IEEE, as zlib, Java's and Go's crc32) of its UTF-8 `order_id`, mod N.
+
+    `partition_of("ord-1", 3)` is 0: crc32(b"ord-1") = 576472767 and 576472767 % 3 = 0.
+    """
+    return zlib.crc32(order_id.encode("utf-8", "surrogatepass")) % partitions
+
+
+def partition_stream(stream: str, index: int, partitions: int) -> str:
+    """The stream key of partition `index`: `stream` itself when there is one, else `{stream:index}`."""
+    return stream if partitions == 1 else "{" + f"{stream}:{index}" + "}"
+
+
+def partitions(settings: Settings) -> list[Settings]:
+    """The settings of each partition: its own STREAM_KEY and DEAD_LETTER_STREAM, in its slot.
+
+    Unpartitioned (one Redis, STREAM_PARTITIONS=1), just `settings`. Every script runs its
+    per-stream work once per partition.
+    """
+    if not settings.partitioned:
+        return [settings]
+    count = settings.stream_partitions
+    streams = [partition_stream(settings.stream_key, i, count) for i in range(count)]
+    return [
+        replace(settings, stream_key=stream, dead_letter_stream="{" + hash_tag(stream) + "}:dead-letter")
+        for stream in streams
+    ]

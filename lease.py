@@ -49,7 +49,7 @@ class Lease:
         await asyncio.to_thread(self.thread.join, self.ttl_ms / 3000 + 2)
 
     def _run(self) -> None:
-        client = redis.Redis.from_url(
+        client = (redis.RedisCluster if self.settings.redis_cluster else redis.Redis).from_url(
             self.settings.redis_url,
             socket_timeout=self.ttl_ms / 3000 + 1,
             socket_connect_timeout=2,
@@ -63,7 +63,7 @@ class Lease:
         finally:
             client.close()
 
-    def _refresh_until_stopped(self, client: redis.Redis) -> None:
+    def _refresh_until_stopped(self, client: redis.Redis | redis.RedisCluster) -> None:
         failing = False
         while not self.stopped.is_set():
             try:

@@ -19,6 +19,7 @@ from redis.typing import EncodableT
 
 from config import CliError
 from keys import Keys
+from redisPool import is_cluster
 from replies import commit_of
 
 if TYPE_CHECKING:  # maintenance calls this library
@@ -60,7 +61,9 @@ async def load(redis: Redis) -> None:
 async def ensure_loaded(redis: Redis) -> None:
     """Make sure this version of the library is loaded; load it if this user may, else LibraryMissing."""
     try:
-        await redis.fcall(function("version"), 0)
+        # On a cluster, on every master: each partition's calls run on its own.
+        where: dict[str, str] = {"target_nodes": "primaries"} if is_cluster(redis) else {}
+        await redis.execute_command("FCALL", function("version"), 0, **where)  # type: ignore[no-untyped-call]
         return
     except ResponseError as error:
         if isinstance(error, NoPermissionError) or "function not found" not in str(error).lower():

@@ -116,3 +116,105 @@ def _answers_ping(port: int, tls: bool) -> bool:
             return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
+
+
+def free_cluster_port() -> int:
+    """A free port below 55535 whose Cluster bus port (port + 10000) is free too."""
+    for _ in range(100):
+        port = free_port()
+        if port < 55535 and _free(port + 10000):
+            return port
+    raise RuntimeError("no free port pair (port, port + 10000) on 127.0.0.1")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@dataclass
+class LocalCluster:
+    """A Redis Cluster of redis-server children on loopback: `masters` masters, each with `replicas`."""
+
+    nodes: list[LocalRedis]
+    masters: int
+    replicas: int
+
+    @property
+    def url(self) -> str:
+        """Any one node: redis-py's cluster client finds the others."""
+        return self.nodes[0].url
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.port for node in self.nodes]
+
+    def node(self, port: int) -> LocalRedis:
+        return next(node for node in self.nodes if node.port == port)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+
+def start_local_cluster(
+    masters: int = 3, replicas: int = 0, node_timeout_ms: int = 1000, *args: str
+) -> LocalCluster:
+    """Start a local Redis Cluster with `redis-server --cluster-enabled yes` and `redis-cli --cluster create`.
+
+    Returns once every node says `cluster_state:ok`. Needs redis-cli (Debian: redis-tools).
+    """
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        raise FileNotFoundError("redis-cli is not installed (apt-get install redis-tools)")
+    nodes: list[LocalRedis] = []
+    cluster = LocalCluster(nodes=nodes, masters=masters, replicas=replicas)
+    try:
+        for _ in range(masters * (1 + replicas)):
+            tmp = tempfile.TemporaryDirectory(prefix="orders-cluster-")
+            node = LocalRedis(
+                port=free_cluster_port(),
+                directory=Path(tmp.name),
+                args=[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    str(node_timeout_ms),
+                    "--appendonly",
+                    "yes",
+                    *args,
+                ],
+                _tmp=tmp,
+            )
+            nodes.append(node)
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in nodes]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", str(replicas), "--cluster-yes"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        )
+        deadline = time.monotonic() + 30
+        while not all(_cluster_ok(cli, node.port) for node in nodes):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the local Redis Cluster did not reach cluster_state:ok within 30s")
+            time.sleep(0.05)
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
+
+
+def _cluster_ok(cli: str, port: int) -> bool:
+    reply = subprocess.run(
+        [cli, "-p", str(port), "cluster", "info"], capture_output=True, text=True, timeout=10, check=False
+    )
+    return "cluster_state:ok" in reply.stdout

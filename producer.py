@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -13,26 +14,28 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import AsyncGenerator, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, aclosing, nullcontext
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import islice
 from types import FrameType
-from typing import Any, BinaryIO, NoReturn
+from typing import Any, BinaryIO, NoReturn, cast
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.connection import AbstractConnection, Connection
+from redis.exceptions import AskError, ClusterDownError, RedisClusterException, RedisError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]  # no stubs without types-tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm  # type: ignore[import-untyped, unused-ignore]
 
 import library
 from config import DEFAULTS, CliError, ConfigError, Settings, run_script
-from keys import stream_keys
+from keys import partition_of, partition_stream, stream_keys
 from maintenance import detect
 from orders import InvalidOrder, Item, Order, parse_order, serialize
-from redisPool import redis_connect
+from redisPool import is_cluster, redis_connect
 from replies import text
 
 log = logging.getLogger("producer")
@@ -58,32 +61,80 @@ RETRIES = 5  # reconnects after a lost connection before a publish gives up
 RETRY_CAP_S = 2.0
 
 
-async def publish(redis: Redis, stream: str, order: Order, producer: str = "") -> str:
+@dataclass(frozen=True)
+class Durability:
+    """How a chunk is confirmed: once its primary has it, or also `replicas` replicas (WAIT).
+
+    `patience_s`: how long a lost connection is retried, at least, before the publish gives
+    up; on a cluster, longer than a failover takes (`cluster-node-timeout` plus an election).
+    """
+
+    replicas: int = 0
+    wait_ms: int = 2000
+    patience_s: float = 0.0
+
+
+def durability_of(settings: Settings) -> Durability:
+    patience = settings.redis_connect_timeout_ms / 1000
+    return Durability(settings.publish_min_replicas, settings.publish_wait_ms, patience)
+
+
+class NotReplicated(RedisError):
+    """WAIT returned before PUBLISH_MIN_REPLICAS replicas had the chunk: it is sent again."""
+
+
+# Worth sending the chunks in flight again: the append is idempotent, so nothing is added twice.
+RESEND = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    AskError,  # and MovedError: the slot is served elsewhere now (a failover, a resharding)
+    TryAgainError,
+    ClusterDownError,  # and MasterDownError
+    RedisClusterException,
+    NotReplicated,
+)
+
+
+async def publish(
+    redis: Redis,
+    stream: str,
+    order: Order,
+    producer: str = "",
+    *,
+    partitions: int = 1,
+    durability: Durability = Durability(),
+) -> str:
     """Append one order; return its entry id once Redis has confirmed it.
 
-    Idempotent: sent again (redis-py retries after a lost reply) by the same producer id
-    (PRODUCER_ID; default the host name) within the window, the order is not added twice.
+    Idempotent: sent again (after a lost reply) by the same producer id (PRODUCER_ID; default
+    the host name) within the window, the order is not added twice.
     """
-    native = await _prepare(redis, stream)
-    command = library.append_command(
-        stream_keys(stream), producer or socket.gethostname(), native, [_record(order)]
-    )
-    reply = await redis.execute_command(*command)  # type: ignore[no-untyped-call]
-    return text(reply[0])
+    ids = await publish_many(redis, stream, [order], producer, partitions=partitions, durability=durability)
+    return ids[0]
 
 
-async def publish_many(redis: Redis, stream: str, orders: Sequence[Order], producer: str = "") -> list[str]:
-    """Append orders in order, CHUNK per call; return their entry ids.
+async def publish_many(
+    redis: Redis,
+    stream: str,
+    orders: Sequence[Order],
+    producer: str = "",
+    *,
+    partitions: int = 1,
+    durability: Durability = Durability(),
+) -> list[str]:
+    """Append orders, CHUNK per call, each to its partition's stream; return their entry ids.
 
     Each chunk is one call of the function library's idempotent append: added whole or not
-    at all, and a chunk sent again after a lost connection adds nothing twice. Raises
-    PublishError saying how many orders Redis confirmed before a failure.
+    at all, and a chunk sent again after a lost connection adds nothing twice. Within a
+    partition the orders keep their order. Raises PublishError saying how many orders Redis
+    confirmed before a failure.
     """
     ids: list[str] = []
     records = [_record(order) for order in orders]
     chunks = (records[i : i + CHUNK] for i in range(0, len(records), CHUNK))
     try:
-        async with aclosing(append_chunks(redis, stream, chunks, producer)) as confirmed:
+        appended = append_routed(redis, stream, partitions, chunks, producer, durability)
+        async with aclosing(appended) as confirmed:
             async for replies in confirmed:
                 ids.extend(replies)
     except RedisError as error:
@@ -95,8 +146,57 @@ def _record(order: Order) -> Record:
     return order.order_id, serialize(order)
 
 
+async def append_routed(
+    redis: Redis,
+    stream: str,
+    partitions: int,
+    chunks: Iterable[list[Record]],
+    producer: str = "",
+    durability: Durability = Durability(),
+) -> AsyncGenerator[list[str], None]:
+    """`append_chunks` over STREAM_PARTITIONS streams: each record goes to `partition_of` its order id.
+
+    Each chunk is split by partition and the shares appended side by side (on a cluster, each
+    on its own node); yields the ids confirmed, then raises the first failure, if any.
+    """
+    if partitions == 1:
+        async with aclosing(append_chunks(redis, stream, chunks, producer, durability)) as confirmed:
+            async for ids in confirmed:
+                yield ids
+        return
+    streams = [partition_stream(stream, i, partitions) for i in range(partitions)]
+    for chunk in chunks:
+        shares: list[list[Record]] = [[] for _ in streams]
+        for record in chunk:
+            shares[partition_of(record[0], partitions)].append(record)
+        outcomes = await asyncio.gather(
+            *(
+                _append_all(redis, streams[i], share, producer, durability)
+                for i, share in enumerate(shares)
+                if share
+            ),
+            return_exceptions=True,
+        )
+        yield [entry_id for outcome in outcomes if isinstance(outcome, list) for entry_id in outcome]
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+
+async def _append_all(
+    redis: Redis, stream: str, records: list[Record], producer: str, durability: Durability
+) -> list[str]:
+    chunks = (records[i : i + CHUNK] for i in range(0, len(records), CHUNK))
+    async with aclosing(append_chunks(redis, stream, chunks, producer, durability)) as confirmed:
+        return [entry_id async for ids in confirmed for entry_id in ids]
+
+
 async def append_chunks(
-    redis: Redis, stream: str, chunks: Iterable[list[Record]], producer: str = ""
+    redis: Redis,
+    stream: str,
+    chunks: Iterable[list[Record]],
+    producer: str = "",
+    durability: Durability = Durability(),
 ) -> AsyncGenerator[list[str], None]:
     """Append each chunk of records whole, in order; yield its entry ids once Redis confirmed it.
 
@@ -104,54 +204,98 @@ async def append_chunks(
     redis-py Pipeline would wait for every reply first). `chunks` is read lazily, one chunk
     ahead of the replies: when it ends, the chunks already sent are still confirmed (or their
     failure raised) before this ends, so the ids yielded are exactly what is in the stream.
-    A lost connection is retried (RETRIES times, with backoff) by sending the unconfirmed
-    chunks again: the append is idempotent per order id, so nothing is added twice.
-    Raises RedisError.
+    With `durability.replicas`, a WAIT follows each chunk on the same connection and the chunk
+    counts as confirmed only once that many replicas have it. A lost connection (or, on a
+    cluster, a moved slot) is retried with backoff by sending the unconfirmed chunks again: the
+    append is idempotent per order id, so nothing is added twice. Raises RedisError.
     """
     keys = stream_keys(stream)
     producer = producer or socket.gethostname()
     native = await _prepare(redis, stream)
-    pool = redis.connection_pool
     source = iter(chunks)
     in_flight: deque[list[Record]] = deque()
     failures = 0
+    first_failure = 0.0
+    loop = asyncio.get_running_loop()
+
+    async def send(connection: AbstractConnection, chunk: list[Record]) -> None:
+        await connection.send_command(*library.append_command(keys, producer, native, chunk))
+        if durability.replicas:
+            await connection.send_command("WAIT", durability.replicas, durability.wait_ms)
+
     while True:
         try:
-            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        except (RedisConnectionError, RedisTimeoutError) as error:
-            failures = await _after_failure(failures, error)
+            connection, release = await _connection(redis, stream)
+        except RESEND as error:
+            failures, first_failure = failures + 1, first_failure or loop.time()
+            await _after_failure(redis, failures, first_failure, durability, error)
             continue
         try:
             for chunk in in_flight:  # unconfirmed when the connection was lost: sent again
-                await connection.send_command(*library.append_command(keys, producer, native, chunk))
+                await send(connection, chunk)
             while True:
                 while len(in_flight) < 2 and (chunk := next(source, [])):
                     in_flight.append(chunk)  # before sending: a send cut half way is sent again whole
-                    await connection.send_command(*library.append_command(keys, producer, native, chunk))
+                    await send(connection, chunk)
                 if not in_flight:
                     return
                 reply = await connection.read_response()
+                if durability.replicas:
+                    replicas = await connection.read_response()
+                    if int(replicas) < durability.replicas:
+                        raise NotReplicated(
+                            f"{replicas} of PUBLISH_MIN_REPLICAS={durability.replicas} replicas confirmed "
+                            f"a chunk within PUBLISH_WAIT_MS={durability.wait_ms}"
+                        )
                 in_flight.popleft()
-                failures = 0
+                failures, first_failure = 0, 0.0
                 yield [text(i) for i in reply]
-        except (RedisConnectionError, RedisTimeoutError) as error:
+        except RESEND as error:
             await connection.disconnect()
-            failures = await _after_failure(failures, error)
+            failures, first_failure = failures + 1, first_failure or loop.time()
+            await _after_failure(redis, failures, first_failure, durability, error)
         finally:
             if in_flight:  # failed or stopped with replies unread: that connection is done
                 await connection.disconnect()
-            await pool.release(connection)
+            await release(connection)
 
 
-async def _after_failure(failures: int, error: Exception) -> int:
-    """Back off before sending again; re-raise `error` once RETRIES reconnects have failed."""
-    failures += 1
-    if failures > RETRIES:
+async def _connection(
+    redis: Redis, stream: str
+) -> tuple[AbstractConnection, Callable[[AbstractConnection], Awaitable[None]]]:
+    """A connection to the server that holds `stream`, and how to give it back."""
+    if is_cluster(redis):
+        cluster = cast(RedisCluster, redis)
+        await cluster.initialize()
+        node = cluster.get_node_from_key(stream)
+        if node is None:
+            raise ClusterDownError(f"no node of the cluster serves the slot of {stream}")
+
+        async def give_back(connection: AbstractConnection) -> None:
+            node.release(cast(Connection, connection))
+
+        return node.acquire_connection(), give_back
+    pool = redis.connection_pool
+    connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    return connection, pool.release
+
+
+async def _after_failure(
+    redis: Redis, failures: int, since: float, durability: Durability, error: Exception
+) -> None:
+    """Back off before sending again; re-raise `error` after RETRIES failures and `patience_s`.
+
+    On a cluster, first refresh the slot map: the stream's slot may have a new primary.
+    """
+    loop = asyncio.get_running_loop()
+    if failures > RETRIES and loop.time() - since >= durability.patience_s:
         raise error
     delay = min(0.05 * 2**failures, RETRY_CAP_S)
-    log.warning("connection lost while publishing (%s); sending again in %.2f s", type(error).__name__, delay)
+    log.warning("publishing failed (%s); sending again in %.2f s", type(error).__name__, delay)
     await asyncio.sleep(delay)
-    return failures
+    if is_cluster(redis):
+        with contextlib.suppress(RedisError, RedisClusterException):
+            await cast(RedisCluster, redis).nodes_manager.initialize()
 
 
 _ready: weakref.WeakKeyDictionary[Redis, dict[str, bool]] = weakref.WeakKeyDictionary()
@@ -452,7 +596,7 @@ async def main(settings: Settings, args: argparse.Namespace) -> int:
             run.total = _check(orders, run)
             async with redis_connect(settings) as redis:
                 show = not args.quiet and sys.stderr.isatty()
-                await _publish(redis, orders, run, settings.producer_id, show_progress=show)
+                await _publish(redis, orders, run, settings, show_progress=show)
     except asyncio.CancelledError:
         if run.signal is None:
             raise
@@ -508,7 +652,7 @@ def _check(orders: Input, run: Run) -> int:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
 
-async def _publish(redis: Redis, orders: Input, run: Run, producer: str, *, show_progress: bool) -> None:
+async def _publish(redis: Redis, orders: Input, run: Run, settings: Settings, *, show_progress: bool) -> None:
     """Publish the orders again read from `orders`, counting what Redis confirms in `run`."""
     chunks = run.chunks(orders.second_pass(), orders.source)
     with (
@@ -523,7 +667,15 @@ async def _publish(redis: Redis, orders: Input, run: Run, producer: str, *, show
         ) as bar,
     ):
         try:
-            async with aclosing(append_chunks(redis, run.stream, chunks, producer)) as replies:
+            appended = append_routed(
+                redis,
+                run.stream,
+                settings.stream_partitions,
+                chunks,
+                settings.producer_id,
+                durability_of(settings),
+            )
+            async with aclosing(appended) as replies:
                 async for ids in replies:
                     run.confirm(ids)
                     bar.update(len(ids))

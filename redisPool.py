@@ -1,4 +1,9 @@
-"""The one redis.asyncio connection pool of a process: pinged at start, retried, always closed."""
+"""The one redis.asyncio connection pool of a process: pinged at start, retried, always closed.
+
+With REDIS_CLUSTER=true it is redis-py's cluster client instead: REDIS_URL names any node, it
+finds the others, routes each command by its key's slot and follows failovers (MOVED, topology
+refresh). It offers the same command methods, so the scripts take it where they take a Redis.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,14 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import ConnectionPool, Redis, RedisCluster
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.connection import HiredisRespSerializer
-from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import AuthenticationError, RedisClusterException, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
@@ -91,11 +96,16 @@ _FAST: dict[type[AbstractConnection], type[AbstractConnection]] = {
 }
 
 
+def max_connections(settings: Settings) -> int:
+    """REDIS_MAX_CONNECTIONS, plus one per partition beyond the first: each keeps a blocking read open."""
+    return settings.redis_max_connections + settings.stream_partitions - 1
+
+
 def make_pool(settings: Settings) -> ConnectionPool:
     """A pool whose socket timeout stays above the blocking-read time and that retries lost connections."""
     pool = ConnectionPool.from_url(
         settings.redis_url,
-        max_connections=settings.redis_max_connections,
+        max_connections=max_connections(settings),
         socket_timeout=settings.socket_timeout_ms / 1000,
         socket_connect_timeout=min(CONNECT_TIMEOUT_S, settings.redis_connect_timeout_ms / 1000),
         # Three quick reconnects hide a dropped connection; longer outages reach the caller.
@@ -126,7 +136,7 @@ async def wait_until_reachable(redis: Redis, where: str, deadline_s: float) -> N
         except (AuthenticationError, ResponseError) as error:
             # WRONGPASS, NOAUTH, NOPERM: retrying cannot help.
             raise RedisRefused(refusal(where, error)) from None
-        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+        except (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError) as error:
             if isinstance(error.__cause__ or error.__context__, ssl.SSLError):
                 raise RedisRefused(f"TLS with Redis at {where} failed: {error}") from None
             if not isinstance(error, TimeoutError):  # keep the cause, not our own deadline
@@ -165,10 +175,32 @@ async def redis_connect(settings: Settings, deadline_s: float | None = None) -> 
     """
     if deadline_s is None:
         deadline_s = settings.redis_connect_timeout_ms / 1000
-    redis = Redis.from_pool(make_pool(settings))
+    redis = make_cluster(settings) if settings.redis_cluster else Redis.from_pool(make_pool(settings))
     try:
         await wait_until_reachable(redis, settings.safe_redis_url, deadline_s)
         log.debug("connected to %s", settings.safe_redis_url)
         yield redis
     finally:
         await redis.aclose()
+
+
+def make_cluster(settings: Settings) -> Redis:
+    """redis-py's cluster client, typed as the Redis whose command methods it offers.
+
+    MAX_CONNECTIONS is per node. A lost node is retried with backoff while the cluster fails
+    over (`cluster-node-timeout`, then a replica's election), refreshing the slot map each time.
+    """
+    cluster = RedisCluster.from_url(
+        settings.redis_url,
+        max_connections=max_connections(settings),
+        socket_timeout=settings.socket_timeout_ms / 1000,
+        socket_connect_timeout=min(CONNECT_TIMEOUT_S, settings.redis_connect_timeout_ms / 1000),
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=8),
+        health_check_interval=30,
+        client_name=settings.consumer_name,
+    )
+    return cast(Redis, cluster)
+
+
+def is_cluster(redis: Redis) -> bool:
+    return isinstance(redis, RedisCluster)  # type: ignore[unreachable, unused-ignore]

@@ -23,7 +23,8 @@ from typing import cast
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ClusterDownError, MasterDownError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 import library
@@ -31,7 +32,7 @@ import metrics
 from config import CliError, ConfigError, Settings, run_script
 from deadletter import dead_letter_fields
 from initialization_stream import ensure_groups
-from keys import keys_for
+from keys import keys_for, partitions
 from lease import Lease
 from library import DONE, RUN, Commit, Fence, LibraryMissing
 from maintenance import Capabilities, detect, run_once
@@ -95,6 +96,17 @@ def _data_of(fields: dict[bytes, bytes]) -> bytes:
     if payload is None:
         raise InvalidOrder("entry has no 'data' field")
     return payload
+
+
+# Failures that end by themselves: an outage, a restart, a cluster failing over.
+UNREACHABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    RedisClusterException,
+    ClusterDownError,
+    MasterDownError,
+    TryAgainError,
+)
 
 
 @dataclass
@@ -416,7 +428,7 @@ class StreamConsumer:
         loop = asyncio.get_running_loop()
         try:
             await step
-        except RedisError as error:
+        except (RedisError, RedisClusterException) as error:
             message = str(error)
             if isinstance(error, ResponseError) and message.startswith(("NOGROUP", "UNBLOCKED")):
                 # The group or the stream vanished (FLUSHALL, a restart without persistence).
@@ -436,7 +448,7 @@ class StreamConsumer:
                 return
             if self.trouble_since is None:  # once per outage, not once per retry
                 self.trouble_since = loop.time()
-                if isinstance(error, RedisConnectionError | RedisTimeoutError):
+                if isinstance(error, UNREACHABLE):
                     log.warning(
                         "Redis unreachable (%s: %s); retrying with backoff", type(error).__name__, error
                     )
@@ -464,8 +476,24 @@ class StreamConsumer:
 async def consume(
     redis: Redis, settings: Settings, group: str, name: str, handler: AnyHandler, stop: asyncio.Event
 ) -> Stats:
-    """Consume `settings.stream_key` as `name` in `group` until `stop` is set."""
-    return await StreamConsumer(redis, settings, group, name, handler, stop).run()
+    """Consume every partition of `settings.stream_key` as `name` in `group` until `stop` is set."""
+    stats = Stats()
+    await run_all([StreamConsumer(redis, part, group, name, handler, stop, stats) for part in partitions(settings)])
+    return stats
+
+
+async def run_all(consumers: list[StreamConsumer]) -> None:
+    """Run one consumer per partition side by side; the first to fail stops the others."""
+    if len(consumers) == 1:
+        await consumers[0].run()
+        return
+    tasks = [asyncio.create_task(consumer.run()) for consumer in consumers]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def serve(settings: Settings, group: str, handler: AnyHandler) -> int:
@@ -497,14 +525,19 @@ async def serve(settings: Settings, group: str, handler: AnyHandler) -> int:
     with_metrics = _start_metrics(settings, stats, group, handler)
     try:
         async with redis_connect(settings) as redis:
-            consumer = StreamConsumer(redis, settings, group, settings.consumer_name, handler, stop, stats)
+            consumers = [
+                StreamConsumer(redis, part, group, settings.consumer_name, handler, stop, stats)
+                for part in partitions(settings)
+            ]
             if with_metrics is None:
-                await consumer.run()
+                await run_all(consumers)
             else:
-                collector, consumer.handler = with_metrics
+                collector, timed = with_metrics
+                for consumer in consumers:
+                    consumer.handler = timed
                 refresher = asyncio.create_task(metrics.refresh_forever(collector, redis, settings))
                 try:
-                    await consumer.run()
+                    await run_all(consumers)
                 finally:
                     refresher.cancel()
     except asyncio.CancelledError:
