@@ -193,9 +193,13 @@ class Settings:
                 "each partition has its own, in its hash slot (see keys.py)"
             )
         if settings.stream_partitions > 1 and ("{" in stream_key or "}" in stream_key):
-            raise ConfigError("STREAM_KEY must not contain braces with STREAM_PARTITIONS > 1: keys.py adds them")
+            raise ConfigError(
+                "STREAM_KEY must not contain braces with STREAM_PARTITIONS > 1: keys.py adds them"
+            )
         if settings.redis_cluster and urlsplit(url).path.strip("/") not in ("", "0"):
-            raise ConfigError("REDIS_URL must name database 0 (or none) with REDIS_CLUSTER: a cluster has only 0")
+            raise ConfigError(
+                "REDIS_URL must name database 0 (or none) with REDIS_CLUSTER: a cluster has only 0"
+            )
         if settings.log_level not in logging.getLevelNamesMapping():
             raise ConfigError(
                 f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, got {settings.log_level!r}"

@@ -25,6 +25,8 @@ from redis.exceptions import WatchError
 from redis.typing import EncodableT, FieldT
 
 from config import CliError, ConfigError, Settings, run_script
+from keys import partitions
+from maintenance import parse_id
 from orders import InvalidOrder, parse_order
 from redisPool import redis_connect
 from replies import text
@@ -114,48 +116,90 @@ async def redrive(redis: Redis, settings: Settings, entry_id: str) -> str | None
 
 async def list_command(redis: Redis, settings: Settings, args: argparse.Namespace) -> None:
     max_bytes = settings.max_payload_bytes
-    rows = [describe(i, f, max_bytes) async for i, f in entries(redis, settings, args.group)]
+    rows = []
+    for part in partitions(settings):
+        async for entry_id, fields in entries(redis, part, args.group):
+            row = describe(entry_id, fields, max_bytes)
+            if settings.partitioned:
+                row["partition"] = part.stream_key
+            rows.append(row)
+    rows.sort(key=lambda row: parse_id(row["id"]))
     rows = rows[-args.limit :] if args.limit is not None else rows
     if args.json:
         print(json.dumps(rows, indent=2))
         return
     if not rows:
-        total = await redis.xlen(settings.dead_letter_stream)
+        total = sum([await redis.xlen(part.dead_letter_stream) for part in partitions(settings)])
         if args.group is not None and total:
             print(f"no dead letters of group {args.group} ({total} in the stream)")
         else:
-            print(f"{settings.dead_letter_stream} is empty")
+            print(f"{_where(settings)} is empty")
     for row in rows:
         print(
             f"{row['id']}  {row['dead_lettered_at'][:19]}  {row['group']:<18} "
             f"deliveries {row['deliveries']:<3} source {row['source_id']}  "
             f"order {row['order_id'] or '-'}  {row['error']}"
+            + (f"  in {row['partition']}" if "partition" in row else "")
         )
 
 
+def _where(settings: Settings) -> str:
+    """The dead-letter stream, or every partition's."""
+    parts = partitions(settings)
+    return (
+        parts[0].dead_letter_stream
+        if len(parts) == 1
+        else f"every partition's dead-letter stream ({len(parts)})"
+    )
+
+
 async def show_command(redis: Redis, settings: Settings, entry_id: str) -> None:
-    found: Any = await redis.xrange(settings.dead_letter_stream, min=entry_id, max=entry_id)
-    if not found:
-        raise ConfigError(f"no dead letter with id {entry_id}")
-    print(json.dumps({text(k): text(v) for k, v in found[0][1].items()}, indent=2, ensure_ascii=False))
+    for part in partitions(settings):
+        found: Any = await redis.xrange(part.dead_letter_stream, min=entry_id, max=entry_id)
+        if found:
+            print(
+                json.dumps({text(k): text(v) for k, v in found[0][1].items()}, indent=2, ensure_ascii=False)
+            )
+            return
+    raise ConfigError(f"no dead letter with id {entry_id}")
 
 
 async def move_command(redis: Redis, settings: Settings, args: argparse.Namespace) -> None:
-    """Redrive or purge the chosen entries, one at a time, reporting each."""
-    ids = args.ids or [text(i) async for i, _ in entries(redis, settings, args.group)]
-    if args.command == "purge" and not args.ids and ids and not args.yes:
+    """Redrive or purge the chosen entries, one at a time, reporting each.
+
+    Partitioned, an entry id is looked for in every partition's dead-letter stream, and each
+    entry goes back to its own partition's stream, where its order id routes it anyway.
+    """
+    parts = partitions(settings)
+    chosen: list[tuple[str, list[Settings]]]
+    if args.ids:
+        chosen = [(entry_id, parts) for entry_id in args.ids]
+    else:
+        chosen = [(text(i), [part]) for part in parts async for i, _ in entries(redis, part, args.group)]
+    if args.command == "purge" and not args.ids and chosen and not args.yes:
         of_group = f" of group {args.group}" if args.group is not None else ""
-        await confirm(f"purge {len(ids)} dead letters{of_group} from {settings.dead_letter_stream} for good?")
+        await confirm(f"purge {len(chosen)} dead letters{of_group} from {_where(settings)} for good?")
     done = 0
-    for entry_id in ids:
-        if args.command == "redrive":
-            new_id = await redrive(redis, settings, entry_id)
-            outcome = f"redriven as {new_id}" if new_id else "not found (already redriven or purged?)"
-        else:
-            outcome = "purged" if await redis.xdel(settings.dead_letter_stream, entry_id) else "not found"
-        done += outcome.startswith(("redriven", "purged"))
-        print(f"{entry_id}: {outcome}")
-    print(f"{args.command}: {done} of {len(ids)} entries")
+    for entry_id, where in chosen:
+        found = 0
+        for part in where:
+            outcome = await _move(redis, part, args.command, entry_id)
+            if outcome is not None:
+                found += 1
+                print(f"{entry_id}: {outcome}" + (f" in {part.stream_key}" if settings.partitioned else ""))
+        if not found:
+            missing = " (already redriven or purged?)" if args.command == "redrive" else ""
+            print(f"{entry_id}: not found{missing}")
+        done += bool(found)
+    print(f"{args.command}: {done} of {len(chosen)} entries")
+
+
+async def _move(redis: Redis, part: Settings, command: str, entry_id: str) -> str | None:
+    """Redrive or purge one entry of one partition; None when it is not there."""
+    if command == "redrive":
+        new_id = await redrive(redis, part, entry_id)
+        return f"redriven as {new_id}" if new_id else None
+    return "purged" if await redis.xdel(part.dead_letter_stream, entry_id) else None
 
 
 async def confirm(question: str) -> None:

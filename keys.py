@@ -75,7 +75,7 @@ def stream_keys(stream: str) -> Keys:
 
 
 def partition_of(order_id: str, partitions: int) -> int:
-    """The partition of an order: CRC-32 (IEEE, as zlib, Java's and Go's crc32) of its UTF-8 `order_id`, mod N.
+    """The partition of an order: CRC-32 (IEEE: zlib, Java, Go) of its UTF-8 `order_id`, modulo N.
 
     `partition_of("ord-1", 3)` is 0: crc32(b"ord-1") = 576472767 and 576472767 % 3 = 0.
     """

@@ -17,7 +17,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 
 import library
 from config import Settings, run_script
-from keys import keys_for
+from keys import keys_for, partitions
 from redisPool import redis_connect
 from replies import text
 
@@ -229,7 +229,10 @@ async def run_once(redis: Redis, settings: Settings, capabilities: Capabilities)
 async def main(settings: Settings) -> int:
     async with redis_connect(settings) as redis:
         capabilities = await detect(redis)
-        trimmed, removed = await run_once(redis, settings, capabilities)
+        trimmed, removed = 0, list[str]()
+        for part in partitions(settings):
+            some, gone = await run_once(redis, part, capabilities)
+            trimmed, removed = trimmed + some, removed + gone
     print(f"trimmed {trimmed} entries; removed {len(removed)} stale consumers {' '.join(removed)}".rstrip())
     return 0
 

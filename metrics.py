@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from config import DEFAULTS, Settings
+from keys import partitions
 from orders import Order
 
 if TYPE_CHECKING:  # stream_consumer imports this module
@@ -53,6 +54,7 @@ class ConsumerCollector(Collector):
         self.stats, self.group, self.consumer = stats, group, consumer
         self.lag: dict[str, int] = {}
         self.pending: dict[str, int] = {}
+        self.per_partition: dict[tuple[str, str], tuple[int, int]] = {}  # (group, stream): (lag, pending)
         self.dead_letters = 0
         self.server: WSGIServer | None = None
 
@@ -82,15 +84,39 @@ class ConsumerCollector(Collector):
             pending.add_metric([group], value)
         yield lag
         yield pending
+        if self.per_partition:
+            partition_lag = GaugeMetricFamily(
+                "orders_partition_lag",
+                "Entries of a partition not yet delivered.",
+                labels=["group", "partition"],
+            )
+            partition_pending = GaugeMetricFamily(
+                "orders_partition_pending", "Entries of a partition delivered, not yet acked.",
+                labels=["group", "partition"],
+            )  # fmt: skip
+            for (group, stream), (lag_value, pending_value) in self.per_partition.items():
+                partition_lag.add_metric([group, stream], lag_value)
+                partition_pending.add_metric([group, stream], pending_value)
+            yield partition_lag
+            yield partition_pending
         yield GaugeMetricFamily(
             "orders_dead_letter_length", "Entries in the dead-letter stream.", self.dead_letters
         )
 
     async def refresh(self, redis: Redis, settings: Settings) -> None:
-        groups = await redis.xinfo_groups(settings.stream_key)
-        self.lag = {g["name"].decode(): int(g["lag"] or 0) for g in groups}
-        self.pending = {g["name"].decode(): int(g["pending"]) for g in groups}
-        self.dead_letters = int(await redis.xlen(settings.dead_letter_stream))
+        """Lag and pending per group, summed over the partitions (and per partition when partitioned)."""
+        per_partition: dict[tuple[str, str], tuple[int, int]] = {}
+        dead_letters = 0
+        for part in partitions(settings):
+            for g in await redis.xinfo_groups(part.stream_key):
+                per_partition[g["name"].decode(), part.stream_key] = (int(g["lag"] or 0), int(g["pending"]))
+            dead_letters += int(await redis.xlen(part.dead_letter_stream))
+        self.lag, self.pending = {}, {}
+        for (group, _), (lag, pending) in per_partition.items():
+            self.lag[group] = self.lag.get(group, 0) + lag
+            self.pending[group] = self.pending.get(group, 0) + pending
+        self.per_partition = per_partition if settings.partitioned else {}
+        self.dead_letters = dead_letters
 
 
 def timed(handler: TxHandler, group: str) -> TxHandler:

@@ -21,6 +21,7 @@ from redis.exceptions import ResponseError
 import library
 from config import Settings, run_script
 from deadletter import describe
+from keys import partitions
 from maintenance import Capabilities, detect, parse_id
 from redisPool import redis_connect
 from replies import text
@@ -96,6 +97,65 @@ async def collect(redis: Redis, settings: Settings, newest_dead_letters: int = 5
     report["dead_letters"] = await redis.xlen(settings.dead_letter_stream)
     report["newest_dead_letters"] = [describe(i, f, settings.max_payload_bytes) for i, f in dead_letters]
     return report
+
+
+async def collect_all(redis: Redis, settings: Settings) -> dict[str, Any]:
+    """`collect` for every partition: unpartitioned, its report; else their sum, with each in `partitions`."""
+    parts = partitions(settings)
+    if len(parts) == 1 and not settings.partitioned:
+        return await collect(redis, settings)
+    reports = [await collect(redis, part) for part in parts]
+    total = {**reports[0], "stream": settings.stream_key, "partitions": reports}
+    present = [r for r in reports if r["exists"]]
+    total["exists"] = len(present) == len(reports)
+    total["length"] = sum(r["length"] for r in reports)
+    total["memory_bytes"] = sum(r.get("memory_bytes") or 0 for r in present)
+    firsts = [(r["first_age_ms"], r["first_id"]) for r in present if r.get("first_id")]
+    lasts = [(r["last_age_ms"], r["last_id"]) for r in present if r.get("last_id")]
+    total["first_age_ms"], total["first_id"] = max(firsts) if firsts else (None, None)
+    total["last_age_ms"], total["last_id"] = min(lasts) if lasts else (None, None)
+    total["groups"] = [_sum_groups([r["groups"] for r in reports], name) for name in _group_names(reports)]
+    many = "{" + settings.stream_key + ":*}:dead-letter"
+    total["dead_letter_stream"] = reports[0]["dead_letter_stream"] if len(reports) == 1 else many
+    total["dead_letters"] = sum(r["dead_letters"] for r in reports)
+    newest = sorted(
+        (row for r in reports for row in r["newest_dead_letters"]), key=lambda row: parse_id(row["id"])
+    )
+    total["newest_dead_letters"] = newest[::-1][: len(reports[0]["newest_dead_letters"]) or 5]
+    return total
+
+
+def _group_names(reports: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(g["name"] for r in reports for g in r["groups"]))
+
+
+def _sum_groups(per_partition: list[list[dict[str, Any]]], name: str) -> dict[str, Any]:
+    """One group over every partition: counts summed, the oldest pending entry the oldest of all."""
+    rows = [g for groups in per_partition for g in groups if g["name"] == name]
+    if not all(g["exists"] for g in rows) or len(rows) < len(per_partition):
+        return _missing_group(name)
+    consumers: dict[str, dict[str, Any]] = {}
+    for g in rows:
+        for c in g["consumer_list"]:
+            known = consumers.setdefault(
+                c["name"], {"name": c["name"], "pending": 0, "idle_ms": c["idle_ms"]}
+            )
+            known["pending"] += c["pending"]
+            known["idle_ms"] = min(known["idle_ms"], c["idle_ms"])
+    ages = [g["oldest_pending_age_ms"] for g in rows if g["oldest_pending_age_ms"] is not None]
+    idles = [g["oldest_pending_idle_ms"] for g in rows if g["oldest_pending_idle_ms"] is not None]
+    lags = [g["lag"] for g in rows]
+    return {
+        "name": name,
+        "exists": True,
+        "consumers": len(consumers),
+        "pending": sum(g["pending"] for g in rows),
+        "lag": None if None in lags else sum(lags),
+        "last_delivered_id": "(per partition)",
+        "oldest_pending_age_ms": max(ages) if ages else None,
+        "oldest_pending_idle_ms": max(idles) if idles else None,
+        "consumer_list": list(consumers.values()),
+    }
 
 
 async def _memory(redis: Redis, key: str) -> int | None:
@@ -232,6 +292,12 @@ def render(report: dict[str, Any], found: list[str], color: bool) -> str:
         lines.append(
             f"  {row['id']}  {row['group']:<18} deliveries {row['deliveries']:<3} {row['error'][:80]}"
         )
+    for part in report.get("partitions", []):
+        pending = ", ".join(f"{g['name']} {g['pending']:,}" for g in part["groups"] if g["exists"])
+        lines.append(
+            f"  partition {part['stream']}: {part['length']:,} entries, pending {pending or '-'}, "
+            f"dead letters {part['dead_letters']:,}"
+        )
     lines.append(mark("UNHEALTHY: " + "; ".join(found), True) if found else "healthy")
     return "\n".join(lines)
 
@@ -240,7 +306,7 @@ async def main(settings: Settings, args: argparse.Namespace) -> int:
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     async with redis_connect(settings, args.timeout) as redis:
         while True:
-            report = await collect(redis, settings)
+            report = await collect_all(redis, settings)
             found = problems(report, args)
             if args.json:
                 print(json.dumps({**report, "problems": found}, indent=2))

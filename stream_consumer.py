@@ -22,9 +22,15 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from redis.asyncio import Redis
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ClusterDownError, MasterDownError, RedisClusterException, RedisError, ResponseError
-from redis.exceptions import TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 import library
@@ -478,7 +484,9 @@ async def consume(
 ) -> Stats:
     """Consume every partition of `settings.stream_key` as `name` in `group` until `stop` is set."""
     stats = Stats()
-    await run_all([StreamConsumer(redis, part, group, name, handler, stop, stats) for part in partitions(settings)])
+    await run_all(
+        [StreamConsumer(redis, part, group, name, handler, stop, stats) for part in partitions(settings)]
+    )
     return stats
 
 
