@@ -279,6 +279,7 @@ def run_script(prog: str, main: Callable[[Settings], Coroutine[Any, Any, int]]) 
         print(f"{prog}: error: {error}", file=sys.stderr)
         code = error.exit_code
     except RedisError as error:
+        logging.getLogger(prog).debug("Redis failed", exc_info=True)  # LOG_LEVEL=DEBUG: where
         print(f"{prog}: error: Redis failed: {type(error).__name__}: {error}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:

@@ -76,4 +76,4 @@ class Lease:
                 if not failing:  # the consumer loop reports outages; this is detail
                     log.debug("lease refresh failed (%s); retrying", type(error).__name__)
                 failing = True
-            self.stopped.wait(self.ttl_ms / 3000)
+            self.stopped.wait(min(self.ttl_ms / 3000, 1.0) if failing else self.ttl_ms / 3000)

@@ -203,7 +203,7 @@ def start_local_cluster(
             timeout=60,
         )
         deadline = time.monotonic() + 30
-        while not all(_cluster_ok(cli, node.port) for node in nodes):
+        while not all(_cluster_ok(cli, node.port) for node in nodes) or not _replicas_online(cli, cluster):
             if time.monotonic() > deadline:
                 raise TimeoutError("the local Redis Cluster did not reach cluster_state:ok within 30s")
             time.sleep(0.05)
@@ -211,6 +211,21 @@ def start_local_cluster(
         cluster.close()
         raise
     return cluster
+
+
+def _replicas_online(cli: str, cluster: LocalCluster) -> bool:
+    """Every master has its replicas attached and synced (WAIT counts only those)."""
+    online = 0
+    for node in cluster.nodes:
+        reply = subprocess.run(
+            [cli, "-p", str(node.port), "info", "replication"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        online += reply.stdout.count("state=online")
+    return online == cluster.masters * cluster.replicas
 
 
 def _cluster_ok(cli: str, port: int) -> bool:

@@ -151,7 +151,8 @@ class StreamConsumer:
         self.run_handler = with_tx(self.handler)  # here: serve() may wrap self.handler after __init__
         lease = Lease(self.settings, [self.keys.lease(self.group, self.name)], self.settings.claim_idle_ms)
         async with lease:
-            await library.ensure_loaded(self.redis)  # at start a missing library ends the process
+            while not await self._recover(self._load_library_at_start()) and not self.stop.is_set():
+                pass  # an outage (a failover) at start is ridden out like any other
             await self._recover(self._ensure_groups())
             while not self.stop.is_set():
                 await self._recover(self._turn())
@@ -429,8 +430,18 @@ class StreamConsumer:
             reason,
         )
 
-    async def _recover(self, step: Awaitable[object]) -> None:
-        """Run one step; on a Redis failure log once, back off, and set up to re-read own entries."""
+    async def _load_library_at_start(self) -> None:
+        """The function library, loaded if this user may: if not, the process ends (CliError)."""
+        try:
+            await library.ensure_loaded(self.redis)
+        except LibraryMissing as error:
+            raise CliError(str(error)) from None
+
+    async def _recover(self, step: Awaitable[object]) -> bool:
+        """Run one step; on a Redis failure log once, back off, and set up to re-read own entries.
+
+        True when the step succeeded.
+        """
         loop = asyncio.get_running_loop()
         try:
             await step
@@ -446,12 +457,12 @@ class StreamConsumer:
                 )
                 await self._recover(self._ensure_groups())
                 self.own_cursor = b"0"
-                return
+                return False
             if isinstance(error, ResponseError) and "function not found" in message.lower():
                 # A restart without persistence also loses the function library.
                 log.error("the Redis function library is gone; loading it again")
                 await self._recover(self._reload_library())
-                return
+                return False
             if self.trouble_since is None:  # once per outage, not once per retry
                 self.trouble_since = loop.time()
                 if isinstance(error, UNREACHABLE):
@@ -468,12 +479,13 @@ class StreamConsumer:
             if self.trouble_since is not None:
                 log.warning("Redis is back after %.1f s; resuming", loop.time() - self.trouble_since)
                 self.trouble_since, self.backoff = None, BACKOFF_START_S
-            return
+            return True
         # A reply lost in the failure may have delivered entries to us: read our own pending again.
         self.own_cursor = b"0"
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stop.wait(), self.backoff)
         self.backoff = min(self.backoff * 2, BACKOFF_CAP_S)
+        return False
 
     async def _reload_library(self) -> None:
         await library.ensure_loaded(self.redis)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import pytest
 from redis.asyncio import Redis
 
 from config import Settings
-from local_redis import LocalRedis, server_binary, start_local_redis
+from local_redis import LocalCluster, LocalRedis, server_binary, start_local_cluster, start_local_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -166,3 +167,45 @@ def run_script(module: str, env: dict[str, str], *args: str, stdin: str = "", ti
         timeout=timeout,
         check=False,
     )
+
+
+def need_cluster_tools() -> None:
+    """Skip (or, under CI=true, fail) without redis-server and redis-cli to build a local cluster."""
+    need_redis_server()
+    if shutil.which("redis-cli") is None:
+        message = "redis-cli is not installed (apt-get install redis-tools)"
+        if IN_CI:
+            pytest.fail(message + "; CI must run every test")
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[LocalCluster]:
+    """A local Redis Cluster of 3 masters for the session; tests flush it (cluster_url)."""
+    need_cluster_tools()
+    local = start_local_cluster(masters=3)
+    try:
+        yield local
+    finally:
+        local.close()
+
+
+@pytest.fixture
+def cluster_url(cluster: LocalCluster) -> str:
+    """The session's cluster, every master flushed (the function library stays)."""
+    for port in cluster.ports:
+        subprocess.run(
+            ["redis-cli", "-p", str(port), "flushall"], capture_output=True, check=False, timeout=10
+        )
+    return cluster.url
+
+
+@pytest.fixture
+def cluster_with_replicas() -> Iterator[LocalCluster]:
+    """A cluster of 3 masters with a replica each, for this test alone (it kills a master)."""
+    need_cluster_tools()
+    local = start_local_cluster(masters=3, replicas=1)
+    try:
+        yield local
+    finally:
+        local.close()
