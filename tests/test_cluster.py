@@ -6,6 +6,7 @@ of redis-server processes the fixtures start on loopback; the failover tests SIG
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import signal
@@ -15,9 +16,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from conftest import Script, run_script, script_env, wait_until
 from redis.asyncio import RedisCluster
 
-from conftest import Script, run_script, script_env, wait_until
 from keys import partition_of, partition_stream
 from local_redis import LocalCluster
 
@@ -108,7 +109,7 @@ async def test_fan_out_balance_and_routing_across_partitions(
     published = run_script("producer", cluster_env(cluster_url), "--count", "300")
     assert published.returncode == 0, published.stderr
     for group in GROUPS:
-        await wait_until(lambda group=group: done(client, group, 300), f"{group} to finish 300 orders", 30)
+        await wait_until(functools.partial(done, client, group, 300), f"{group} to finish 300 orders", 30)
 
     seen: list[str] = []
     for index, stream in enumerate(STREAMS):
@@ -213,7 +214,7 @@ async def test_a_master_killed_under_load_is_ridden_out(
         await wait_until(flowing, "orders to flow", 30)
         victim = client.get_node_from_key(STREAMS[0])
         assert victim is not None
-        killed = cluster_with_replicas.node(victim.port)
+        killed = cluster_with_replicas.node(int(victim.port))
         killed.kill()
         # Its replica takes over; then, as an orchestrator would, the killed node is started
         # again and rejoins as the new master's replica (until then WAIT has no replica to count).
@@ -238,7 +239,7 @@ async def test_a_master_killed_under_load_is_ridden_out(
         if min_replicas:
             assert lost == 0
         for group in GROUPS:
-            await wait_until(lambda group=group: done(client, group, len(found)), f"{group} to finish", 60)
+            await wait_until(functools.partial(done, client, group, len(found)), f"{group} to finish", 60)
         for consumer in consumers:
             assert consumer.process.poll() is None, consumer.output()  # rode it out, no crash
             assert "Traceback" not in consumer.output()
