@@ -69,7 +69,11 @@ def promoted(cluster: LocalCluster, lost: int) -> bool:
     """Some node other than `lost` now serves the slots `lost` served (CLUSTER NODES of a survivor)."""
     survivor = next(port for port in cluster.ports if port != lost)
     table = subprocess.run(
-        ["redis-cli", "-p", str(survivor), "cluster", "nodes"], capture_output=True, text=True, timeout=10
+        ["redis-cli", "-p", str(survivor), "cluster", "nodes"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
     ).stdout
     rows = [line.split() for line in table.splitlines()]
     lost_row = next(row for row in rows if row[1].startswith(f"127.0.0.1:{lost}@"))
@@ -165,7 +169,8 @@ async def test_a_killed_consumers_entries_are_reclaimed_in_every_partition(
     await wait_until(lambda: done(client, "fulfillment_group", 90), "the rescuer to finish", 30)
     ran = re.findall(r"ran order (\S+)", rescuer.output())
     every = [order_id for stream in STREAMS for order_id in await order_ids(client, stream)]
-    assert set(ran) == set(every) and len(every) == 90
+    assert len(every) == 90
+    assert set(ran) == set(every)
 
 
 async def test_a_poison_entry_in_one_partition_is_dead_lettered_there(
@@ -184,7 +189,8 @@ async def test_a_poison_entry_in_one_partition_is_dead_lettered_there(
     rows = json.loads(listed.stdout)
     assert [(row["partition"], row["group"]) for row in rows] == [(STREAMS[1], "email_group")]
     shown = run_script("deadletter", cluster_env(cluster_url), "show", rows[0]["id"])
-    assert shown.returncode == 0 and "not json" in shown.stdout
+    assert shown.returncode == 0
+    assert "not json" in shown.stdout
     status = json.loads(run_script("status", cluster_env(cluster_url), "--json").stdout)
     assert status["dead_letters"] == 1
     purged = run_script("deadletter", cluster_env(cluster_url), "purge", "--all", "--yes")
