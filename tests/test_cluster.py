@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import signal
 import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Script, run_script, script_env, wait_until
+from conftest import ROOT, Script, run_script, script_env, wait_until
 from redis.asyncio import RedisCluster
 
 from keys import partition_of, partition_stream
@@ -78,6 +80,22 @@ def promoted(cluster: LocalCluster, lost: int) -> bool:
     rows = [line.split() for line in table.splitlines()]
     lost_row = next(row for row in rows if row[1].startswith(f"127.0.0.1:{lost}@"))
     return "fail" in lost_row[2] and len(lost_row) == 8  # marked failed and serving no slot any more
+
+
+def set_app_users(cluster: LocalCluster, tmp_path: Path) -> None:
+    """The producer and consumer users of redis/users.acl.template (passwords pr0d, c0ns) on every
+    node; the default user stays on, for the tests' own client."""
+    passwords = {"REDIS_ADMIN_PASSWORD": "adm1n", "PRODUCER_PASSWORD": "pr0d", "CONSUMER_PASSWORD": "c0ns"}
+    acl = tmp_path / "users.acl"
+    render = {**os.environ, **passwords, "ACL_FILE": str(acl), "RENDER_ONLY": "1"}
+    subprocess.run(["sh", str(ROOT / "redis" / "start.sh")], env=render, check=True, timeout=10)
+    for line in acl.read_text().splitlines():
+        name, rules = line.split()[1], re.findall(r"\([^)]*\)|\S+", line)[2:]
+        if name in ("producer", "consumer"):
+            for port in cluster.ports:
+                command = ["redis-cli", "-p", str(port), "acl", "setuser", name, *rules]
+                reply = subprocess.run(command, capture_output=True, text=True, check=True, timeout=10)
+                assert reply.stdout.strip() == "OK", reply.stdout
 
 
 def init(url: str, **overrides: str) -> None:
@@ -251,3 +269,20 @@ async def test_a_master_killed_under_load_is_ridden_out(
             assert "Traceback" not in consumer.output()
     finally:
         await client.aclose()
+
+
+async def test_the_least_privilege_users_run_the_pipeline_on_the_cluster(
+    cluster: LocalCluster, cluster_url: str, client: RedisCluster, scripts: Start, tmp_path: Path
+) -> None:
+    """The producer and consumer users of redis/users.acl.template, set on every node, publish
+    and consume partitioned orders (the function library runs with their key rules)."""
+    set_app_users(cluster, tmp_path)
+    init(cluster_url)
+    host = cluster_url.removeprefix("redis://")
+    as_consumer = cluster_env(f"redis://consumer:c0ns@{host}", CONSUMER_NAME="email-1")
+    as_producer = cluster_env(f"redis://producer:pr0d@{host}")
+    consumer = scripts("consumer2", as_consumer)
+    published = run_script("producer", as_producer, "--count", "60")
+    assert published.returncode == 0, published.stderr
+    await wait_until(lambda: done(client, "email_group", 60), "the email consumer to finish 60 orders", 30)
+    assert "error" not in consumer.output().lower()
