@@ -12,4 +12,12 @@ sed -e "s/@REDIS_ADMIN_PASSWORD@/$(sha "$REDIS_ADMIN_PASSWORD")/" \
     -e "s/@CONSUMER_PASSWORD@/$(sha "$CONSUMER_PASSWORD")/" \
     "$(dirname "$0")/users.acl.template" | grep -v -e '^#' -e '^$' > "$acl"  # ACL files take no comments
 [ "${RENDER_ONLY:-}" = 1 ] && exit 0
+# A Cluster node (docker compose --profile cluster): its replicas sync from their master as the
+# admin user. The password goes into a config file only this container reads, never on a command line.
+if [ "${CLUSTER_NODE:-}" = 1 ]; then
+  conf=${REPLICATION_CONF:-/tmp/replication.conf}
+  umask 077
+  printf 'masteruser admin\nmasterauth "%s"\n' "$REDIS_ADMIN_PASSWORD" > "$conf"
+  exec docker-entrypoint.sh redis-server "$conf" --aclfile "$acl" "$@"
+fi
 exec docker-entrypoint.sh redis-server --aclfile "$acl" "$@"
