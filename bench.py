@@ -283,8 +283,9 @@ async def workers(settings: Settings, kind: str, per_group: int) -> AsyncIterato
         **os.environ,
         "REDIS_URL": settings.redis_url,
         "STREAM_KEY": settings.stream_key,
-        "DEAD_LETTER_STREAM": settings.dead_letter_stream,
         "GROUPS": ",".join(settings.groups),
+        "REDIS_CLUSTER": str(settings.redis_cluster).lower(),
+        "STREAM_PARTITIONS": str(settings.stream_partitions),
         "BATCH_SIZE": str(settings.batch_size),
         "BLOCK_MS": str(settings.block_ms),
     }
@@ -717,6 +718,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="entries per XREADGROUP (default: %(default)s)",
     )
     parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="instead: one redis-server against a local cluster of 3 masters (STREAM_PARTITIONS=3), "
+        "publish and end to end, with Redis's CPU per order (needs redis-cli; bench_cluster.py)",
+    )
+    parser.add_argument(
         "--worker", choices=["ours", "ours-no-dedupe", "ours-tx", "bare"], help=argparse.SUPPRESS
     )
     parser.add_argument("--group", help=argparse.SUPPRESS)
@@ -741,6 +748,13 @@ def main() -> None:
         sizes.memory = args.memory_orders
     if not 1 <= args.batch_size <= 10_000:
         parser.error("--batch-size must be between 1 and 10000")
+    if args.cluster:
+        import bench_cluster  # noqa: PLC0415 - it imports this module
+
+        bench_cluster.main(
+            dataclasses.replace(sizes, e2e=min(sizes.e2e, 200_000)), args.batch_size, args.json
+        )
+        return
     server = None
     url = os.environ.get("REDIS_URL")
     if not url:

@@ -165,9 +165,12 @@ async def append_routed(
                 yield ids
         return
     streams = [partition_stream(stream, i, partitions) for i in range(partitions)]
-    for chunk in chunks:
+    source = iter(chunks)
+    # A round takes one chunk per partition from `chunks`, so each partition's share is about
+    # a chunk: one call each, as many records per call as unpartitioned.
+    while round_ := list(islice(source, partitions)):
         shares: list[list[Record]] = [[] for _ in streams]
-        for record in chunk:
+        for record in (record for chunk in round_ for record in chunk):
             shares[partition_of(record[0], partitions)].append(record)
         outcomes = await asyncio.gather(
             *(
