@@ -21,6 +21,11 @@ stock and appends a shipment event through `tx`, committed with the ack):
 Exit 0 only when lost, unexpected and effective duplicates are all 0; with --redis-effects,
 when lost, unexpected and both Redis-side figures are 0 (handlers' log lines are effects
 outside Redis, at least once by nature).
+
+With --cluster it runs on a local Redis Cluster of 3 masters with a replica each (AOF always,
+cluster-node-timeout 1 s), STREAM_PARTITIONS=3, publishing with PUBLISH_MIN_REPLICAS=1; a Redis
+fault is then a master's SIGKILL: its replica takes over, and the killed node is started again
+and rejoins as a replica. (No network partitions in that mode.)
 """
 
 from __future__ import annotations
@@ -42,18 +47,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
-from local_redis import LocalRedis, start_local_redis
+from keys import partition_stream
+from local_redis import LocalCluster, LocalRedis, start_local_cluster, start_local_redis
 from orders import Order
-from producer import CHUNK, PublishError, publish_many, sample_orders
+from producer import CHUNK, Durability, PublishError, publish_many, sample_orders
 from replies import text
 from status import caught_up
 
 STREAM = "orders"
-DEAD_LETTERS = "orders:dead-letter"
-SHIPMENTS = "{orders}:shipments"  # consumer1's outbox
+CLUSTER_PARTITIONS = 3
 SERVICES = {"fulfillment_group": "consumer1", "email_group": "consumer2"}
 EFFECT = {
     "fulfillment_group": re.compile(rb"fulfilling order (\S+):"),
@@ -78,6 +83,7 @@ class Slot:
     group: str
     name: str
     logs: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
     process: asyncio.subprocess.Process | None = None
     generation: int = 0
     log_files: list[Path] = field(default_factory=list)
@@ -88,7 +94,7 @@ class Slot:
         name = self.name if self.generation == 0 else f"{self.name}-{self.generation}"
         log_file = self.logs / f"{name}-{len(self.log_files)}.log"
         self.log_files.append(log_file)
-        env = {**_base_env(), **CONSUMER_ENV, "REDIS_URL": url, "CONSUMER_NAME": name}
+        env = {**_base_env(), **CONSUMER_ENV, **self.extra_env, "REDIS_URL": url, "CONSUMER_NAME": name}
         with log_file.open("wb") as out:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", SERVICES[self.group], env=env, stdout=out, stderr=out
@@ -117,7 +123,76 @@ class Ledger:
     unknown: dict[str, Order] = field(default_factory=dict)
 
 
-async def produce(redis: Redis, total: int, seconds: float, ledger: Ledger) -> None:
+@dataclass
+class Target:
+    """The Redis under test: one server, or a local cluster whose partitions are STREAM's."""
+
+    server: LocalRedis | None
+    cluster: LocalCluster | None
+
+    @property
+    def partitions(self) -> int:
+        return CLUSTER_PARTITIONS if self.cluster else 1
+
+    @property
+    def streams(self) -> list[str]:
+        return [partition_stream(STREAM, i, self.partitions) for i in range(self.partitions)]
+
+    def tag(self, stream: str) -> str:
+        return "{" + stream.strip("{}") + "}"
+
+    def dead_letters(self, stream: str) -> str:
+        return f"{self.tag(stream)}:dead-letter" if self.cluster else f"{STREAM}:dead-letter"
+
+    def shipments(self, stream: str) -> str:
+        return f"{self.tag(stream)}:shipments"  # consumer1's outbox
+
+    async def crash(self, rng: random.Random) -> None:
+        """SIGKILL Redis (a master, on a cluster) and bring it back after a while."""
+        if self.server is not None:
+            self.server.kill()
+            await asyncio.sleep(rng.uniform(0.1, 1.0))  # down for a while
+            await asyncio.to_thread(self.server.start)
+            return
+        assert self.cluster is not None
+        victim = self.cluster.node(rng.choice(await asyncio.to_thread(self.cluster.master_ports)))
+        victim.kill()
+        deadline = time.monotonic() + 60
+        while not await asyncio.to_thread(self.cluster.failed_over, victim.port):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no replica took over from {victim.port} within 60 s")
+            await asyncio.sleep(0.1)
+        await asyncio.to_thread(victim.start)  # rejoins as the new master's replica
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+async def start_target(
+    args: argparse.Namespace, options: list[str]
+) -> tuple[Target, str, dict[str, str], Redis]:
+    """The Redis to soak, the URL consumers use, their extra settings, and an admin client."""
+    if args.cluster:
+        cluster = await asyncio.to_thread(start_local_cluster, 3, 1, 1000, *options)
+        env = {"REDIS_CLUSTER": "true", "STREAM_PARTITIONS": str(CLUSTER_PARTITIONS)}
+        client = RedisCluster.from_url(cluster.url, socket_timeout=5, socket_connect_timeout=2)
+        return Target(None, cluster), cluster.url, env, client  # type: ignore[return-value]  # same methods
+    if args.partitions:
+        options = [*options, "--bind", f"127.0.0.1 {CONSUMER_HOST}"]
+    server = start_local_redis(*options)
+    consumer_url = server.url.replace("127.0.0.1", CONSUMER_HOST) if args.partitions else server.url
+    return (
+        Target(server, None),
+        consumer_url,
+        {},
+        Redis.from_url(server.url, socket_timeout=5, socket_connect_timeout=2),
+    )
+
+
+async def produce(redis: Redis, total: int, seconds: float, ledger: Ledger, target: Target) -> None:
     """Publish `total` orders evenly over about `seconds`; after a failure, retry what is unknown."""
     backlog = sample_orders(total)
     per_second = total / seconds
@@ -127,7 +202,8 @@ async def produce(redis: Redis, total: int, seconds: float, ledger: Ledger) -> N
         await asyncio.sleep(max(0.0, started + sent / per_second - time.monotonic()))
         chunk, backlog = backlog[: 4 * CHUNK], backlog[4 * CHUNK :]
         try:
-            await publish_many(redis, STREAM, chunk)
+            durability = Durability(replicas=1, patience_s=30) if target.cluster else Durability()
+            await publish_many(redis, STREAM, chunk, partitions=target.partitions, durability=durability)
             confirmed = chunk
         except PublishError as error:
             confirmed = chunk[: error.published]
@@ -142,16 +218,17 @@ async def produce(redis: Redis, total: int, seconds: float, ledger: Ledger) -> N
 
 
 async def _reconnect(redis: Redis) -> None:
-    await redis.connection_pool.disconnect()
+    if not isinstance(redis, RedisCluster):
+        await redis.connection_pool.disconnect()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(RedisError, RedisClusterException, OSError):
             await redis.ping()
             return
         await asyncio.sleep(0.1)
 
 
-async def inflict(slots: list[Slot], server: LocalRedis, url: str, args: argparse.Namespace) -> Counter[str]:
+async def inflict(slots: list[Slot], target: Target, url: str, args: argparse.Namespace) -> Counter[str]:
     """Spread the consumer kills, Redis restarts and partitions over about `args.seconds`."""
     rng = random.Random(args.seed)
     schedule = ["consumer"] * args.consumer_kills + ["redis"] * args.redis_restarts
@@ -161,9 +238,7 @@ async def inflict(slots: list[Slot], server: LocalRedis, url: str, args: argpars
     for fault in schedule:
         await asyncio.sleep(rng.uniform(0.3, 1.7) * args.seconds / max(len(schedule), 1))
         if fault == "redis":
-            server.kill()
-            await asyncio.sleep(rng.uniform(0.1, 1.0))  # down for a while
-            await asyncio.to_thread(server.start)
+            await target.crash(rng)
         elif fault == "partition":
             await partition(True)
             await asyncio.sleep(rng.uniform(1.0, 4.0))  # cut off for a while
@@ -199,11 +274,11 @@ def can_partition() -> bool:
     return probe.returncode == 0
 
 
-async def settled(redis: Redis) -> bool:
-    """Both groups caught up; False while Redis is still coming back."""
+async def settled(redis: Redis, target: Target) -> bool:
+    """Both groups caught up on every partition; False while Redis is still coming back."""
     try:
-        return await caught_up(redis, STREAM, SERVICES)
-    except (RedisError, OSError):
+        return all([await caught_up(redis, stream, SERVICES) for stream in target.streams])
+    except (RedisError, RedisClusterException, OSError):
         return False
 
 
@@ -252,31 +327,29 @@ async def soak(args: argparse.Namespace) -> int:
 async def _soak(args: argparse.Namespace, logs: Path) -> int:
     started = time.monotonic()
     options = ["--appendonly", "yes", "--appendfsync", "always", "--maxmemory-policy", "noeviction"]
-    if args.partitions:
-        options += ["--bind", f"127.0.0.1 {CONSUMER_HOST}"]
-    server = start_local_redis(*options)
-    consumer_url = server.url.replace("127.0.0.1", CONSUMER_HOST) if args.partitions else server.url
+    target, consumer_url, extra_env, redis = await start_target(args, options)
     slots = [
-        Slot(group, f"{SERVICES[group]}-{n}", logs)
+        Slot(group, f"{SERVICES[group]}-{n}", logs, extra_env)
         for group in SERVICES
         for n in range(args.consumers_per_group)
     ]
-    redis = Redis.from_url(server.url, socket_timeout=5, socket_connect_timeout=2)
     ledger = Ledger()
     try:
         for slot in slots:
             await slot.start(consumer_url)
-        producer = asyncio.create_task(produce(redis, args.orders, args.seconds, ledger))
-        faults = await inflict(slots, server, consumer_url, args)
+        producer = asyncio.create_task(produce(redis, args.orders, args.seconds, ledger, target))
+        faults = await inflict(slots, target, consumer_url, args)
         await producer
         deadline = time.monotonic() + args.settle_timeout
-        while not await settled(redis):
+        while not await settled(redis, target):
             if time.monotonic() > deadline:
                 print(f"chaos: the groups did not settle within {args.settle_timeout:.0f}s", file=sys.stderr)
                 break
             await asyncio.sleep(0.2)
-        dead_lettered = int(await redis.xlen(DEAD_LETTERS))
-        shipped = await shipments(redis)
+        dead_lettered = sum([int(await redis.xlen(target.dead_letters(s))) for s in target.streams])
+        shipped: Counter[str] = Counter()
+        for stream in target.streams:
+            shipped += await shipments(redis, target.shipments(stream))
         for slot in slots:
             await slot.stop(signal.SIGTERM)
     finally:
@@ -284,7 +357,7 @@ async def _soak(args: argparse.Namespace, logs: Path) -> int:
             with contextlib.suppress(ProcessLookupError, TimeoutError):
                 await slot.stop(signal.SIGKILL)
         await redis.aclose()
-        server.close()
+        target.close()
     result = figures(slots, ledger)
     missing = len(set(ledger.confirmed) - set(shipped))
     extra = sum(n - 1 for n in shipped.values())
@@ -303,12 +376,12 @@ async def _soak(args: argparse.Namespace, logs: Path) -> int:
     return 0 if clean else 1
 
 
-async def shipments(redis: Redis) -> Counter[str]:
+async def shipments(redis: Redis, outbox: str) -> Counter[str]:
     """Shipment events per order id in consumer1's outbox, read in pages."""
     counts: Counter[str] = Counter()
     start = "-"
     for _ in range(100_000):  # bounded: a page of 1000 per round
-        page: Any = await redis.xrange(SHIPMENTS, min=start, count=1000)
+        page: Any = await redis.xrange(outbox, min=start, count=1000)
         for entry_id, fields in page:
             counts[text(fields[b"order_id"])] += 1
             start = "(" + text(entry_id)
@@ -352,6 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
         "iptables, and runs the soak in a network namespace of its own",
     )
     parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="on a local Redis Cluster (3 masters, a replica each, STREAM_PARTITIONS=3, durable "
+        "publish); a Redis fault kills a master (default: one redis-server)",
+    )
+    parser.add_argument(
         "--consumers-per-group",
         type=int,
         default=2,
@@ -388,6 +467,9 @@ def main() -> None:
     numbers = (args.orders, args.consumer_kills, args.redis_restarts, args.consumers_per_group - 1)
     if any(n < 0 for n in numbers) or args.seconds <= 0 or args.settle_timeout <= 0:
         parser.error("counts must be 0 or more, --consumers-per-group at least 1, times above 0")
+    if args.cluster and args.partitions:
+        print("chaos: partitions skipped: not with --cluster", file=sys.stderr)
+        args.partitions = 0
     if args.partitions and not os.environ.get(IN_NAMESPACE):
         if can_partition():  # start again inside a network namespace of our own
             command = ["unshare", "-n", sys.executable, "-m", "chaos", *sys.argv[1:]]

@@ -156,6 +156,33 @@ class LocalCluster:
     def node(self, port: int) -> LocalRedis:
         return next(node for node in self.nodes if node.port == port)
 
+    def table(self) -> list[list[str]]:
+        """CLUSTER NODES, as a running node sees it: one row of fields per node."""
+        for node in self.nodes:
+            if node.process is None:
+                continue
+            reply = subprocess.run(
+                ["redis-cli", "-p", str(node.port), "cluster", "nodes"],
+                capture_output=True, text=True, timeout=10, check=False,
+            )  # fmt: skip
+            if reply.returncode == 0 and reply.stdout.strip():
+                return [line.split() for line in reply.stdout.splitlines()]
+        raise RuntimeError("no node of the local cluster answers")
+
+    def master_ports(self) -> list[int]:
+        """The nodes serving slots now, masters not marked failed."""
+        rows = self.table()
+        return [
+            int(row[1].split(":")[1].split("@")[0])
+            for row in rows
+            if "master" in row[2] and "fail" not in row[2]
+        ]
+
+    def failed_over(self, lost: int) -> bool:
+        """The other nodes marked `lost` failed and a replica took over its slots."""
+        row = next(row for row in self.table() if row[1].startswith(f"127.0.0.1:{lost}@"))
+        return "fail" in row[2] and len(row) == 8  # failed, and serving no slot any more
+
     def close(self) -> None:
         for node in self.nodes:
             node.close()

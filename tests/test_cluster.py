@@ -67,21 +67,6 @@ async def done(redis: RedisCluster, group: str, total: int) -> bool:
     return delivered >= total and pending == 0
 
 
-def promoted(cluster: LocalCluster, lost: int) -> bool:
-    """Some node other than `lost` now serves the slots `lost` served (CLUSTER NODES of a survivor)."""
-    survivor = next(port for port in cluster.ports if port != lost)
-    table = subprocess.run(
-        ["redis-cli", "-p", str(survivor), "cluster", "nodes"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=True,
-    ).stdout
-    rows = [line.split() for line in table.splitlines()]
-    lost_row = next(row for row in rows if row[1].startswith(f"127.0.0.1:{lost}@"))
-    return "fail" in lost_row[2] and len(lost_row) == 8  # marked failed and serving no slot any more
-
-
 def set_app_users(cluster: LocalCluster, tmp_path: Path) -> None:
     """The producer and consumer users of redis/users.acl.template (passwords pr0d, c0ns) on every
     node; the default user stays on, for the tests' own client."""
@@ -242,7 +227,7 @@ async def test_a_master_killed_under_load_is_ridden_out(
         killed.kill()
         # Its replica takes over; then, as an orchestrator would, the killed node is started
         # again and rejoins as the new master's replica (until then WAIT has no replica to count).
-        await wait_until(lambda: promoted(cluster_with_replicas, killed.port), "a replica to take over", 30)
+        await wait_until(lambda: cluster_with_replicas.failed_over(killed.port), "a replica to take over", 30)
         killed.start()
 
         assert producer.wait(60) == 0, producer.output()
