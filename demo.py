@@ -25,7 +25,8 @@ import consumer1
 import consumer2
 from config import CliError, Settings, run_script
 from initialization_stream import initialize
-from local_redis import HOW_TO_GET_REDIS, start_local_redis
+from keys import hash_tag, partitions
+from local_redis import HOW_TO_GET_REDIS, start_local_cluster, start_local_redis
 from orders import Order
 from producer import publish, sample_orders
 from redisPool import RedisRefused, RedisUnavailable, redis_connect
@@ -39,6 +40,7 @@ WAIT_S = 30.0
 STOP_S = 10.0  # for the consumers to stop after the run, then again once cancelled
 CLEANUP_S = 10.0  # for deleting the demo's keys
 SCAN_CALLS = 100_000  # SCAN round trips at most while looking for the demo's keys
+CLUSTER_PARTITIONS = 3  # demo --cluster: one per master of its throwaway cluster
 PACE_S = 0.01  # between orders, so consumers are idle and Redis hands orders out in turn
 
 
@@ -59,14 +61,34 @@ async def _answers(settings: Settings) -> bool:
 
 
 @asynccontextmanager
-async def demo_redis(settings: Settings) -> AsyncIterator[Settings]:
-    """Settings pointing at REDIS_URL when it answers, else at a throwaway local redis-server."""
+async def demo_redis(settings: Settings, cluster: bool = False) -> AsyncIterator[Settings]:
+    """Settings pointing at REDIS_URL when it answers, else at a throwaway local redis-server
+    (with `cluster`: a throwaway local Redis Cluster of 3 masters, 3 partitions)."""
+    if cluster:
+        settings = dataclasses.replace(
+            settings,
+            redis_cluster=True,
+            stream_partitions=max(settings.stream_partitions, CLUSTER_PARTITIONS),
+        )
     if await _answers(settings):
         print(f"using Redis at {settings.safe_redis_url}, in keys of the demo's own")
         yield settings
         return
     if shutil.which("redis-server") is None:
         raise CliError(f"nothing answers at {settings.safe_redis_url}; {HOW_TO_GET_REDIS}")
+    if cluster:
+        if shutil.which("redis-cli") is None:
+            raise CliError("the demo's cluster needs redis-cli too (apt-get install redis-tools)")
+        local = await asyncio.to_thread(start_local_cluster, 3)
+        try:
+            print(
+                f"nothing answers at {settings.safe_redis_url}: started a throwaway Redis Cluster of 3 "
+                f"masters on 127.0.0.1 ports {', '.join(map(str, local.ports))} (gone when the demo ends)"
+            )
+            yield dataclasses.replace(settings, redis_url=local.url)
+        finally:
+            local.close()
+        return
     server = start_local_redis()
     try:
         print(
@@ -93,6 +115,11 @@ def own_namespace(settings: Settings) -> Settings:
 
 async def remove_namespace(redis: Redis, settings: Settings) -> None:
     """Delete the demo's stream, its dead-letter stream and every key named after its stream."""
+    if settings.partitioned:  # every partition's keys carry its tag (keys.py); SCAN each master
+        for part in partitions(settings):
+            named = [key async for key in redis.scan_iter(match="{" + hash_tag(part.stream_key) + "}:*")]
+            await redis.delete(part.stream_key, part.dead_letter_stream, *named)
+        return
     stream = settings.stream_key
     doomed: set[bytes | str] = {stream, settings.dead_letter_stream}
     # `{stream}:...` is the key scheme of keys.py; `stream:...` covers keys named the older way.
@@ -186,7 +213,7 @@ async def run_pipeline(redis: Redis, settings: Settings, count: int) -> dict[str
     try:
         for order in orders:
             _honour_cancellation()
-            await publish(redis, settings.stream_key, order)
+            await publish(redis, settings.stream_key, order, partitions=settings.stream_partitions)
             await asyncio.sleep(PACE_S)
         _honour_cancellation()
         async with asyncio.timeout(WAIT_S):
@@ -229,7 +256,7 @@ def report(seen: dict[str, dict[str, list[str]]], count: int, batch_size: int) -
 
 async def main(settings: Settings, args: argparse.Namespace) -> int:
     """Run the demo in keys of its own and print the table; keys and throwaway server go on every exit."""
-    async with demo_redis(settings) as found:
+    async with demo_redis(settings, args.cluster) as found:
         target = own_namespace(found)
         async with redis_connect(target) as redis:
             try:
@@ -237,6 +264,11 @@ async def main(settings: Settings, args: argparse.Namespace) -> int:
             finally:
                 await clean_up(redis, target)
     print(report(seen, args.count, target.batch_size))
+    if target.partitioned:
+        print(
+            f"partitions: {target.stream_partitions} streams{' on a Redis Cluster' if target.redis_cluster else ''}, "
+            "each order in the one its order_id routes to (keys.partition_of); every consumer reads them all"
+        )
     return 0
 
 
@@ -273,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--count", type=int, default=12, help="sample orders to publish (default 12)")
     parser.add_argument("--verbose", action="store_true", help="show every consumer's log lines")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="partitioned, on a Redis Cluster: REDIS_URL's when it answers (any node), else a throwaway "
+        "local one of 3 masters (needs redis-cli); STREAM_PARTITIONS at least 3",
+    )
     return parser
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, Script, run_script, script_env, wait_until
-from redis.asyncio import RedisCluster
+from conftest import ROOT, Script, need_cluster_tools, run_script, script_env, wait_until
+from redis.asyncio import Redis, RedisCluster
+from test_demo import Sandbox
 
 from keys import partition_of, partition_stream
 from local_redis import LocalCluster
@@ -271,3 +272,29 @@ async def test_the_least_privilege_users_run_the_pipeline_on_the_cluster(
     assert published.returncode == 0, published.stderr
     await wait_until(lambda: done(client, "email_group", 60), "the email consumer to finish 60 orders", 30)
     assert "error" not in consumer.output().lower()
+
+
+async def test_the_demo_runs_partitioned_on_the_cluster_and_leaves_no_key(
+    cluster: LocalCluster, cluster_url: str
+) -> None:
+    result = run_script("demo", script_env(cluster_url, REDIS_CLUSTER="true"), "--cluster", "--count", "6")
+    assert result.returncode == 0, result.stderr
+    assert "fulfillment_group: 6/6 orders" in result.stdout
+    assert "email_group: 6/6 orders (email-1 6); handled twice: 0" in result.stdout
+    assert "partitions: 3 streams on a Redis Cluster" in result.stdout
+    for port in cluster.ports:  # every key the demo made, on every master, is gone
+        node = Redis(port=port)
+        try:
+            assert await node.dbsize() == 0
+        finally:
+            await node.aclose()
+
+
+async def test_the_demo_starts_a_cluster_of_its_own_and_removes_it(tmp_path: Path) -> None:
+    sandbox = Sandbox(tmp_path)
+    need_cluster_tools()
+    result = run_script("demo", sandbox.env, "--cluster", "--count", "3", timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert "started a throwaway Redis Cluster of 3 masters" in result.stdout
+    assert "email_group: 3/3 orders" in result.stdout
+    await sandbox.assert_clean()
