@@ -265,9 +265,10 @@ async def main(settings: Settings, args: argparse.Namespace) -> int:
                 await clean_up(redis, target)
     print(report(seen, args.count, target.batch_size))
     if target.partitioned:
+        where = " on a Redis Cluster" if target.redis_cluster else ""
         print(
-            f"partitions: {target.stream_partitions} streams{' on a Redis Cluster' if target.redis_cluster else ''}, "
-            "each order in the one its order_id routes to (keys.partition_of); every consumer reads them all"
+            f"partitions: {target.stream_partitions} streams{where}, each order in the one its order_id "
+            "routes to (keys.partition_of); every consumer reads them all"
         )
     return 0
 

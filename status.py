@@ -13,9 +13,9 @@ import os
 import sys
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ResponseError
 
 import library
@@ -23,7 +23,7 @@ from config import Settings, run_script
 from deadletter import describe
 from keys import partitions
 from maintenance import Capabilities, detect, parse_id
-from redisPool import redis_connect
+from redisPool import is_cluster, redis_connect
 from replies import text
 
 UNHEALTHY = 3
@@ -105,6 +105,10 @@ async def collect_all(redis: Redis, settings: Settings) -> dict[str, Any]:
     if len(parts) == 1 and not settings.partitioned:
         return await collect(redis, settings)
     reports = [await collect(redis, part) for part in parts]
+    if is_cluster(redis):  # where each partition lives: its slot's master
+        for part, report in zip(parts, reports, strict=True):
+            node = cast(RedisCluster, redis).get_node_from_key(part.stream_key)
+            report["node"] = f"{node.host}:{node.port}" if node is not None else None
     total = {**reports[0], "stream": settings.stream_key, "partitions": reports}
     present = [r for r in reports if r["exists"]]
     total["exists"] = len(present) == len(reports)
@@ -294,8 +298,9 @@ def render(report: dict[str, Any], found: list[str], color: bool) -> str:
         )
     for part in report.get("partitions", []):
         pending = ", ".join(f"{g['name']} {g['pending']:,}" for g in part["groups"] if g["exists"])
+        where = f" on {part['node']}" if part.get("node") else ""
         lines.append(
-            f"  partition {part['stream']}: {part['length']:,} entries, pending {pending or '-'}, "
+            f"  partition {part['stream']}{where}: {part['length']:,} entries, pending {pending or '-'}, "
             f"dead letters {part['dead_letters']:,}"
         )
     lines.append(mark("UNHEALTHY: " + "; ".join(found), True) if found else "healthy")

@@ -142,6 +142,7 @@ async def test_fan_out_balance_and_routing_across_partitions(
     report = json.loads(status.stdout)
     assert report["length"] == 300
     assert [part["stream"] for part in report["partitions"]] == STREAMS
+    assert {part["node"] for part in report["partitions"]} == {f"127.0.0.1:{port}" for port in owners}
     assert {g["name"]: g["pending"] for g in report["groups"]} == dict.fromkeys(GROUPS, 0)
     assert {c["name"] for g in report["groups"] for c in g["consumer_list"]} >= {
         "fulfillment-1",
