@@ -268,11 +268,17 @@ async def test_the_least_privilege_users_run_the_pipeline_on_the_cluster(
     host = cluster_url.removeprefix("redis://")
     as_consumer = cluster_env(f"redis://consumer:c0ns@{host}", CONSUMER_NAME="email-1")
     as_producer = cluster_env(f"redis://producer:pr0d@{host}")
-    consumer = scripts("consumer2", as_consumer)
+    consumers = [scripts(module, as_consumer) for module in ("consumer1", "consumer2")]
     published = run_script("producer", as_producer, "--count", "60")
     assert published.returncode == 0, published.stderr
-    await wait_until(lambda: done(client, "email_group", 60), "the email consumer to finish 60 orders", 30)
-    assert "error" not in consumer.output().lower()
+    for group in GROUPS:
+        await wait_until(functools.partial(done, client, group, 60), f"{group} to finish 60 orders", 30)
+    for consumer in consumers:
+        assert "error" not in consumer.output().lower(), consumer.output()
+    # consumer1's transactional writes, committed under the consumer user in each partition's slot
+    shipped = [await client.xlen("{" + stream.strip("{}") + "}:shipments") for stream in STREAMS]
+    assert sum(shipped) == 60
+    assert all(shipped)
 
 
 async def test_the_demo_runs_partitioned_on_the_cluster_and_leaves_no_key(
