@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from types import TracebackType
 
 from redis.exceptions import RedisError
@@ -30,8 +31,15 @@ class Lease:
     delete the keys and end, and waits for that without blocking the event loop.
     """
 
-    def __init__(self, settings: Settings, keys: list[str], ttl_ms: int) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        keys: list[str],
+        ttl_ms: int,
+        touch: Callable[[redis.Redis | redis.RedisCluster], None] | None = None,
+    ) -> None:
         self.keys = keys
+        self.touch = touch  # also called at each refresh, on the lease's thread
         self.ttl_ms = max(ttl_ms, MIN_TTL_MS)
         self.settings = settings
         self.stopped = threading.Event()
@@ -71,6 +79,8 @@ class Lease:
                 for key in self.keys:
                     pipe.set(key, 1, px=self.ttl_ms)
                 pipe.execute()
+                if self.touch is not None:
+                    self.touch(client)
                 failing = False
             except RedisError as error:
                 if not failing:  # the consumer loop reports outages; this is detail

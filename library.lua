@@ -193,9 +193,29 @@ local function remove_consumer(keys, args)
   return redis.call('XGROUP', 'DELCONSUMER', keys[1], args[1], args[2])
 end
 
+-- Keep this consumer's in-hand entries fresh (Redis 8.4+, where reads claim by idle time with
+-- XREADGROUP ... CLAIM): XCLAIM ... JUSTID sets idle to 0 and leaves the delivery count alone,
+-- and only entries still pending on this consumer are touched, so none is taken back from
+-- another. KEYS: the stream; ARGV: group, consumer, entry ids. Returns how many were touched.
+local function touch(keys, args)
+  local stream, group, consumer = keys[1], args[1], args[2]
+  local mine = {}
+  for i = 3, #args do
+    if owner_of(stream, group, args[i]) == consumer then mine[#mine + 1] = args[i] end
+  end
+  for first = 1, #mine, 1000 do
+    local call = {'XCLAIM', stream, group, consumer, 0}
+    for i = first, math.min(first + 999, #mine) do call[#call + 1] = mine[i] end
+    call[#call + 1] = 'JUSTID'
+    redis.call(unpack(call))
+  end
+  return #mine
+end
+
 redis.register_function('orders___VERSION___version', function() return '__VERSION__' end)
 redis.register_function('orders___VERSION___admit', admit)
 redis.register_function('orders___VERSION___commit', commit)
 redis.register_function('orders___VERSION___dead_letter', dead_letter)
 redis.register_function('orders___VERSION___append', append)
 redis.register_function('orders___VERSION___remove_consumer', remove_consumer)
+redis.register_function('orders___VERSION___touch', touch)

@@ -204,3 +204,18 @@ def make_cluster(settings: Settings) -> Redis:
 
 def is_cluster(redis: Redis) -> bool:
     return isinstance(redis, RedisCluster)  # type: ignore[unreachable, unused-ignore]
+
+
+def raw_xreadgroup(redis: Redis) -> None:
+    """Let `XREADGROUP ..., raw_reply=True` return Redis's reply unparsed: redis-py's parser drops
+    the idle time and delivery count that XREADGROUP ... CLAIM (Redis 8.4+) adds to each entry.
+    Every other XREADGROUP is parsed as before."""
+    parse = redis.response_callbacks["XREADGROUP"]
+    if getattr(parse, "keeps_raw", False):
+        return
+
+    def parse_unless_raw(response: Any, **options: Any) -> Any:
+        return response if options.get("raw_reply") else parse(response, **options)
+
+    parse_unless_raw.keeps_raw = True  # type: ignore[attr-defined]
+    redis.set_response_callback("XREADGROUP", parse_unless_raw)

@@ -21,6 +21,27 @@ def entries_of(reply: Any) -> list[Entry]:
     return cast(list[Entry], reply[0][1])
 
 
+def claimed_entries_of(reply: Any) -> tuple[list[Entry], dict[bytes, int], int]:
+    """A raw XREADGROUP ... CLAIM reply (Redis 8.4+) for one stream: the entries, the number of
+    this delivery of each, and how many of them were claimed from the pending list.
+
+    Each entry is [id, [field, value, ...], idle ms, times delivered before]; new entries say 0, 0.
+    """
+    if not reply:
+        return [], {}, 0
+    if isinstance(reply, dict):  # RESP3: {stream: [entries]}
+        reply = list(reply.items())
+    entries: list[Entry] = []
+    deliveries: dict[bytes, int] = {}
+    claimed = 0
+    for entry_id, flat, _idle, before in reply[0][1]:
+        fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
+        entries.append((entry_id, fields))
+        deliveries[entry_id] = int(before) + 1
+        claimed += int(before) > 0
+    return entries, deliveries, claimed
+
+
 def entries_of_claim(reply: Any) -> list[Entry]:
     """The entries an XCLAIM reply carries, as (id, fields)."""
     return cast(list[Entry], reply)

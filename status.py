@@ -48,7 +48,11 @@ async def paths(redis: Redis, settings: Settings, capabilities: Capabilities) ->
     native = await library.uses_native_idmp(redis, settings.stream_key, capabilities)
     return {
         "publish": "XADD IDMP (Redis's own)" if native else "idempotent append (function library)",
-        "reclaim": "XPENDING IDLE + XCLAIM of lapsed leases",
+        "reclaim": (
+            "XREADGROUP CLAIM (owners keep the entries they hold fresh; a sweep drops deleted ones)"
+            if capabilities.readgroup_claim
+            else "XPENDING IDLE + XCLAIM of lapsed leases"
+        ),
         "trim": "XTRIM MINID ~ ACKED" if capabilities.acked_trim else "XTRIM MINID ~",
     }
 

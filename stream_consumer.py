@@ -17,9 +17,9 @@ import contextlib
 import inspect
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import (
@@ -43,8 +43,8 @@ from lease import Lease
 from library import DONE, RUN, Commit, Fence, LibraryMissing
 from maintenance import Capabilities, detect, run_once
 from orders import InvalidOrder, Order, parse_order
-from redisPool import redis_connect
-from replies import Entry, entries_of, entries_of_claim, pending_rows_of, text
+from redisPool import raw_xreadgroup, redis_connect
+from replies import Entry, claimed_entries_of, entries_of, entries_of_claim, pending_rows_of, text
 from tx import Tx
 
 log = logging.getLogger("stream_consumer")
@@ -142,6 +142,9 @@ class StreamConsumer:
         self.backoff = BACKOFF_START_S
         self.next_maintenance = 0.0
         self.capabilities: Capabilities | None = None
+        self.claim_on_read = False  # Redis 8.4+: reads claim idle entries (XREADGROUP ... CLAIM)
+        self.held: dict[bytes, None] = {}  # read and not yet committed (XREADGROUP CLAIM path)
+        self.in_hand: tuple[bytes, ...] = ()  # the same, as the lease thread reads it to touch them
         self.maintenance_refused = False
         self.name_bytes = self.name.encode()
 
@@ -149,10 +152,13 @@ class StreamConsumer:
         """Consume until `stop` is set; the batch in hand is finished and committed before returning."""
         log.info("consumer %s in group %s on stream %s started", self.name, self.group, self.stream)
         self.run_handler = with_tx(self.handler)  # here: serve() may wrap self.handler after __init__
-        lease = Lease(self.settings, [self.keys.lease(self.group, self.name)], self.settings.claim_idle_ms)
+        while not await self._recover(self._start()) and not self.stop.is_set():
+            pass  # an outage (a failover) at start is ridden out like any other
+        touch = self._touch if self.claim_on_read else None
+        lease = Lease(
+            self.settings, [self.keys.lease(self.group, self.name)], self.settings.claim_idle_ms, touch
+        )
         async with lease:
-            while not await self._recover(self._load_library_at_start()) and not self.stop.is_set():
-                pass  # an outage (a failover) at start is ridden out like any other
             await self._recover(self._ensure_groups())
             while not self.stop.is_set():
                 await self._recover(self._turn())
@@ -166,9 +172,20 @@ class StreamConsumer:
         if created:
             log.info("created missing groups %s on stream %s from id 0", ", ".join(created), self.stream)
 
+    def _hold(self, entries: list[Entry]) -> None:
+        self.held.update(dict.fromkeys(entry_id for entry_id, _ in entries))
+        self.in_hand = tuple(self.held)
+
+    def _release(self, entry_ids: Iterable[bytes]) -> None:
+        for entry_id in entry_ids:
+            self.held.pop(entry_id, None)
+        self.in_hand = tuple(self.held)
+
     async def _turn(self) -> None:
         await self._commit()
         loop = asyncio.get_running_loop()
+        # On the XREADGROUP CLAIM path too: Redis skips entries deleted (trimmed) while pending,
+        # which would stay pending on a gone consumer forever; XCLAIM drops them.
         if loop.time() >= self.next_claim and await self._reclaim():
             return
         if self.settings.maintenance_interval_ms and loop.time() >= self.next_maintenance:
@@ -188,10 +205,33 @@ class StreamConsumer:
             self.own_cursor = entries[-1][0]
             await self._handle(entries, await self._delivery_counts(entries[0][0], entries[-1][0]))
             return
+        if self.claim_on_read:
+            await self._read_claiming()
+            return
         reply = await self.redis.xreadgroup(
             self.group, self.name, {self.stream: ">"}, count=self.settings.batch_size, block=self._block_ms()
         )
         await self._handle(entries_of(reply), {})
+
+    async def _read_claiming(self) -> None:
+        """Redis 8.4+: one XREADGROUP ... CLAIM takes entries idle over CLAIM_IDLE_MS first, then new ones.
+
+        Idle means no live owner: a running consumer's lease thread keeps the entries it holds
+        fresh (the library's touch), however long its handlers take, so this never takes an
+        entry from a live, slow consumer; it takes those of consumers that are gone (and its
+        own, whose delivery reply was lost). The reply carries each entry's delivery count.
+        """
+        idle = self.settings.claim_idle_ms
+        reply = await self.redis.execute_command(  # type: ignore[no-untyped-call]
+            "XREADGROUP", "GROUP", self.group, self.name, "COUNT", self.settings.batch_size,
+            "BLOCK", self._block_ms(), "CLAIM", idle, "STREAMS", self.stream, ">",
+            raw_reply=True,
+        )  # fmt: skip
+        entries, deliveries, claimed = claimed_entries_of(reply)
+        if claimed:
+            log.info("claimed %d entries idle over %d ms from consumers that are gone", claimed, idle)
+            self.stats.reclaimed += claimed
+        await self._handle(entries, deliveries)
 
     def _block_ms(self) -> int:
         """Block for new entries, but wake in time for the next reclaim or retry."""
@@ -286,6 +326,8 @@ class StreamConsumer:
 
     async def _handle(self, entries: list[Entry], deliveries: dict[bytes, int]) -> None:
         """Run the handler over a batch; commit the successes in one fenced step, dead-letter the poison."""
+        if self.claim_on_read:
+            self._hold(entries)
         runnable = await self._admit(await self._screen(entries, deliveries))
         max_deliveries = self.settings.max_deliveries
         processed = 0
@@ -390,6 +432,8 @@ class StreamConsumer:
         retry, self.commit_sent = self.commit_sent, True
         acked, _, refused = await self.fence.commit(self.uncommitted)
         taken = 0 if retry else len(self.uncommitted) - acked
+        if self.claim_on_read:  # acked (or another's now): nothing to keep fresh any more
+            self._release(entry_id for entry_id, _, _ in self.uncommitted)
         self.uncommitted.clear()
         self.commit_sent = False
         if refused:
@@ -430,12 +474,23 @@ class StreamConsumer:
             reason,
         )
 
-    async def _load_library_at_start(self) -> None:
-        """The function library, loaded if this user may: if not, the process ends (CliError)."""
+    async def _start(self) -> None:
+        """Load the function library if this user may (if not, the process ends: CliError) and
+        pick the reclaim path this server offers."""
         try:
             await library.ensure_loaded(self.redis)
         except LibraryMissing as error:
             raise CliError(str(error)) from None
+        self.capabilities = await detect(self.redis)
+        self.claim_on_read = self.capabilities.readgroup_claim
+        if self.claim_on_read:
+            raw_xreadgroup(self.redis)
+
+    def _touch(self, client: Any) -> None:
+        """On the lease's thread: keep the entries in hand from looking idle (XREADGROUP CLAIM path)."""
+        in_hand = self.in_hand  # one read of a tuple the event loop replaces whole
+        if in_hand:
+            client.fcall(library.function("touch"), 1, self.stream, self.group, self.name, *in_hand)
 
     async def _recover(self, step: Awaitable[object]) -> bool:
         """Run one step; on a Redis failure log once, back off, and set up to re-read own entries.

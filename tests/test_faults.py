@@ -30,11 +30,13 @@ from conftest import (
 )
 from redis.asyncio import Redis
 from test_pipeline import Recorder, running
+from test_promises import held_over
 
 import chaos
 from config import Settings
 from initialization_stream import initialize
 from local_redis import LocalRedis
+from maintenance import detect
 from orders import Order, serialize
 from producer import PublishError, publish, publish_many, sample_orders
 from redisPool import redis_connect
@@ -140,18 +142,13 @@ async def test_a_slow_handler_claimed_by_another_consumer_runs_once(redis: Redis
             await started.wait()
         claimer = StreamConsumer(redis, settings, group, "quick", quick)
         claiming = asyncio.create_task(claimer.run())
-        await wait_until(lambda: _idle_over(redis, group, 500), "several claim passes over the slow entry")
+        await wait_until(lambda: held_over(redis, group, 500), "several claim passes over the slow entry")
         release.set()
         await wait_until(lambda: caught_up(redis, STREAM, [group]), "the slow handler to finish and ack")
         claimer.stop.set()
         await claiming
     assert runs == ["slow"]
     assert claimer.stats.reclaimed == 0  # its owner's lease was alive: never taken over
-
-
-async def _idle_over(redis: Redis, group: str, ms: int) -> bool:
-    rows: Any = await redis.xpending_range(STREAM, group, "-", "+", 1)
-    return bool(rows) and int(rows[0]["time_since_delivered"]) > ms
 
 
 # --- faults with real processes -----------------------------------------------------
@@ -539,7 +536,9 @@ async def test_a_lost_xreadgroup_reply_is_recovered(own_server: LocalRedis) -> N
             await wait_until(lambda: len(recorder.handled) == 5, "the orders of the lost reply")
         assert dropper.dropped == 1
         assert sorted(recorder.order_ids()) == sorted(o.order_id for o in orders)  # each once
-        assert tasks[0].result().reclaimed == 0  # found again in its own pending list, not claimed
+        if not (await detect(direct)).readgroup_claim:
+            assert tasks[0].result().reclaimed == 0  # found again in its own pending list, not claimed
+        # (On 8.4+ redis-py's retry of the read may claim them back, idle, by XREADGROUP CLAIM.)
     finally:
         await direct.aclose()
         await dropper.close()

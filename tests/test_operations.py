@@ -112,6 +112,9 @@ async def test_status_shows_an_incident_and_fails_its_thresholds(
         "xreadgroup_claim": capabilities.readgroup_claim,
         "xadd_idmp": capabilities.xadd_idmp,
     }
+    # Which reclaim path the consumers take on this server (detected at their start).
+    claim = "XREADGROUP CLAIM" if capabilities.readgroup_claim else "XPENDING IDLE + XCLAIM of lapsed leases"
+    assert report["paths"]["reclaim"].startswith(claim)
     assert "SECRET" not in machine.stdout
 
 
