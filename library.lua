@@ -17,9 +17,9 @@ local function owner_of(stream, group, id)
   return row and row[2]
 end
 
--- Of the consumer's `n` oldest pending entries, a set of their ids: one XPENDING for a whole
--- batch instead of one per entry. Usually that is exactly the batch being committed; an id not
--- in it (the consumer holds older entries too) is looked up on its own with owner_of.
+-- Of the consumer's `n` oldest pending entries, a set of their ids (each maps to true): one
+-- XPENDING for a whole batch instead of one per entry. Usually that is the batch being
+-- committed; an id not in it (the consumer holds older entries too) is looked up with owner_of.
 local function oldest_pending(stream, group, consumer, n)
   local ids = {}
   for _, row in ipairs(redis.call('XPENDING', stream, group, '-', '+', n, consumer)) do
@@ -95,24 +95,16 @@ local function commit(keys, args)
   local group, consumer, window = args[1], args[2], tonumber(args[3])
   local now = now_ms()
   local acked, fenced, errors = 0, {}, {}
-  -- Count the entries first: the fast ownership check asks for that many.
-  local entries, i = 0, 4
-  while i <= #args do
-    entries = entries + 1
-    i = i + 3
-    for _ = 1, tonumber(args[i - 1]) do
-      i = i + 1 + tonumber(args[i])
-    end
-  end
-  local mine, acking, acks = oldest_pending(stream, group, consumer, entries), {}, {}
-  i = 4
+  -- Every entry takes at least three arguments: enough rows for all of them.
+  local mine, acks = oldest_pending(stream, group, consumer, math.max(1, math.floor((#args - 3) / 3))), {}
+  local i = 4
   while i <= #args do
     local id, order, writes = args[i], args[i + 1], tonumber(args[i + 2])
     i = i + 3
-    local owner
-    if mine[id] then
+    local owner, known = nil, mine[id]
+    if known then
       owner = consumer
-    elseif not acking[id] then -- the same id again in this call: no longer pending once acked
+    elseif known == nil then -- false: acked earlier in this call, so no longer pending
       owner = owner_of(stream, group, id)
     end
     for _ = 1, writes do
@@ -126,7 +118,7 @@ local function commit(keys, args)
       i = i + 1 + count
     end
     if owner == consumer then
-      mine[id], acking[id] = nil, true
+      mine[id] = false
       acks[#acks + 1] = id
       if order ~= '' then
         if window > 0 then
