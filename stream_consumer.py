@@ -75,8 +75,8 @@ class Stats:
         return ", ".join(f"{name}={value}" for name, value in vars(self).items())
 
 
-def with_tx(handler: AnyHandler) -> TxHandler:
-    """Every handler as one taking a Tx: a handler that takes only the order ignores it.
+def plain_of(handler: AnyHandler) -> Handler | None:
+    """The handler itself if it takes only the order, None if it is transactional.
 
     A handler is transactional when it has a second required positional parameter; one whose
     other parameters have defaults is called with the order alone.
@@ -87,9 +87,14 @@ def with_tx(handler: AnyHandler) -> TxHandler:
         for parameter in inspect.signature(handler).parameters.values()
         if parameter.kind in positional and parameter.default is inspect.Parameter.empty
     ]
-    if len(required) >= 2:
+    return None if len(required) >= 2 else cast(Handler, handler)
+
+
+def with_tx(handler: AnyHandler) -> TxHandler:
+    """Every handler as one taking a Tx: a handler that takes only the order ignores it."""
+    plain = plain_of(handler)
+    if plain is None:
         return cast(TxHandler, handler)
-    plain = cast(Handler, handler)
 
     async def run(order: Order, tx: Tx) -> None:
         await plain(order)
@@ -152,6 +157,7 @@ class StreamConsumer:
         """Consume until `stop` is set; the batch in hand is finished and committed before returning."""
         log.info("consumer %s in group %s on stream %s started", self.name, self.group, self.stream)
         self.run_handler = with_tx(self.handler)  # here: serve() may wrap self.handler after __init__
+        self.plain_handler = plain_of(self.handler)  # called with the order alone: no Tx per order
         while not await self._recover(self._start()) and not self.stop.is_set():
             pass  # an outage (a failover) at start is ridden out like any other
         touch = self._touch if self.claim_on_read else None
@@ -330,11 +336,18 @@ class StreamConsumer:
             self._hold(entries)
         runnable = await self._admit(await self._screen(entries, deliveries))
         max_deliveries = self.settings.max_deliveries
+        guard = self.settings.dedupe_window_ms
+        plain, stream, uncommitted = self.plain_handler, self.stream, self.uncommitted
         processed = 0
         for entry_id, fields, order, delivery in runnable:
-            tx = Tx(self.stream)
             try:
-                await self.run_handler(order, tx)
+                if plain is not None:
+                    await plain(order)
+                    writes = []
+                else:
+                    tx = Tx(stream)
+                    await self.run_handler(order, tx)
+                    writes = tx.commands
             except Exception as error:  # its staged writes are dropped with it
                 self.stats.failed += 1
                 log.exception(
@@ -353,8 +366,8 @@ class StreamConsumer:
                 continue
             # Kept across failures: a later turn commits what the handler already accepted.
             # Done marks only for entries the guard admitted (not from our own producer).
-            guarded = self.settings.dedupe_window_ms and b"producer" not in fields
-            self.uncommitted.append((entry_id, order.order_id if guarded else "", tx.commands))
+            guarded = guard and b"producer" not in fields
+            uncommitted.append((entry_id, order.order_id if guarded else "", writes))
             processed += 1
         self.stats.processed += processed
         # Said after the batch's handlers ran, so a copy's line never comes before its order's run.

@@ -24,10 +24,17 @@ class CrossSlotWrite(ValueError):
 class Tx:
     """The Redis writes one handler run stages for its order."""
 
+    __slots__ = ("commands", "stream")
+
     def __init__(self, stream: str) -> None:
-        self.tag = hash_tag(stream)
+        # One per order handled, most of them never written to: nothing here but the list.
         self.stream = stream
         self.commands: list[list[EncodableT]] = []
+
+    @property
+    def tag(self) -> str:
+        """The stream's hash tag, which every staged key must share."""
+        return hash_tag(self.stream)
 
     def key(self, name: str) -> str:
         """A key that commits with the order: `{orders}:<name>`."""

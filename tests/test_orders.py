@@ -10,6 +10,7 @@ import orders
 from orders import InvalidOrder, Item, Order, parse_order, serialize
 
 CAP = 65536
+FAST_PATH = orders._canonical_order  # before the fixture below swaps it out
 GOOD = {
     "order_id": "ord-42",
     "customer_email": "ann@example.com",
@@ -45,16 +46,29 @@ BAD_PAYLOADS: dict[str, bytes] = {
     "zero qty": b'{"order_id": "a", "customer_email": "a@b.co", "items": [{"sku": "A", "qty": 0}]}',
     "bad time": b'{"order_id": "a", "customer_email": "a@b.co", "created_at": "SECRET"}',
     "control chars": b'{"order_id": "a\\u0000", "customer_email": "a@b.co"}',
+    # Compact, as serialize() writes: these reach the msgspec fast path's own checks.
+    "compact duplicate key": b'{"order_id":"a","order_id":"SECRET","customer_email":"a@b.co"}',
+    "compact control chars": b'{"order_id":"SECRET\\u0000","customer_email":"a@b.co"}',
+    "compact format char": '{"order_id":"SECRET\u200b","customer_email":"a@b.co"}'.encode(),
+    "compact blank id": b'{"order_id":"   ","customer_email":"a@b.co"}',
+    "compact blank sku": b'{"order_id":"a","customer_email":"a@b.co","items":[{"sku":" ","qty":1}]}',
+    "compact bad email": b'{"order_id":"a","customer_email":"SECRET@b"}',
+    "compact bad time": b'{"order_id":"a","customer_email":"a@b.co","created_at":"SECRET"}',
+    "compact 21 digits": b'{"order_id":"a","customer_email":"a@b.co","total":123456789012345678901}',
+    "compact float qty": b'{"order_id":"a","customer_email":"a@b.co","items":[{"sku":"A","qty":2.0}]}',
+    "compact lone surrogate": b'{"order_id":"\\udc00SECRET","customer_email":"a@b.co"}',
+    "compact long id": b'{"order_id":"' + b"S" * 129 + b'","customer_email":"a@b.co"}',
+    "compact too many items": b'{"order_id":"a","customer_email":"a@b.co","items":['
+    + b",".join([b'{"sku":"A","qty":1}'] * 1001)
+    + b"]}",
 }
 
 
-@pytest.fixture(autouse=True, params=["orjson", "stdlib only"])
-def json_library(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run every test with the optional orjson fast path and without it."""
-    if request.param == "stdlib only":
-        monkeypatch.setattr(orders, "orjson", None)
-    elif getattr(orders, "orjson", None) is None:
-        pytest.skip("orjson is not installed")
+@pytest.fixture(autouse=True, params=["msgspec fast path", "strict path only"])
+def parser_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run every test with the msgspec fast path and with the strict stdlib parser alone."""
+    if request.param == "strict path only":
+        monkeypatch.setattr(orders, "_canonical_order", lambda raw: None)
 
 
 def test_valid_order_parses_and_round_trips() -> None:
@@ -76,3 +90,18 @@ def test_bad_payload_is_refused_without_echoing_it(name: str) -> None:
         parse_order(BAD_PAYLOADS[name], CAP)
     assert "SECRET" not in str(refused.value)
     assert str(refused.value)
+
+
+def test_what_serialize_writes_takes_the_fast_path() -> None:
+    order = Order("ord-42", "ann@example.com", (Item("A1", 2),), 42.5, "2026-11-25T10:00:00Z")
+    assert FAST_PATH(serialize(order)) == order
+
+
+@pytest.mark.parametrize("name", [name for name in BAD_PAYLOADS if name.startswith("compact")])
+def test_the_fast_path_accepts_no_bad_compact_payload(name: str) -> None:
+    assert FAST_PATH(BAD_PAYLOADS[name]) is None
+
+
+def test_valid_but_not_compact_json_is_accepted() -> None:
+    spaced = b'{ "total": 42, "customer_email": "ann@example.com", "order_id": "ord-\\u00e9" }'
+    assert parse_order(spaced, CAP) == Order("ord-\u00e9", "ann@example.com", total=42.0)
