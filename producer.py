@@ -24,10 +24,12 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT
 from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]  # no stubs without types-tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm  # type: ignore[import-untyped, unused-ignore]
 
 import library
+import tracing
 from config import DEFAULTS, CliError, ConfigError, Settings, run_script
 from keys import stream_keys
 from maintenance import detect
@@ -65,10 +67,11 @@ async def publish(redis: Redis, stream: str, order: Order, producer: str = "") -
     (PRODUCER_ID; default the host name) within the window, the order is not added twice.
     """
     native = await _prepare(redis, stream)
-    command = library.append_command(
-        stream_keys(stream), producer or socket.gethostname(), native, [_record(order)]
-    )
-    reply = await redis.execute_command(*command)  # type: ignore[no-untyped-call]
+    with tracing.sending(stream, 1) as fields:  # a span and its trace context on the entry, when on
+        command = library.append_command(
+            stream_keys(stream), producer or socket.gethostname(), native, [_record(order)], fields
+        )
+        reply = await redis.execute_command(*command)  # type: ignore[no-untyped-call]
     return text(reply[0])
 
 
@@ -113,7 +116,7 @@ async def append_chunks(
     native = await _prepare(redis, stream)
     pool = redis.connection_pool
     source = iter(chunks)
-    in_flight: deque[list[Record]] = deque()
+    in_flight: deque[list[EncodableT]] = deque()  # the calls of the chunks not yet confirmed
     failures = 0
     while True:
         try:
@@ -122,12 +125,15 @@ async def append_chunks(
             failures = await _after_failure(failures, error)
             continue
         try:
-            for chunk in in_flight:  # unconfirmed when the connection was lost: sent again
-                await connection.send_command(*library.append_command(keys, producer, native, chunk))
+            for command in in_flight:  # unconfirmed when the connection was lost: sent again
+                await connection.send_command(*command)
             while True:
                 while len(in_flight) < 2 and (chunk := next(source, [])):
-                    in_flight.append(chunk)  # before sending: a send cut half way is sent again whole
-                    await connection.send_command(*library.append_command(keys, producer, native, chunk))
+                    # A span per chunk, until it is sent; its trace context goes in each entry.
+                    with tracing.sending(stream, len(chunk)) as fields:
+                        command = library.append_command(keys, producer, native, chunk, fields)
+                        in_flight.append(command)  # before sending: a send cut half way is sent again whole
+                        await connection.send_command(*command)
                 if not in_flight:
                     return
                 reply = await connection.read_response()

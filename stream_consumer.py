@@ -28,6 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 import library
 import metrics
+import tracing
 from config import CliError, ConfigError, Settings, run_script
 from deadletter import dead_letter_fields
 from initialization_stream import ensure_groups
@@ -270,10 +271,12 @@ class StreamConsumer:
         runnable = await self._admit(await self._screen(entries, deliveries))
         max_deliveries = self.settings.max_deliveries
         processed = 0
+        spans = tracing.processing(self.stream, self.group, self.name)  # None when tracing is off
         for entry_id, fields, order, delivery in runnable:
             tx = Tx(self.stream)
             try:
-                await self.run_handler(order, tx)
+                with tracing.NO_SPAN if spans is None else spans.span(entry_id, fields):
+                    await self.run_handler(order, tx)
             except Exception as error:  # its staged writes are dropped with it
                 self.stats.failed += 1
                 log.exception(
