@@ -97,12 +97,13 @@ class Processing:
         W3C trace context (another client's), it starts a new trace. An exception inside is
         recorded on it, status error, and raised on.
         """
-        return self.tracer.start_as_current_span(
+        span: AbstractContextManager[Span] = self.tracer.start_as_current_span(
             self.name,
             context=_parent(fields),
             kind=SpanKind.CONSUMER,
             attributes={**self.attributes, "messaging.message.id": entry_id.decode()},
         )
+        return span
 
 
 def processing(stream: str, group: str, consumer: str) -> Processing | None:
