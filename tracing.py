@@ -89,6 +89,9 @@ class Processing:
             "messaging.operation.type": "process",
             "messaging.operation.name": "process",
         }
+        # The entries of one chunk carry one trace context: parsed once, not once per entry.
+        self.carried: tuple[bytes | None, bytes | None] = (None, None)
+        self.parent = Context()
 
     def span(self, entry_id: bytes, fields: Mapping[bytes, bytes]) -> AbstractContextManager[Span]:
         """The span of one order's handler, current while it runs (its own spans are children).
@@ -97,9 +100,12 @@ class Processing:
         W3C trace context (another client's), it starts a new trace. An exception inside is
         recorded on it, status error, and raised on.
         """
+        carried = fields.get(b"traceparent"), fields.get(b"tracestate")
+        if carried != self.carried:
+            self.carried, self.parent = carried, _parent(*carried)
         span: AbstractContextManager[Span] = self.tracer.start_as_current_span(
             self.name,
-            context=_parent(fields),
+            context=self.parent,
             kind=SpanKind.CONSUMER,
             attributes={**self.attributes, "messaging.message.id": entry_id.decode()},
         )
@@ -112,13 +118,11 @@ def processing(stream: str, group: str, consumer: str) -> Processing | None:
     return None if tracer is None else Processing(tracer, stream, group, consumer)
 
 
-def _parent(fields: Mapping[bytes, bytes]) -> Context:
-    """The trace context an entry carries; an empty one (a new trace) when it has none or a bad one."""
-    traceparent = fields.get(b"traceparent")
+def _parent(traceparent: bytes | None, tracestate: bytes | None) -> Context:
+    """The trace context of an entry's fields; an empty one (a new trace) when it has none or a bad one."""
     if traceparent is None or len(traceparent) > _MAX_TRACEPARENT:
         return Context()
     carrier = {"traceparent": traceparent.decode(errors="replace")}
-    tracestate = fields.get(b"tracestate")
     if tracestate is not None and len(tracestate) <= _MAX_TRACESTATE:
         carrier["tracestate"] = tracestate.decode(errors="replace")
     return _W3C.extract(carrier)
