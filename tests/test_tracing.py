@@ -22,6 +22,7 @@ from redis.typing import EncodableT, FieldT
 from test_pipeline import dead_letters, running
 
 from config import Settings
+from deadletter import redrive
 from initialization_stream import initialize
 from orders import Order, serialize
 from producer import publish, publish_many, sample_orders
@@ -192,7 +193,7 @@ async def test_entries_without_or_with_a_bad_trace_context_are_handled_in_a_new_
     assert len({span.context.trace_id for span in processed if span.context is not None}) == len(orders)
 
 
-async def test_a_failed_handler_marks_its_span_and_dead_letters_keep_the_trace_context(
+async def test_a_failed_handler_marks_its_span_and_a_redriven_dead_letter_continues_the_trace(
     redis: Redis, settings: Settings, exporter: InMemorySpanExporter
 ) -> None:
     await initialize(redis, settings)
@@ -217,9 +218,18 @@ async def test_a_failed_handler_marks_its_span_and_dead_letters_keep_the_trace_c
     letters = {letter["error"].split(":")[0]: letter for letter in await dead_letters(redis, settings)}
     assert letters["invalid order"]["traceparent"] == TRACEPARENT
     assert letters["invalid order"]["tracestate"] == "k=v"
-    assert letters["handler failed 3 times, last"]["traceparent"].startswith(
-        f"00-{send.context.trace_id:032x}-"
-    )
+    assert letters["handler failed 3 times, last"]["traceparent"] == traceparent_of(send).decode()
+    # Redriven, the order continues its first trace.
+    records: Any = await redis.xrange(settings.dead_letter_stream)
+    [failed_id] = [i for i, fields in records if fields[b"error"].startswith(b"handler failed")]
+    await redrive(redis, settings, failed_id.decode())
+    exporter.clear()
+    handled = Handled()
+    async with running(redis, settings, (group, "c", handled.handler(group))):
+        await wait_until(lambda: handled.spans, "the redriven order")
+    [again] = of_kind(exporter, SpanKind.CONSUMER)
+    assert again.parent is not None
+    assert again.parent.span_id == send.context.span_id
 
 
 async def test_without_a_provider_nothing_is_injected(redis: Redis, settings: Settings) -> None:
