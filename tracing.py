@@ -1,10 +1,11 @@
 """Optional OpenTelemetry tracing: W3C trace context on entries, a span per publish and per handled order.
 
-Off, at the cost of one check per chunk or per batch, unless opentelemetry-api is installed
-and the service configured a tracer provider (trace.set_tracer_provider, or
-opentelemetry-instrument). The wire format is always W3C trace context (`traceparent`, and
-`tracestate` when there is one), whatever OTEL_PROPAGATORS says, so any client in any language
-can continue a trace, and baggage (which may carry personal data) never lands in the stream.
+Off, at the cost of one check per chunk or per batch and an empty `with` per order, unless
+opentelemetry-api is installed and the service configured a tracer provider
+(trace.set_tracer_provider, or opentelemetry-instrument). The wire format is always W3C trace
+context (`traceparent`, and `tracestate` when there is one), whatever OTEL_PROPAGATORS says, so
+any client in any language can continue a trace, and baggage (which may carry personal data)
+never lands in the stream.
 """
 
 from __future__ import annotations
@@ -24,14 +25,13 @@ else:
     INSTALLED = True
     _W3C = TraceContextTextMapPropagator()
 
-# Longer values are ignored (a new trace), not decoded: entries from other clients are untrusted.
+# Longer values are ignored, not decoded: entries from other clients are untrusted.
 # W3C's limits: a traceparent is 55 characters; opentelemetry takes a tracestate up to 8192.
 _MAX_TRACEPARENT = 512
 _MAX_TRACESTATE = 8192
 _NO_FIELDS: AbstractContextManager[Sequence[str]] = nullcontext(())
-NO_SPAN: AbstractContextManager[object] = (
-    nullcontext()
-)  # where tracing is off: enters and exits, nothing else
+# Where tracing is off: a `with` that enters and exits, nothing else.
+NO_SPAN: AbstractContextManager[object] = nullcontext()
 
 
 @functools.lru_cache(maxsize=4)
