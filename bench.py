@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 import consumer1
 import library
 import producer
+import tracing
 from config import DEFAULTS, Settings, configure_logging, load_settings
 from initialization_stream import initialize
 from keys import keys_for
@@ -47,6 +48,7 @@ MEMORY_STREAM = "bench:memory"
 PRODUCTION_STREAM = DEFAULTS["STREAM_KEY"]
 GROUPS = ("bench-fulfillment", "bench-email")
 PAYLOAD_110 = "x" * 110  # redis-benchmark's value: the size of a typical order
+TRACEPARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 START_SH = Path(__file__).with_name("redis") / "start.sh"
 # Orders through the pipeline before memory is first read: keys, groups and consumers exist,
 # and the producer's id map (at most IDMP_KEEP ids) is already full, as at steady state.
@@ -267,6 +269,8 @@ def worker_main(args: argparse.Namespace) -> None:
     configure_logging("WARNING")
     if args.worker == "ours-no-dedupe":
         settings = dataclasses.replace(settings, dedupe_window_ms=0)
+    if args.worker == "ours-traced":
+        trace_with_sdk()
     work = {"bare": worker_bare, "ours-tx": worker_tx}.get(args.worker, worker_ours)
     report = asyncio.run(work(settings, args.group))
     print(json.dumps(report), flush=True)
@@ -476,6 +480,7 @@ async def run(url: str, sizes: Sizes, batch: int, own_server: bool) -> dict[str,
             await measure_publishing(redis, results, streams, sizes, users)
             await measure_consuming(redis, results, streams, sizes, users)
             await measure_memory(redis, results, streams.memory, sizes.memory)
+            await measure_tracing(redis, results, streams.bench, max(sizes.e2e // 2, 1))  # last: see there
         finally:
             await redis.delete("bench:ceiling")
             for bench_stream in (streams.bench, streams.memory):
@@ -597,6 +602,97 @@ async def id_map_bytes(redis: Redis, settings: Settings) -> int | None:
     return sum(sizes) if len(sizes) == len(keys) else None
 
 
+# --- tracing ------------------------------------------------------------------------
+
+
+def sdk_provider() -> Any:
+    """An SDK tracer provider as a service would configure it (spans batched to an exporter), but
+    its exporter drops them: what is measured is tracing, not a collector. None without the SDK.
+    """
+    try:
+        from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415 - optional
+        from opentelemetry.sdk.trace.export import (  # noqa: PLC0415 - optional
+            BatchSpanProcessor,
+            SpanExporter,
+            SpanExportResult,
+        )
+    except ImportError:
+        return None
+
+    class Dropping(SpanExporter):  # type: ignore[misc, unused-ignore]  # Any without the SDK
+        def export(self, spans: Any) -> Any:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Dropping()))
+    return provider
+
+
+def trace_with_sdk() -> None:
+    """Make sdk_provider() this process's global tracer provider: tracing is on here from now on."""
+    from opentelemetry import trace  # noqa: PLC0415 - optional
+
+    trace.set_tracer_provider(sdk_provider())
+
+
+def hook_us_per_order(spans: tracing.Processing | None, count: int = 10_000) -> float:
+    """What the consumer's tracing hook costs per order in-process (us, best of 3), beyond a bare loop."""
+    fields = {b"data": b"{}", b"producer": b"bench", b"traceparent": TRACEPARENT}
+    best = float("inf")
+    for _ in range(3):
+        loop = time.perf_counter()
+        for _ in range(count):
+            pass
+        bare = time.perf_counter() - loop
+        started = time.perf_counter()
+        for _ in range(count):
+            with tracing.NO_SPAN if spans is None else spans.span(b"1-0", fields):
+                pass
+        best = min(best, time.perf_counter() - started - bare)
+    return max(0.0, best / count * 1e6)
+
+
+async def measure_tracing(redis: Redis, results: dict[str, Any], settings: Settings, count: int) -> None:
+    """Tracing's cost per order: the consumer's hook in-process without and with a tracer provider,
+    and end to end without one, then with one in the producer (this process) and every consumer.
+
+    Last in the run: once this process has a global provider it keeps it, and every other
+    measurement runs without one.
+    """
+    keys = ("tracing_off_us_per_order", "tracing_span_us_per_order", "e2e_untraced_per_s")
+    results.update(dict.fromkeys((*keys, "e2e_traced_per_s", "tracing_cost_us_per_order")))
+    provider = sdk_provider()
+    results["tracing_off_us_per_order"] = hook_us_per_order(tracing.processing(STREAM, GROUPS[0], "bench"))
+    if provider is None:
+        progress("tracing: skipped, opentelemetry-sdk is not installed")
+        return
+    processing = tracing.Processing(provider.get_tracer("bench"), STREAM, GROUPS[0], "bench")
+    results["tracing_span_us_per_order"] = hook_us_per_order(processing)
+    provider.shutdown()
+    progress(f"end to end: {count} orders, ours without a tracer provider, then with one everywhere")
+    untraced, _ = await end_to_end(redis, redis, settings, bench_orders(count), "ours", 1)
+    trace_with_sdk()
+    traced, _ = await end_to_end(redis, redis, settings, bench_orders(count), "ours-traced", 1)
+    results["e2e_untraced_per_s"], results["e2e_traced_per_s"] = untraced, traced
+    results["tracing_cost_us_per_order"] = (1 / traced - 1 / untraced) * 1e6
+    await forget(redis, settings)
+
+
+def tracing_lines(r: dict[str, Any], row: Callable[[str, float], str]) -> list[str]:
+    """The tracing rows and what tracing costs per order, as measure_tracing found it."""
+    off = f"the hook without a provider {r['tracing_off_us_per_order']:.2f} us"
+    if r["e2e_traced_per_s"] is None:
+        return [f"tracing: not measured with a provider, opentelemetry-sdk is not installed; {off} per order"]
+    return [
+        row("end to end: ours, no tracer provider (same size)", r["e2e_untraced_per_s"]),
+        row("end to end: ours, SDK tracer provider in producer and consumers", r["e2e_traced_per_s"]),
+        f"tracing with a provider costs {r['tracing_cost_us_per_order']:.1f} us per order end to end (a span "
+        f"per order and group, batched, the exporter dropping them: "
+        f"{r['e2e_traced_per_s'] / r['e2e_untraced_per_s']:.0%} of the rate without); in-process, a "
+        f"consumer span {r['tracing_span_us_per_order']:.1f} us per order, {off}",
+    ]
+
+
 def table(r: dict[str, Any]) -> str:
     ceiling_rate = r.get("ceiling_per_s")
     base = r["baseline_per_s"]
@@ -642,6 +738,7 @@ def table(r: dict[str, Any]) -> str:
         f"a transactional commit (2 staged writes per order per group) costs "
         f"{(1 / r['e2e_tx_per_s'] - 1 / r['e2e_safety_on_per_s']) * 1e6:.1f} us per order end to end "
         f"({r['e2e_tx_per_s'] / r['e2e_safety_on_per_s']:.0%} of the no-op handler's rate)",
+        *tracing_lines(r, row),
         f"idempotent append path: {path}",
         f"safety features: ours runs at {safety:.0%} of the hand-written loop's rate "
         f"(they cost {1 - safety:.0%}); without the dedupe guard at {no_dedupe:.0%}",
@@ -720,7 +817,9 @@ def build_parser() -> argparse.ArgumentParser:
         "publish and end to end, with Redis's CPU per order (needs redis-cli; bench_cluster.py)",
     )
     parser.add_argument(
-        "--worker", choices=["ours", "ours-no-dedupe", "ours-tx", "bare"], help=argparse.SUPPRESS
+        "--worker",
+        choices=["ours", "ours-no-dedupe", "ours-tx", "ours-traced", "bare"],
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--group", help=argparse.SUPPRESS)
     parser.add_argument("--name", help=argparse.SUPPRESS)

@@ -170,21 +170,27 @@ end
 -- this producer, so a chunk sent again after a lost reply adds nothing twice; returns the entry
 -- ids, the first entry's id for an order already appended. KEYS: stream, the producer's map
 -- (iid -> entry id), the producer's list of iids, newest first. ARGV: producer id, how many iids
--- to remember, their TTL in ms, '1' to use Redis 8.6's own XADD IDMP, then pairs of iid and
--- payload. Memory: at most that many iids per producer, gone after the TTL.
+-- to remember, their TTL in ms, '1' to use Redis 8.6's own XADD IDMP, a number n, n pairs of
+-- field name and value added to every entry (the trace context, tracing.py), then pairs of iid
+-- and payload. Memory: at most that many iids per producer, gone after the TTL.
 local function append(keys, args)
   local stream, map, recent = keys[1], keys[2], keys[3]
   local producer, keep, ttl, native = args[1], tonumber(args[2]), args[3], args[4] == '1'
+  local fields, first = {'data', '', 'producer', producer}, 6 + 2 * tonumber(args[5])
+  for i = 6, first - 1 do
+    fields[#fields + 1] = args[i]
+  end
   local ids = {}
-  for i = 5, #args, 2 do
-    local iid, payload = args[i], args[i + 1]
+  for i = first, #args, 2 do
+    local iid = args[i]
+    fields[2] = args[i + 1]
     local id
     if native then
-      id = redis.call('XADD', stream, 'IDMP', producer, iid, '*', 'data', payload, 'producer', producer)
+      id = redis.call('XADD', stream, 'IDMP', producer, iid, '*', unpack(fields))
     else
       id = redis.call('HGET', map, iid)
       if not id then
-        id = redis.call('XADD', stream, '*', 'data', payload, 'producer', producer)
+        id = redis.call('XADD', stream, '*', unpack(fields))
         redis.call('HSET', map, iid, id)
         redis.call('LPUSH', recent, iid)
       end

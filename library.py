@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -92,12 +93,20 @@ async def uses_native_idmp(redis: Redis, stream: str, capabilities: Capabilities
 
 
 def append_command(
-    keys: Keys, producer_id: str, native: bool, records: list[tuple[str, bytes]]
+    keys: Keys,
+    producer_id: str,
+    native: bool,
+    records: list[tuple[str, bytes]],
+    fields: Sequence[str] = (),
 ) -> list[EncodableT]:
-    """FCALL arguments appending `records` (order id, payload), each once per producer."""
+    """FCALL arguments appending `records` (order id, payload), each once per producer.
+
+    `fields` (name, value, name, value: the trace context) are added to every entry.
+    """
     ids_key, recent_key = keys.producer(producer_id)
     command: list[EncodableT] = ["FCALL", function("append"), 3, keys.stream, ids_key, recent_key]
-    command += [producer_id, IDMP_KEEP, IDMP_SECONDS * 1000, "1" if native else "0"]
+    command += [producer_id, IDMP_KEEP, IDMP_SECONDS * 1000, "1" if native else "0", len(fields) // 2]
+    command += fields
     for order_id, payload in records:
         command += [order_id, payload]
     return command

@@ -27,10 +27,12 @@ from redis.asyncio.connection import AbstractConnection, Connection
 from redis.exceptions import AskError, ClusterDownError, RedisClusterException, RedisError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT
 from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]  # no stubs without types-tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm  # type: ignore[import-untyped, unused-ignore]
 
 import library
+import tracing
 from config import DEFAULTS, CliError, ConfigError, Settings, run_script
 from keys import partition_of, partition_stream, stream_keys
 from maintenance import detect
@@ -216,13 +218,13 @@ async def append_chunks(
     producer = producer or socket.gethostname()
     native = await _prepare(redis, stream)
     source = iter(chunks)
-    in_flight: deque[list[Record]] = deque()
+    in_flight: deque[list[EncodableT]] = deque()  # the calls of the chunks not yet confirmed
     failures = 0
     first_failure = 0.0
     loop = asyncio.get_running_loop()
 
-    async def send(connection: AbstractConnection, chunk: list[Record]) -> None:
-        await connection.send_command(*library.append_command(keys, producer, native, chunk))
+    async def send(connection: AbstractConnection, command: list[EncodableT]) -> None:
+        await connection.send_command(*command)
         if durability.replicas:
             await connection.send_command("WAIT", durability.replicas, durability.wait_ms)
 
@@ -234,12 +236,15 @@ async def append_chunks(
             await _after_failure(redis, failures, first_failure, durability, error)
             continue
         try:
-            for chunk in in_flight:  # unconfirmed when the connection was lost: sent again
-                await send(connection, chunk)
+            for command in in_flight:  # unconfirmed when the connection was lost: sent again
+                await send(connection, command)
             while True:
                 while len(in_flight) < 2 and (chunk := next(source, [])):
-                    in_flight.append(chunk)  # before sending: a send cut half way is sent again whole
-                    await send(connection, chunk)
+                    # A span per chunk, until it is sent; its trace context goes in each entry.
+                    with tracing.sending(stream, len(chunk)) as fields:
+                        command = library.append_command(keys, producer, native, chunk, fields)
+                        in_flight.append(command)  # before sending: a send cut half way is sent again whole
+                        await send(connection, command)
                 if not in_flight:
                     return
                 reply = await connection.read_response()

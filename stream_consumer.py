@@ -35,6 +35,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 import library
 import metrics
+import tracing
 from config import CliError, ConfigError, Settings, run_script
 from deadletter import dead_letter_fields
 from initialization_stream import ensure_groups
@@ -339,15 +340,17 @@ class StreamConsumer:
         guard = self.settings.dedupe_window_ms
         plain, stream, uncommitted = self.plain_handler, self.stream, self.uncommitted
         processed = 0
+        spans = tracing.processing(self.stream, self.group, self.name)  # None when tracing is off
         for entry_id, fields, order, delivery in runnable:
             try:
-                if plain is not None:
-                    await plain(order)
-                    writes = []
-                else:
-                    tx = Tx(stream)
-                    await self.run_handler(order, tx)
-                    writes = tx.commands
+                with tracing.NO_SPAN if spans is None else spans.span(entry_id, fields):
+                    if plain is not None:
+                        await plain(order)
+                        writes = []
+                    else:
+                        tx = Tx(stream)
+                        await self.run_handler(order, tx)
+                        writes = tx.commands
             except Exception as error:  # its staged writes are dropped with it
                 self.stats.failed += 1
                 log.exception(

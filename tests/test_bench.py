@@ -80,6 +80,11 @@ def results(production: float | None) -> dict[str, Any]:
         "producer_id_map_bytes": 207_976,
         "bytes_per_order_foreign": 224.0,
         "stream_length_after_trim_foreign": 12,
+        "tracing_off_us_per_order": 0.08,
+        "tracing_span_us_per_order": 9.0,
+        "e2e_untraced_per_s": 30_000.0,
+        "e2e_traced_per_s": 25_000.0,
+        "tracing_cost_us_per_order": 6.7,
     }
 
 
@@ -97,9 +102,19 @@ def test_the_table_puts_the_production_rows_beside_the_admin_rows() -> None:
     assert "208 kB per producer" in text
     # 1/20,000 - 1/30,000 s per order: 16.7 us
     assert "a transactional commit (2 staged writes per order per group) costs 16.7 us per order" in text
+    assert "tracing with a provider costs 6.7 us per order end to end" in text
+    assert "83% of the rate without); in-process, a consumer span 9.0 us per order" in text
+    assert "the hook without a provider 0.08 us" in text
 
 
 def test_without_the_production_users_the_table_says_why() -> None:
     text = bench.table(results(None))
     assert "as the producer user" not in text
     assert "not measured, REDIS_URL is set" in text
+
+
+def test_without_the_sdk_the_table_says_tracing_was_not_measured() -> None:
+    r = results(None) | {"tracing_span_us_per_order": None, "e2e_traced_per_s": None}
+    text = bench.table(r | {"e2e_untraced_per_s": None, "tracing_cost_us_per_order": None})
+    assert "not measured with a provider, opentelemetry-sdk is not installed" in text
+    assert "SDK tracer provider" not in text
