@@ -181,7 +181,8 @@ def make_app(pipeline: Pipeline, host: str) -> web.Application:
         if not done:
             return web.json_response({"error": f"no dead letter {entry_id} (gone already?)"}, status=404)
         log.info("dead letter %s %s", entry_id, outcome)
-        await pipeline.refresh()  # the page reloads its data next: show the change at once
+        with contextlib.suppress(RedisError):  # done either way; the page reloads its data next
+            await pipeline.refresh()
         return web.json_response({"id": entry_id, "outcome": outcome})
 
     app = web.Application(middlewares=[guard])
@@ -195,11 +196,10 @@ def make_app(pipeline: Pipeline, host: str) -> web.Application:
 
 
 async def main(settings: Settings, args: argparse.Namespace) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     async with redis_connect(settings) as redis:
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
         pipeline = Pipeline(redis, settings, args)
         await pipeline.refresh()
         runner = web.AppRunner(make_app(pipeline, args.host), access_log=None)
