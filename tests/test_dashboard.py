@@ -232,7 +232,7 @@ async def test_redrive_and_purge_need_the_token_and_refuse_cross_site_requests(
     # Payloads only on demand.
     assert "customer1@example.com" not in await page.content()
     await row.locator("button[data-action=show]").click()
-    await expect(page.locator("#fields")).to_contain_text("customer1@example.com")
+    await expect(page.locator("#fields")).to_contain_text("customer1@example.com", timeout=15_000)
 
     async def dead_letter(entry_id: str) -> bool:
         return bool(await redis.xrange(DEAD_LETTERS, min=entry_id, max=entry_id))
@@ -242,14 +242,14 @@ async def test_redrive_and_purge_need_the_token_and_refuse_cross_site_requests(
     for typed in ("", "not-the-token"):
         await page.fill("#token", typed)
         await row.locator("button[data-action=redrive]").click()
-        await expect(message).to_contain_text("redrive refused: wrong or missing token")
+        await expect(message).to_contain_text("redrive refused: wrong or missing token", timeout=15_000)
         assert await dead_letter(first)
         await page.evaluate("document.querySelector('#message').textContent = ''")
 
     # With it: back in the stream for its group, gone from the dead letters (and from the page).
     await page.fill("#token", TOKEN)
     await row.locator("button[data-action=redrive]").click()
-    await expect(message).to_contain_text(f"{first}: redriven as")
+    await expect(message).to_contain_text(f"{first}: redriven as", timeout=15_000)
     assert not await dead_letter(first)
     entries: Any = await redis.xrange(STREAM)
     redriven = [fields for _, fields in entries if fields.get(b"redriven_from")]
