@@ -15,15 +15,19 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import test_utils
 from conftest import IN_CI, ROOT, Script, run_script, script_env, wait_until
 from playwright.async_api import Browser, Page, async_playwright, expect
 from redis.asyncio import Redis
 
+from config import Settings
+from dashboard import Pipeline, build_parser, make_app
 from deadletter import dead_letter_fields
+from initialization_stream import initialize
 from local_redis import free_port
 from orders import serialize
 from producer import publish_many, sample_orders
-from replies import text
+from replies import entries_of, text
 from status import caught_up
 
 STREAM = "orders"
@@ -334,3 +338,41 @@ def test_a_port_in_use_is_one_clear_line(redis_url: str) -> None:
         .startswith(f"dashboard: error: cannot serve on 127.0.0.1:{port}")
     )
     assert "Traceback" not in result.stderr
+
+
+async def test_the_json_is_redis_s_and_throughput_counts_acked_entries(
+    redis: Redis, settings: Settings
+) -> None:
+    await initialize(redis, settings)
+    await publish_many(redis, STREAM, sample_orders(30))
+    read: Any = await redis.xreadgroup("fulfillment_group", "f1", {STREAM: ">"}, count=20)
+    ids = [entry_id for entry_id, _ in entries_of(read)]
+    await redis.xack(STREAM, "fulfillment_group", *ids[:10])
+    pipeline = Pipeline(redis, settings, build_parser().parse_args(["--max-pending", "4"]))
+    await pipeline.refresh()
+    pipeline.sample()  # the first point has no rate yet: nothing to compare with
+    await redis.xack(STREAM, "fulfillment_group", *ids[10:15])
+    await pipeline.refresh()
+    pipeline.sample()
+    dead_id = await add_dead_letter(redis, 1)
+    async with test_utils.TestClient(test_utils.TestServer(make_app(pipeline, "127.0.0.1"))) as client:
+        body = await (await client.get("/api/status")).json()
+        fields = await (await client.get(f"/api/dead-letters/{dead_id}")).json()
+        missing = await client.get("/api/dead-letters/1-1")
+    infos = {g["name"].decode(): g for g in await redis.xinfo_groups(STREAM)}
+    groups = {g["name"]: g for g in body["report"]["groups"]}
+    for group in GROUPS:
+        assert (groups[group]["pending"], groups[group]["lag"]) == (
+            infos[group]["pending"],
+            infos[group]["lag"],
+        )
+    assert groups["fulfillment_group"]["pending"] == 5
+    assert body["report"]["problems"] == ["fulfillment_group: pending 5 > 4"]
+    first, last = body["samples"]
+    assert first["groups"]["fulfillment_group"]["rate"] is None
+    assert last["groups"]["fulfillment_group"]["rate"] > 0  # 5 more acked
+    assert last["groups"]["email_group"]["rate"] == 0  # has read nothing
+    assert body["writes"] is False
+    assert fields["group"] == "fulfillment_group"
+    assert "customer1@example.com" in fields["data"]  # on demand only
+    assert missing.status == 404
