@@ -45,6 +45,7 @@ DEFAULTS: dict[str, str] = {
     "METRICS_PORT": "0",  # 0: no Prometheus endpoint
     "METRICS_HOST": "127.0.0.1",  # the address metrics listen on; 0.0.0.0 for every interface
     "DEDUPE_WINDOW_MS": "3600000",  # run a group's handler once per order_id within this; 0: off
+    "DASHBOARD_TOKEN": "",  # empty: the dashboard's writes (redrive, purge) are off
 }
 
 # Query options redis-py understands in a URL; TLS files go here (rediss://host/0?ssl_ca_certs=/ca.pem).
@@ -113,6 +114,7 @@ class Settings:
     metrics_port: int
     metrics_host: str
     dedupe_window_ms: int
+    dashboard_token: str = field(repr=False)
 
     @property
     def partitioned(self) -> bool:
@@ -171,6 +173,7 @@ class Settings:
             metrics_port=get.integer("METRICS_PORT", low=0, high=65535),
             metrics_host=get.text("METRICS_HOST"),
             dedupe_window_ms=get.integer("DEDUPE_WINDOW_MS", low=0),
+            dashboard_token=get.text("DASHBOARD_TOKEN", empty_ok=True),
         )
         if any(char.isspace() for char in settings.consumer_name):
             raise ConfigError("CONSUMER_NAME must not contain spaces")

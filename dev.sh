@@ -14,7 +14,7 @@ usage: ./dev.sh demo [--count N] | test [PYTEST ARGS] | bench [ARGS] | run MODUL
   redis8        build Redis 8.6 from Debian's source package (cached); prints its redis-server
   run MODULE    a script with .venv's Python, e.g. ./dev.sh run status --help; modules:
                 initialization_stream producer consumer1 consumer2 status deadletter
-                maintenance demo bench chaos
+                dashboard maintenance demo bench chaos
 Every script's --help lists its options with their defaults.
 EOF
   exit 2

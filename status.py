@@ -184,6 +184,7 @@ async def _group(redis: Redis, stream: str, group: dict[str, Any], now_ms: int) 
         "consumers": len(consumers),
         "pending": group["pending"],
         "lag": group.get("lag"),  # None when Redis cannot tell (after deletions)
+        "entries_read": group.get("entries-read"),  # None likewise; delivered entries, for a rate
         "last_delivered_id": text(group["last-delivered-id"]),
         "oldest_pending_age_ms": age_ms(oldest[0]["message_id"], now_ms) if oldest else None,
         "oldest_pending_idle_ms": oldest[0]["time_since_delivered"] if oldest else None,
@@ -201,6 +202,7 @@ def _missing_group(name: str) -> dict[str, Any]:
         "consumers": 0,
         "pending": 0,
         "lag": None,
+        "entries_read": None,
         "last_delivered_id": None,
         "oldest_pending_age_ms": None,
         "oldest_pending_idle_ms": None,
@@ -328,6 +330,23 @@ async def main(settings: Settings, args: argparse.Namespace) -> int:
             await asyncio.sleep(args.watch)
 
 
+def add_thresholds(parser: argparse.ArgumentParser) -> None:
+    """The threshold options `problems` reads (status and the dashboard share them)."""
+    parser.add_argument("--max-lag", type=int, metavar="N", help="unhealthy when a group's lag exceeds N")
+    parser.add_argument("--max-pending", type=int, metavar="N", help="unhealthy when a group holds over N")
+    parser.add_argument(
+        "--max-pending-age", type=float, metavar="SECONDS", help="unhealthy when an entry is pending longer"
+    )
+    parser.add_argument("--max-dead-letters", type=int, metavar="N", help="unhealthy over N dead letters")
+
+
+def check_thresholds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit 2 through `parser` when a threshold is negative."""
+    limits = (args.max_lag, args.max_pending, args.max_pending_age, args.max_dead_letters)
+    if any(limit is not None and limit < 0 for limit in limits):
+        parser.error("thresholds must be 0 or more")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m status",
@@ -337,12 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="one JSON document, for machines")
     parser.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
-    parser.add_argument("--max-lag", type=int, metavar="N", help="unhealthy when a group's lag exceeds N")
-    parser.add_argument("--max-pending", type=int, metavar="N", help="unhealthy when a group holds over N")
-    parser.add_argument(
-        "--max-pending-age", type=float, metavar="SECONDS", help="unhealthy when an entry is pending longer"
-    )
-    parser.add_argument("--max-dead-letters", type=int, metavar="N", help="unhealthy over N dead letters")
+    add_thresholds(parser)
     parser.add_argument(
         "--timeout",
         type=float,
@@ -360,7 +374,5 @@ if __name__ == "__main__":
         parser.error("--watch must be more than 0 seconds")
     if arguments.timeout is not None and not arguments.timeout > 0:
         parser.error("--timeout must be more than 0 seconds")
-    limits = (arguments.max_lag, arguments.max_pending, arguments.max_pending_age, arguments.max_dead_letters)
-    if any(limit is not None and limit < 0 for limit in limits):
-        parser.error("thresholds must be 0 or more")
+    check_thresholds(parser, arguments)
     run_script("status", lambda settings: main(settings, arguments))
