@@ -26,7 +26,8 @@ from redis.exceptions import RedisError
 
 import status
 from config import CliError, Settings, run_script
-from deadletter import redrive
+from deadletter import move
+from keys import partitions
 from redisPool import redis_connect
 from replies import text
 
@@ -55,7 +56,7 @@ class Pipeline:
 
     async def refresh(self) -> None:
         """Collect a new report, thresholds judged as `status` judges them."""
-        report = await status.collect(self.redis, self.settings, DEAD_LETTERS_SHOWN)
+        report = await status.collect_all(self.redis, self.settings, DEAD_LETTERS_SHOWN)
         report["problems"] = status.problems(report, self.args)
         self.report = report
 
@@ -159,10 +160,11 @@ def make_app(pipeline: Pipeline, host: str) -> web.Application:
 
     async def show(request: web.Request) -> web.Response:
         entry_id = request.match_info["id"]
-        found: Any = await pipeline.redis.xrange(settings.dead_letter_stream, min=entry_id, max=entry_id)
-        if not found:
-            return web.json_response({"error": f"no dead letter {entry_id}"}, status=404)
-        return web.json_response({text(k): text(v) for k, v in found[0][1].items()})
+        for part in partitions(settings):  # partitioned: each partition's dead letters
+            found: Any = await pipeline.redis.xrange(part.dead_letter_stream, min=entry_id, max=entry_id)
+            if found:
+                return web.json_response({text(k): text(v) for k, v in found[0][1].items()})
+        return web.json_response({"error": f"no dead letter {entry_id}"}, status=404)
 
     async def write(request: web.Request) -> web.Response:
         refused = refusal(request, settings.dashboard_token)
@@ -170,15 +172,15 @@ def make_app(pipeline: Pipeline, host: str) -> web.Application:
         if refused is not None:
             log.warning("refused to %s dead letter %s: HTTP %d", action, entry_id, refused.status)
             return refused
-        if action == "redrive":
-            try:
-                new_id = await redrive(pipeline.redis, settings, entry_id)
-            except CliError as error:  # the dead-letter stream kept changing
-                return web.json_response({"error": str(error)}, status=409)
-            done, outcome = new_id is not None, f"redriven as {new_id}"
-        else:
-            done, outcome = bool(await pipeline.redis.xdel(settings.dead_letter_stream, entry_id)), "purged"
-        if not done:
+        outcome = None
+        try:
+            for part in partitions(settings):  # the first partition holding the id
+                outcome = await move(pipeline.redis, part, action, entry_id)
+                if outcome is not None:
+                    break
+        except CliError as error:  # the dead-letter stream kept changing
+            return web.json_response({"error": str(error)}, status=409)
+        if outcome is None:
             return web.json_response({"error": f"no dead letter {entry_id} (gone already?)"}, status=404)
         log.info("dead letter %s %s", entry_id, outcome)
         with contextlib.suppress(RedisError):  # done either way; the page reloads its data next

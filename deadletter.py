@@ -183,7 +183,7 @@ async def move_command(redis: Redis, settings: Settings, args: argparse.Namespac
     for entry_id, where in chosen:
         found = 0
         for part in where:
-            outcome = await _move(redis, part, args.command, entry_id)
+            outcome = await move(redis, part, args.command, entry_id)
             if outcome is not None:
                 found += 1
                 print(f"{entry_id}: {outcome}" + (f" in {part.stream_key}" if settings.partitioned else ""))
@@ -194,7 +194,7 @@ async def move_command(redis: Redis, settings: Settings, args: argparse.Namespac
     print(f"{args.command}: {done} of {len(chosen)} entries")
 
 
-async def _move(redis: Redis, part: Settings, command: str, entry_id: str) -> str | None:
+async def move(redis: Redis, part: Settings, command: str, entry_id: str) -> str | None:
     """Redrive or purge one entry of one partition; None when it is not there."""
     if command == "redrive":
         new_id = await redrive(redis, part, entry_id)

@@ -103,12 +103,12 @@ async def collect(redis: Redis, settings: Settings, newest_dead_letters: int = 5
     return report
 
 
-async def collect_all(redis: Redis, settings: Settings) -> dict[str, Any]:
+async def collect_all(redis: Redis, settings: Settings, newest_dead_letters: int = 5) -> dict[str, Any]:
     """`collect` for every partition: unpartitioned, its report; else their sum, with each in `partitions`."""
     parts = partitions(settings)
     if len(parts) == 1 and not settings.partitioned:
-        return await collect(redis, settings)
-    reports = [await collect(redis, part) for part in parts]
+        return await collect(redis, settings, newest_dead_letters)
+    reports = [await collect(redis, part, newest_dead_letters) for part in parts]
     if is_cluster(redis):  # where each partition lives: its slot's master
         for part, report in zip(parts, reports, strict=True):
             node = cast(RedisCluster, redis).get_node_from_key(part.stream_key)
@@ -129,7 +129,7 @@ async def collect_all(redis: Redis, settings: Settings) -> dict[str, Any]:
     newest = sorted(
         (row for r in reports for row in r["newest_dead_letters"]), key=lambda row: parse_id(row["id"])
     )
-    total["newest_dead_letters"] = newest[::-1][: len(reports[0]["newest_dead_letters"]) or 5]
+    total["newest_dead_letters"] = newest[::-1][:newest_dead_letters]
     return total
 
 
@@ -153,12 +153,14 @@ def _sum_groups(per_partition: list[list[dict[str, Any]]], name: str) -> dict[st
     ages = [g["oldest_pending_age_ms"] for g in rows if g["oldest_pending_age_ms"] is not None]
     idles = [g["oldest_pending_idle_ms"] for g in rows if g["oldest_pending_idle_ms"] is not None]
     lags = [g["lag"] for g in rows]
+    reads = [g.get("entries_read") for g in rows]
     return {
         "name": name,
         "exists": True,
         "consumers": len(consumers),
         "pending": sum(g["pending"] for g in rows),
         "lag": None if None in lags else sum(lags),
+        "entries_read": None if None in reads else sum(reads),
         "last_delivered_id": "(per partition)",
         "oldest_pending_age_ms": max(ages) if ages else None,
         "oldest_pending_idle_ms": max(idles) if idles else None,

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from conftest import ROOT, Script, need_cluster_tools, run_script, script_env, wait_until
 from redis.asyncio import Redis, RedisCluster
+from test_dashboard import get, post, start_dashboard
 from test_demo import Sandbox
 
 from keys import partition_of, partition_stream
@@ -305,3 +306,35 @@ async def test_the_demo_starts_a_cluster_of_its_own_and_removes_it(tmp_path: Pat
     assert "started a throwaway Redis Cluster of 3 masters" in result.stdout
     assert "email_group: 3/3 orders" in result.stdout
     await sandbox.assert_clean()
+
+
+async def test_the_dashboard_sums_the_partitions_and_redrives_in_the_right_one(
+    cluster_url: str, client: RedisCluster, scripts: Start
+) -> None:
+    init(cluster_url)
+    await client.xadd(STREAMS[2], {"data": b"not json"})  # dead-lettered in partition 2
+    env = cluster_env(cluster_url, DASHBOARD_TOKEN="t0ken")
+    scripts("consumer2", env)
+    published = run_script("producer", env, "--count", "40")
+    assert published.returncode == 0, published.stderr
+    await wait_until(lambda: done(client, "email_group", 41), "the email group to finish", 30)
+    _, base = await start_dashboard(scripts, env)
+
+    async def shows_everything() -> bool:
+        _, body = await get(f"{base}/api/status")
+        return bool(body["report"]["dead_letters"] == 1)
+
+    await wait_until(shows_everything, "the dashboard to show the dead letter", 20)
+    _, body = await get(f"{base}/api/status")
+    report = body["report"]
+    assert report["length"] == 41
+    assert [part["stream"] for part in report["partitions"]] == STREAMS
+    [row] = report["newest_dead_letters"]
+    status, shown = await get(f"{base}/api/dead-letters/{row['id']}")
+    assert status == 200
+    assert shown["data"] == "not json"
+    status, moved = await post(
+        f"{base}/api/dead-letters/{row['id']}/purge", Authorization="Bearer t0ken", Origin=base
+    )
+    assert status == 200, moved
+    assert await client.xlen("{orders:2}:dead-letter") == 0
