@@ -178,6 +178,12 @@ class LocalCluster:
             if "master" in row[2] and "fail" not in row[2]
         ]
 
+    def replica_of(self, master: int) -> int:
+        """The port of a replica of the master on port `master`."""
+        rows = self.table()
+        master_id = next(row[0] for row in rows if row[1].startswith(f"127.0.0.1:{master}@"))
+        return next(int(row[1].split(":")[1].split("@")[0]) for row in rows if row[3] == master_id)
+
     def failed_over(self, lost: int) -> bool:
         """The other nodes marked `lost` failed and a replica took over its slots."""
         row = next(row for row in self.table() if row[1].startswith(f"127.0.0.1:{lost}@"))
