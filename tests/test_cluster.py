@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import subprocess
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,12 +21,13 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, Script, need_cluster_tools, run_script, script_env, wait_until
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis, RedisCluster
 from test_dashboard import get, post, start_dashboard
 from test_demo import Sandbox
 
 from keys import partition_of, partition_stream
-from local_redis import LocalCluster, LocalRedis
+from local_redis import LocalCluster, LocalRedis, free_port
 
 Start = Callable[..., Script]
 PARTITIONS = 3
@@ -375,3 +377,34 @@ async def test_the_dashboard_sums_the_partitions_and_redrives_in_the_right_one(
     )
     assert status == 200, moved
     assert await client.xlen("{orders:2}:dead-letter") == 0
+
+
+async def test_metrics_show_each_partition_and_the_totals(
+    cluster_url: str, client: RedisCluster, scripts: Start
+) -> None:
+    init(cluster_url)
+    port = free_port()
+    scripts("consumer2", cluster_env(cluster_url, METRICS_PORT=str(port)))
+    published = run_script("producer", cluster_env(cluster_url), "--count", "30")
+    assert published.returncode == 0, published.stderr
+    await wait_until(lambda: done(client, "email_group", 30), "the email group to finish", 30)
+
+    def samples() -> dict[tuple[str, str], float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            body = response.read().decode()
+        found = {}
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                if sample.labels.get("group") == "email_group":
+                    found[sample.name, sample.labels.get("partition", "")] = sample.value
+        return found
+
+    async def refreshed() -> bool:
+        seen = await asyncio.to_thread(samples)
+        gauges = [seen.get((name, stream)) for name in ("orders_partition_lag", "orders_partition_pending")
+                  for stream in STREAMS]  # fmt: skip
+        return gauges == [0] * 6 and seen.get(("orders_processed_total", "")) == 30
+
+    await wait_until(refreshed, "every partition's gauges to say caught up", 30)
+    seen = await asyncio.to_thread(samples)
+    assert (seen["orders_group_lag", ""], seen["orders_group_pending", ""]) == (0, 0)  # the sums
