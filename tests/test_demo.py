@@ -150,16 +150,16 @@ async def test_demo_deletes_its_keys_when_it_fails(
 ) -> None:
     published = 0
 
-    async def breaks_after_three(redis: Redis, stream: str, order: Order) -> str:
+    async def breaks_after_three(redis: Redis, stream: str, order: Order, partitions: int = 1) -> str:
         nonlocal published
         if published == 3:
             raise RuntimeError("the publisher broke")
         published += 1
-        return await producer.publish(redis, stream, order)
+        return await producer.publish(redis, stream, order, partitions=partitions)
 
     monkeypatch.setattr(demo, "publish", breaks_after_three)
     with pytest.raises(RuntimeError, match="the publisher broke"):
-        await demo.main(settings, argparse.Namespace(count=6, verbose=False))
+        await demo.main(settings, argparse.Namespace(count=6, verbose=False, cluster=False))
     assert published == 3
     assert await redis.keys() == []
 
