@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError
 
 import bench
+import bench_cluster
 from initialization_stream import initialize
 from local_redis import LocalRedis, start_local_redis
 from producer import publish_many, sample_orders
@@ -118,3 +119,30 @@ def test_without_the_sdk_the_table_says_tracing_was_not_measured() -> None:
     text = bench.table(r | {"e2e_untraced_per_s": None, "tracing_cost_us_per_order": None})
     assert "not measured with a provider, opentelemetry-sdk is not installed" in text
     assert "SDK tracer provider" not in text
+
+
+def test_the_cluster_table_compares_cpu_per_order_and_projects() -> None:
+    one = {
+        "publish_per_s": 100_000.0,
+        "e2e_per_s": 30_000.0,
+        "redis_cpu_s_per_1000_orders": [0.02],
+        "orders_per_redis_cpu_s": [50_000.0],
+    }
+    many = {
+        "publish_per_s": 80_000.0,
+        "e2e_per_s": 20_000.0,
+        "redis_cpu_s_per_1000_orders": [0.025, None, 0.025],
+        "orders_per_redis_cpu_s": [40_000.0, 0.0, 40_000.0],
+    }
+    results = {
+        "date": "2026-11-29",
+        "shards": 3,
+        "single": one,
+        "cluster": many,
+        "shard_vs_single": 0.8,
+        "projected_per_s": {1: 40_000.0, 3: 120_000.0, 6: 240_000.0},
+    }
+    text = bench_cluster.table(results)
+    assert "each shard 0.025, -, 0.025 s" in text
+    assert "a shard 40,000 (80% of one Redis)" in text
+    assert "3 shards 120,000/s" in text
