@@ -111,18 +111,25 @@ def max_connections(settings: Settings) -> int:
     return settings.redis_max_connections + settings.stream_partitions - 1
 
 
+def connection_options(settings: Settings) -> dict[str, Any]:
+    """What every connection of the process shares, one Redis or a cluster."""
+    return {
+        "max_connections": max_connections(settings),  # per node, on a cluster
+        "socket_timeout": settings.socket_timeout_ms / 1000,
+        "socket_connect_timeout": min(CONNECT_TIMEOUT_S, settings.redis_connect_timeout_ms / 1000),
+        "health_check_interval": 30,
+        "client_name": settings.consumer_name,  # CLIENT LIST then shows which consumer is which
+    }
+
+
 def make_pool(settings: Settings) -> ConnectionPool:
     """A pool whose socket timeout stays above the blocking-read time and that retries lost connections."""
     pool = ConnectionPool.from_url(
         settings.redis_url,
-        max_connections=max_connections(settings),
-        socket_timeout=settings.socket_timeout_ms / 1000,
-        socket_connect_timeout=min(CONNECT_TIMEOUT_S, settings.redis_connect_timeout_ms / 1000),
         # Three quick reconnects hide a dropped connection; longer outages reach the caller.
         retry=_Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        health_check_interval=30,
-        client_name=settings.consumer_name,  # CLIENT LIST then shows which consumer is which
+        **connection_options(settings),
     )
     if HIREDIS_AVAILABLE:
         pool.connection_class = _FAST.get(pool.connection_class, pool.connection_class)
@@ -197,17 +204,13 @@ async def redis_connect(settings: Settings, deadline_s: float | None = None) -> 
 def make_cluster(settings: Settings) -> Redis:
     """redis-py's cluster client, typed as the Redis whose command methods it offers.
 
-    MAX_CONNECTIONS is per node. A lost node is retried with backoff while the cluster fails
+    A lost node is retried with backoff while the cluster fails
     over (`cluster-node-timeout`, then a replica's election), refreshing the slot map each time.
     """
     cluster = RedisCluster.from_url(
         settings.redis_url,
-        max_connections=max_connections(settings),
-        socket_timeout=settings.socket_timeout_ms / 1000,
-        socket_connect_timeout=min(CONNECT_TIMEOUT_S, settings.redis_connect_timeout_ms / 1000),
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=8),
-        health_check_interval=30,
-        client_name=settings.consumer_name,
+        **connection_options(settings),
     )
     return cast(Redis, cluster)
 
