@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import pytest
@@ -35,13 +35,19 @@ TEST_ENV = {
 }
 
 
+def unavailable(message: str) -> NoReturn:
+    """Skip a test that lacks a tool, or, under CI=true, fail it: CI must run every test."""
+    if IN_CI:
+        pytest.fail(message + "; CI must run every test")
+    pytest.skip(message)
+
+
 def need_redis_server() -> None:
     """Skip (or, under CI=true, fail) when there is no redis-server binary to start."""
     if server_binary() is None:
-        message = "redis-server is not installed (apt-get install redis-server), or REDIS_SERVER names none"
-        if IN_CI:
-            pytest.fail(message + "; CI must run every test")
-        pytest.skip(message)
+        unavailable(
+            "redis-server is not installed (apt-get install redis-server), or REDIS_SERVER names none"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -173,10 +179,7 @@ def need_cluster_tools() -> None:
     """Skip (or, under CI=true, fail) without redis-server and redis-cli to build a local cluster."""
     need_redis_server()
     if shutil.which("redis-cli") is None:
-        message = "redis-cli is not installed (apt-get install redis-tools)"
-        if IN_CI:
-            pytest.fail(message + "; CI must run every test")
-        pytest.skip(message)
+        unavailable("redis-cli is not installed (apt-get install redis-tools)")
 
 
 @pytest.fixture(scope="session")
