@@ -32,7 +32,7 @@ import producer
 import tracing
 from config import DEFAULTS, Settings, configure_logging, load_settings
 from initialization_stream import initialize
-from keys import keys_for
+from keys import keys_for, partitions
 from local_redis import start_local_redis
 from maintenance import detect, trim
 from orders import Item, Order, serialize
@@ -101,11 +101,13 @@ def bench_settings(url: str, stream: str, batch: int) -> Settings:
 
 
 async def forget(redis: Redis, settings: Settings) -> None:
-    """Delete the stream and every key the pipeline keeps beside it (guard, dead letters, the id map)."""
-    keys = keys_for(settings)
-    guard = [key for group in GROUPS for key in (keys.done(group), keys.running(group))]
-    effects = [f"{keys.tag}:stock-booked", f"{keys.tag}:shipments"]  # consumer1's transactional writes
-    await redis.delete(keys.stream, keys.dead_letter, *guard, *effects, *keys.producer(settings.producer_id))
+    """Delete each partition's stream and every key the pipeline keeps beside it (guard, dead
+    letters, the id map), one partition (one hash slot) per call."""
+    for part in partitions(settings):
+        keys = keys_for(part)
+        guard = [key for group in GROUPS for key in (keys.done(group), keys.running(group))]
+        effects = [f"{keys.tag}:stock-booked", f"{keys.tag}:shipments"]  # consumer1's transactional writes
+        await redis.delete(keys.stream, keys.dead_letter, *guard, *effects, *keys.producer(part.producer_id))
 
 
 async def reset(redis: Redis, settings: Settings) -> None:

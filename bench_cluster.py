@@ -26,7 +26,6 @@ from redis.asyncio import Redis, RedisCluster
 import bench
 import producer
 from config import Settings
-from initialization_stream import initialize
 from keys import partition_stream, partitions
 from local_redis import start_local_cluster, start_local_redis
 from redisPool import redis_connect
@@ -67,12 +66,6 @@ async def cpu_seconds(servers: Sequence[Redis]) -> list[float]:
     return readings
 
 
-async def reset(redis: Redis, settings: Settings) -> None:
-    for part in partitions(settings):
-        await bench.forget(redis, part)
-    await initialize(redis, settings)
-
-
 async def all_caught_up(redis: Redis, settings: Settings) -> bool:
     return all([await caught_up(redis, part.stream_key, bench.GROUPS) for part in partitions(settings)])
 
@@ -88,12 +81,12 @@ async def measure(setup: Setup, sizes: bench.Sizes) -> dict[str, Any]:
     async with redis_connect(settings) as redis:
         runs = []
         for _ in range(sizes.repeat):
-            await reset(redis, settings)
+            await bench.reset(redis, settings)
             orders = bench.bench_orders(sizes.publish)
             started = time.perf_counter()
             await producer.publish_many(redis, settings.stream_key, orders, partitions=count)
             runs.append(bench.rate(len(orders), time.perf_counter() - started))
-        await reset(redis, settings)
+        await bench.reset(redis, settings)
         orders = bench.bench_orders(sizes.e2e)
         async with bench.workers(settings, "ours", 1):
             await asyncio.sleep(0.5)  # the workers start and block on XREADGROUP
@@ -108,8 +101,7 @@ async def measure(setup: Setup, sizes: bench.Sizes) -> dict[str, Any]:
             finished = time.perf_counter()
             after = await cpu_seconds(setup.servers)
         shares = await lengths(redis, settings)
-        for part in partitions(settings):
-            await bench.forget(redis, part)
+        await bench.forget(redis, settings)
         by_shard = [sum(shares)]
         if settings.redis_cluster:  # each shard's orders: those of the partitions it is the master of
             owners = [_port_of(redis, part.stream_key) for part in partitions(settings)]

@@ -50,7 +50,8 @@ from typing import Any
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
-from keys import partition_stream
+from config import Settings
+from keys import keys_for, partitions
 from local_redis import LocalCluster, LocalRedis, start_local_cluster, start_local_redis
 from orders import Order
 from producer import CHUNK, Durability, PublishError, publish_many, sample_orders
@@ -135,17 +136,14 @@ class Target:
         return CLUSTER_PARTITIONS if self.cluster else 1
 
     @property
-    def streams(self) -> list[str]:
-        return [partition_stream(STREAM, i, self.partitions) for i in range(self.partitions)]
-
-    def tag(self, stream: str) -> str:
-        return "{" + stream.strip("{}") + "}"
-
-    def dead_letters(self, stream: str) -> str:
-        return f"{self.tag(stream)}:dead-letter" if self.cluster else f"{STREAM}:dead-letter"
-
-    def shipments(self, stream: str) -> str:
-        return f"{self.tag(stream)}:shipments"  # consumer1's outbox
+    def parts(self) -> list[Settings]:
+        """Each partition's keys, as the consumers derive them (keys.py)."""
+        env = {
+            "STREAM_KEY": STREAM,
+            "REDIS_CLUSTER": str(bool(self.cluster)),
+            "STREAM_PARTITIONS": str(self.partitions),
+        }
+        return partitions(Settings.from_env(env))
 
     async def crash(self, rng: random.Random) -> None:
         """SIGKILL Redis (a master, on a cluster) and bring it back after a while."""
@@ -277,7 +275,7 @@ def can_partition() -> bool:
 async def settled(redis: Redis, target: Target) -> bool:
     """Both groups caught up on every partition; False while Redis is still coming back."""
     try:
-        return all([await caught_up(redis, stream, SERVICES) for stream in target.streams])
+        return all([await caught_up(redis, part.stream_key, SERVICES) for part in target.parts])
     except (RedisError, RedisClusterException, OSError):
         return False
 
@@ -346,10 +344,10 @@ async def _soak(args: argparse.Namespace, logs: Path) -> int:
                 print(f"chaos: the groups did not settle within {args.settle_timeout:.0f}s", file=sys.stderr)
                 break
             await asyncio.sleep(0.2)
-        dead_lettered = sum([int(await redis.xlen(target.dead_letters(s))) for s in target.streams])
+        dead_lettered = sum([int(await redis.xlen(part.dead_letter_stream)) for part in target.parts])
         shipped: Counter[str] = Counter()
-        for stream in target.streams:
-            shipped += await shipments(redis, target.shipments(stream))
+        for part in target.parts:  # consumer1's outbox, tx.key("shipments") in each partition
+            shipped += await shipments(redis, f"{keys_for(part).tag}:shipments")
         for slot in slots:
             await slot.stop(signal.SIGTERM)
     finally:

@@ -310,9 +310,8 @@ class StreamConsumer:
     async def _maintain(self) -> None:
         """Trim what every group acked and drop stale consumers; a refusal never stops consumption."""
         await self._ensure_groups()
+        assert self.capabilities is not None, "detected in _start, before any turn"
         try:
-            if self.capabilities is None:
-                self.capabilities = await detect(self.redis)
             await run_once(self.redis, self.settings, self.capabilities)
         except ResponseError as error:
             if not self.maintenance_refused:

@@ -26,12 +26,16 @@ from redis.asyncio import Redis, RedisCluster
 from test_dashboard import get, post, start_dashboard
 from test_demo import Sandbox
 
-from keys import partition_of, partition_stream
+from config import Settings
+from keys import keys_for, partition_of, partition_stream, partitions
 from local_redis import LocalCluster, LocalRedis, free_port
 
 Start = Callable[..., Script]
 PARTITIONS = 3
-STREAMS = [partition_stream("orders", i, PARTITIONS) for i in range(PARTITIONS)]
+PARTS = partitions(Settings.from_env({"REDIS_CLUSTER": "true", "STREAM_PARTITIONS": str(PARTITIONS)}))
+STREAMS = [part.stream_key for part in PARTS]
+DEAD_LETTERS = [part.dead_letter_stream for part in PARTS]
+OUTBOXES = [f"{keys_for(part).tag}:shipments" for part in PARTS]  # consumer1's tx.key("shipments")
 GROUPS = ("fulfillment_group", "email_group")
 
 
@@ -131,6 +135,7 @@ def init(url: str, **overrides: str) -> None:
 def test_the_routing_rule_is_crc32_of_the_order_id() -> None:
     assert partition_of("ord-1", 3) == 576472767 % 3 == 0
     assert [partition_stream("orders", i, 3) for i in range(3)] == ["{orders:0}", "{orders:1}", "{orders:2}"]
+    assert DEAD_LETTERS == ["{orders:0}:dead-letter", "{orders:1}:dead-letter", "{orders:2}:dead-letter"]
     assert partition_stream("orders", 0, 1) == "orders"  # one partition: the key stays as it is
 
 
@@ -167,8 +172,8 @@ async def test_fan_out_balance_and_routing_across_partitions(
     assert len(seen) == len(set(seen)) == 300
     # The fulfillment handler's Redis effects, committed with each order: once per order.
     shipped: list[str] = []
-    for stream in STREAMS:
-        entries: Any = await client.xrange("{" + stream.strip("{}") + "}:shipments")
+    for outbox in OUTBOXES:
+        entries: Any = await client.xrange(outbox)
         shipped += [fields[b"order_id"].decode() for _, fields in entries]
     assert Counter(shipped) == Counter(seen)
     # Both fulfillment consumers shared the work; the email consumer had every order.
@@ -226,7 +231,7 @@ async def test_a_poison_entry_in_one_partition_is_dead_lettered_there(
     published = run_script("producer", cluster_env(cluster_url), "--count", "30")
     assert published.returncode == 0, published.stderr
     await wait_until(lambda: done(client, "email_group", 31), "the email group to finish", 30)
-    assert [await client.xlen("{" + s.strip("{}") + "}:dead-letter") for s in STREAMS] == [0, 1, 0]
+    assert [await client.xlen(dead) for dead in DEAD_LETTERS] == [0, 1, 0]
 
     listed = run_script("deadletter", cluster_env(cluster_url), "list", "--json")
     assert listed.returncode == 0, listed.stderr
@@ -240,7 +245,7 @@ async def test_a_poison_entry_in_one_partition_is_dead_lettered_there(
     purged = run_script("deadletter", cluster_env(cluster_url), "purge", "--all", "--yes")
     assert purged.returncode == 0, purged.stderr
     assert "purge: 1 of 1 entries" in purged.stdout
-    assert sum([await client.xlen("{" + s.strip("{}") + "}:dead-letter") for s in STREAMS]) == 0
+    assert sum([await client.xlen(dead) for dead in DEAD_LETTERS]) == 0
 
 
 @pytest.mark.parametrize("min_replicas", [1, 0], ids=["durable", "not-durable"])
@@ -316,7 +321,7 @@ async def test_the_least_privilege_users_run_the_pipeline_on_the_cluster(
     for consumer in consumers:
         assert "error" not in consumer.output().lower(), consumer.output()
     # consumer1's transactional writes, committed under the consumer user in each partition's slot
-    shipped = [await client.xlen("{" + stream.strip("{}") + "}:shipments") for stream in STREAMS]
+    shipped = [await client.xlen(outbox) for outbox in OUTBOXES]
     assert sum(shipped) == 60
     assert all(shipped)
 
@@ -376,7 +381,7 @@ async def test_the_dashboard_sums_the_partitions_and_redrives_in_the_right_one(
         f"{base}/api/dead-letters/{row['id']}/purge", Authorization="Bearer t0ken", Origin=base
     )
     assert status == 200, moved
-    assert await client.xlen("{orders:2}:dead-letter") == 0
+    assert await client.xlen(DEAD_LETTERS[2]) == 0
 
 
 async def test_metrics_show_each_partition_and_the_totals(
