@@ -83,9 +83,10 @@ end
 -- The fenced commit: for each entry still pending on this consumer, apply the writes its
 -- handler staged (tx.py), ack it, mark its order done and no longer running; an entry another
 -- consumer took over meanwhile is left alone, its staged writes dropped.
--- KEYS: stream, done, running. ARGV: group, consumer, window ms, then per entry: its id, its
--- order id ('' for an entry acked without a run: a duplicate, a deleted entry), the number of
--- staged writes, and each write as its argument count followed by its arguments.
+-- KEYS: stream, done, running. ARGV: group, consumer, window ms, then the number of plain
+-- entries and their ids (acked and nothing else: most of a batch, passed as bare ids), then
+-- per other entry: its id, its order id ('' for none), the number of staged writes, and each
+-- write as its argument count followed by its arguments.
 -- Returns {acked, ids fenced out (pending on another consumer), errors of staged writes}.
 -- Entries no longer pending (committed before, as when a reply was lost) count in neither,
 -- and their writes are not applied again. A staged write Redis refuses is reported, not retried:
@@ -93,23 +94,51 @@ end
 local function commit(keys, args)
   local stream, done, running = keys[1], keys[2], keys[3]
   local group, consumer, window = args[1], args[2], tonumber(args[3])
+  local plain = tonumber(args[4])
   local now = now_ms()
-  local acked, fenced, errors = 0, {}, {}
-  -- Every entry takes at least three arguments: enough rows for all of them.
-  local mine, acks = oldest_pending(stream, group, consumer, math.max(1, math.floor((#args - 3) / 3))), {}
-  local i = 4
-  while i <= #args do
-    local id, order, writes = args[i], args[i + 1], tonumber(args[i + 2])
-    i = i + 3
-    local owner, known = nil, mine[id]
+  local acked, fenced, errors, acks = 0, {}, {}, {}
+  -- Every other entry takes at least three arguments: enough rows for all of them.
+  local mine = oldest_pending(stream, group, consumer, math.max(1, plain + math.floor((#args - 4 - plain) / 3)))
+  -- True when the entry is still pending on this consumer (it is then acked below), else false;
+  -- one pending on another consumer is noted as fenced out.
+  local function ours(id)
+    local known, owner = mine[id], nil
     if known then
       owner = consumer
     elseif known == nil then -- false: acked earlier in this call, so no longer pending
       owner = owner_of(stream, group, id)
     end
+    if owner == consumer then
+      mine[id] = false
+      acks[#acks + 1] = id
+      return true
+    end
+    if owner then
+      fenced[#fenced + 1] = id
+    end
+    return false
+  end
+  -- Plain entries still pending on this consumer (all of them, but for a consumer that was cut
+  -- off) are acked straight from the arguments; from the first one that is not, one by one.
+  local k = 5
+  while k <= 4 + plain and mine[args[k]] do
+    mine[args[k]] = false
+    k = k + 1
+  end
+  for first = 5, k - 1, 1000 do
+    acked = acked + redis.call('XACK', stream, group, unpack(args, first, math.min(first + 999, k - 1)))
+  end
+  for i = k, 4 + plain do
+    ours(args[i])
+  end
+  local i = 5 + plain
+  while i <= #args do
+    local id, order, writes = args[i], args[i + 1], tonumber(args[i + 2])
+    i = i + 3
+    local owned = ours(id)
     for _ = 1, writes do
       local count = tonumber(args[i])
-      if owner == consumer then
+      if owned then
         local reply = redis.pcall(unpack(args, i + 1, i + count))
         if type(reply) == 'table' and reply.err then
           errors[#errors + 1] = id .. ' ' .. args[i + 1] .. ': ' .. reply.err
@@ -117,19 +146,13 @@ local function commit(keys, args)
       end
       i = i + 1 + count
     end
-    if owner == consumer then
-      mine[id] = false
-      acks[#acks + 1] = id
-      if order ~= '' then
-        if window > 0 then
-          redis.call('ZADD', done, now, order)
-        end
-        if redis.call('HGET', running, order) == consumer .. ' ' .. id then
-          redis.call('HDEL', running, order)
-        end
+    if owned and order ~= '' then
+      if window > 0 then
+        redis.call('ZADD', done, now, order)
       end
-    elseif owner then
-      fenced[#fenced + 1] = id
+      if redis.call('HGET', running, order) == consumer .. ' ' .. id then
+        redis.call('HDEL', running, order)
+      end
     end
   end
   -- One XACK per thousand entries rather than one per entry: nothing in between reads the PEL.

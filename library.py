@@ -112,7 +112,7 @@ def append_command(
     return command
 
 
-# An entry to commit: its id, its order id ('' when acked without a run), the writes its
+# An entry to commit with more than an ack: its id, its order id ('' for none), the writes its
 # handler staged (tx.py), each a command with its arguments.
 Commit = tuple[bytes, str, list[list[EncodableT]]]
 
@@ -145,12 +145,14 @@ class Fence:
         reply = await self.redis.fcall(function("admit"), 3, *self._guard_keys(), *args)
         return [int(decision) for decision in reply]
 
-    async def commit(self, entries: list[Commit]) -> tuple[int, list[bytes], list[str]]:
+    async def commit(self, plain: list[bytes], entries: list[Commit]) -> tuple[int, list[bytes], list[str]]:
         """Apply the staged writes of, and ack, these entries still pending on us, in one atomic step.
 
-        Returns (acked, ids another consumer holds, errors of staged writes Redis refused).
+        `plain` are the ids of entries to ack and nothing else (no order to mark done, no
+        writes): most of a batch, sent as bare ids. Returns (acked, ids another consumer holds,
+        errors of staged writes Redis refused).
         """
-        args: list[EncodableT] = [self.group, self.consumer, self.window_ms]
+        args: list[EncodableT] = [self.group, self.consumer, self.window_ms, len(plain), *plain]
         for entry_id, order_id, writes in entries:
             args += [entry_id, order_id, len(writes)]
             for write in writes:

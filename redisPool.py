@@ -220,9 +220,10 @@ def is_cluster(redis: Redis) -> bool:
 
 
 def raw_xreadgroup(redis: Redis) -> None:
-    """Let `XREADGROUP ..., raw_reply=True` return Redis's reply unparsed: redis-py's parser drops
-    the idle time and delivery count that XREADGROUP ... CLAIM (Redis 8.4+) adds to each entry.
-    Every other XREADGROUP is parsed as before."""
+    """Let `XREADGROUP ..., raw_reply=True` return Redis's reply unparsed, for the consumer to parse
+    (replies.py): redis-py's parser drops the idle time and delivery count that XREADGROUP ...
+    CLAIM (Redis 8.4+) adds to each entry, and takes twice as long. Every other XREADGROUP is
+    parsed as before."""
     parse = redis.response_callbacks["XREADGROUP"]
     if getattr(parse, "keeps_raw", False):
         return

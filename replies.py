@@ -21,6 +21,24 @@ def entries_of(reply: Any) -> list[Entry]:
     return cast(list[Entry], reply[0][1])
 
 
+def raw_entries_of(reply: Any) -> list[Entry]:
+    """The entries of a raw (unparsed: `raw_reply=True`) XREADGROUP reply for one stream, as (id, fields).
+
+    Each entry is [id, [field, value, ...]]; an entry deleted while pending has no fields.
+    Parsed here rather than by redis-py: the consumer reads a thousand at a time, and this
+    is half the cost.
+    """
+    if not reply:
+        return []
+    if isinstance(reply, dict):  # RESP3: {stream: [entries]}
+        reply = list(reply.items())
+    entries: list[Entry] = []
+    for entry_id, flat in reply[0][1]:
+        pairs = iter(flat or ())
+        entries.append((entry_id, dict(zip(pairs, pairs, strict=True))))
+    return entries
+
+
 def claimed_entries_of(reply: Any) -> tuple[list[Entry], dict[bytes, int], int]:
     """A raw XREADGROUP ... CLAIM reply (Redis 8.4+) for one stream: the entries, the number of
     this delivery of each, and how many of them were claimed from the pending list.
@@ -35,8 +53,8 @@ def claimed_entries_of(reply: Any) -> tuple[list[Entry], dict[bytes, int], int]:
     deliveries: dict[bytes, int] = {}
     claimed = 0
     for entry_id, flat, _idle, before in reply[0][1]:
-        fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
-        entries.append((entry_id, fields))
+        pairs = iter(flat or ())
+        entries.append((entry_id, dict(zip(pairs, pairs, strict=True))))
         deliveries[entry_id] = int(before) + 1
         claimed += int(before) > 0
     return entries, deliveries, claimed

@@ -32,6 +32,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT
 
 import library
 import metrics
@@ -45,7 +46,7 @@ from library import DONE, RUN, Commit, Fence, LibraryMissing
 from maintenance import Capabilities, detect, run_once
 from orders import InvalidOrder, Order, parse_order
 from redisPool import raw_xreadgroup, redis_connect
-from replies import Entry, claimed_entries_of, entries_of, entries_of_claim, pending_rows_of, text
+from replies import Entry, claimed_entries_of, entries_of_claim, pending_rows_of, raw_entries_of, text
 from tx import Tx
 
 log = logging.getLogger("stream_consumer")
@@ -54,6 +55,7 @@ Handler = Callable[[Order], Awaitable[None]]
 TxHandler = Callable[[Order, Tx], Awaitable[None]]  # stages Redis writes that commit with the order
 AnyHandler = Handler | TxHandler
 Runnable = tuple[bytes, dict[bytes, bytes], Order, int]  # entry id, fields, order, delivery
+NO_WRITES: list[list[EncodableT]] = []  # what a handler that takes only the order stages (never appended to)
 
 BACKOFF_START_S = 0.1
 BACKOFF_CAP_S = 5.0
@@ -103,13 +105,6 @@ def with_tx(handler: AnyHandler) -> TxHandler:
     return run
 
 
-def _data_of(fields: dict[bytes, bytes]) -> bytes:
-    payload = fields.get(b"data")
-    if payload is None:
-        raise InvalidOrder("entry has no 'data' field")
-    return payload
-
-
 # Failures that end by themselves: an outage, a restart, a cluster failing over.
 UNREACHABLE = (
     RedisConnectionError,
@@ -139,7 +134,8 @@ class StreamConsumer:
         self.fence = Fence(self.redis, self.keys, self.group, self.name, self.settings.dedupe_window_ms)
         self.own_cursor: bytes | None = b"0"  # None once own pending entries are read
         self.claim_cursor = "-"
-        self.uncommitted: list[Commit] = []  # done, not yet committed
+        self.acks: list[bytes] = []  # done, not yet committed, needing only an ack
+        self.uncommitted: list[Commit] = []  # done, not yet committed, with an order to mark or writes
         self.commit_sent = False  # a commit went out and its reply did not come back
         self.skipped: list[tuple[str, str]] = []  # (order id, why) of copies acked without a run
         self.retry_at: float | None = None
@@ -201,10 +197,7 @@ class StreamConsumer:
         if self.retry_at is not None and loop.time() >= self.retry_at:
             self.retry_at, self.own_cursor = None, b"0"
         if self.own_cursor is not None:
-            reply = await self.redis.xreadgroup(
-                self.group, self.name, {self.stream: self.own_cursor}, count=self.settings.batch_size
-            )
-            entries = entries_of(reply)
+            entries = raw_entries_of(await self._read(self.own_cursor))
             if not entries:
                 self.own_cursor = None
                 return
@@ -215,10 +208,15 @@ class StreamConsumer:
         if self.claim_on_read:
             await self._read_claiming()
             return
-        reply = await self.redis.xreadgroup(
-            self.group, self.name, {self.stream: ">"}, count=self.settings.batch_size, block=self._block_ms()
-        )
-        await self._handle(entries_of(reply), {})
+        await self._handle(raw_entries_of(await self._read(">", "BLOCK", self._block_ms())), {})
+
+    async def _read(self, cursor: bytes | str, *options: str | int) -> Any:
+        """XREADGROUP from `cursor` (">" for new entries) with `options`; Redis's reply, unparsed."""
+        return await self.redis.execute_command(  # type: ignore[no-untyped-call]
+            "XREADGROUP", "GROUP", self.group, self.name, "COUNT", self.settings.batch_size,
+            *options, "STREAMS", self.stream, cursor,
+            raw_reply=True,
+        )  # fmt: skip
 
     async def _read_claiming(self) -> None:
         """Redis 8.4+: one XREADGROUP ... CLAIM takes entries idle over CLAIM_IDLE_MS first, then new ones.
@@ -229,11 +227,7 @@ class StreamConsumer:
         own, whose delivery reply was lost). The reply carries each entry's delivery count.
         """
         idle = self.settings.claim_idle_ms
-        reply = await self.redis.execute_command(  # type: ignore[no-untyped-call]
-            "XREADGROUP", "GROUP", self.group, self.name, "COUNT", self.settings.batch_size,
-            "BLOCK", self._block_ms(), "CLAIM", idle, "STREAMS", self.stream, ">",
-            raw_reply=True,
-        )  # fmt: skip
+        reply = await self._read(">", "BLOCK", self._block_ms(), "CLAIM", idle)
         entries, deliveries, claimed = claimed_entries_of(reply)
         if claimed:
             log.info("claimed %d entries idle over %d ms from consumers that are gone", claimed, idle)
@@ -337,19 +331,19 @@ class StreamConsumer:
         runnable = await self._admit(await self._screen(entries, deliveries))
         max_deliveries = self.settings.max_deliveries
         guard = self.settings.dedupe_window_ms
-        plain, stream, uncommitted = self.plain_handler, self.stream, self.uncommitted
+        plain, acks, uncommitted = self.plain_handler, self.acks, self.uncommitted
         processed = 0
         spans = tracing.processing(self.stream, self.group, self.name)  # None when tracing is off
         for entry_id, fields, order, delivery in runnable:
+            writes = NO_WRITES
             try:
-                with tracing.NO_SPAN if spans is None else spans.span(entry_id, fields):
-                    if plain is not None:
-                        await plain(order)
-                        writes = []
-                    else:
-                        tx = Tx(stream)
-                        await self.run_handler(order, tx)
-                        writes = tx.commands
+                if spans is not None:
+                    with spans.span(entry_id, fields):
+                        writes = await self._run(order)
+                elif plain is not None:
+                    await plain(order)
+                else:
+                    writes = await self._run(order)
             except Exception as error:  # its staged writes are dropped with it
                 self.stats.failed += 1
                 log.exception(
@@ -368,8 +362,12 @@ class StreamConsumer:
                 continue
             # Kept across failures: a later turn commits what the handler already accepted.
             # Done marks only for entries the guard admitted (not from our own producer).
-            guarded = guard and b"producer" not in fields
-            uncommitted.append((entry_id, order.order_id if guarded else "", writes))
+            if guard and b"producer" not in fields:
+                uncommitted.append((entry_id, order.order_id, writes))
+            elif writes:
+                uncommitted.append((entry_id, "", writes))
+            else:
+                acks.append(entry_id)
             processed += 1
         self.stats.processed += processed
         # Said after the batch's handlers ran, so a copy's line never comes before its order's run.
@@ -377,6 +375,15 @@ class StreamConsumer:
             log.info("order %s %s in this group: acked, not run again", order_id, state)
         self.skipped.clear()
         await self._commit()
+
+    async def _run(self, order: Order) -> list[list[EncodableT]]:
+        """Run the handler on one order; the Redis writes it staged."""
+        if self.plain_handler is not None:
+            await self.plain_handler(order)
+            return NO_WRITES
+        tx = Tx(self.stream)
+        await self.run_handler(order, tx)
+        return tx.commands
 
     async def _admit(self, runnable: list[Runnable]) -> list[Runnable]:
         """With the dedupe guard: the orders to run now; copies of orders done or running are acked.
@@ -398,7 +405,7 @@ class StreamConsumer:
             if entry_id in refused:
                 state = "already handled" if refused[entry_id] == DONE else "being handled from another entry"
                 self.skipped.append((order.order_id, state))
-                self.uncommitted.append((entry_id, "", []))
+                self.acks.append(entry_id)
                 self.stats.duplicates_skipped += 1
         return [item for item in runnable if item[0] not in refused]
 
@@ -409,7 +416,7 @@ class StreamConsumer:
         runnable = []
         for entry_id, fields in entries:
             if not fields:  # deleted or trimmed while pending: nothing left to process
-                self.uncommitted.append((entry_id, "", []))
+                self.acks.append(entry_id)
                 self.stats.deleted_skipped += 1
                 continue
             delivery = deliveries.get(entry_id, 1)
@@ -417,14 +424,17 @@ class StreamConsumer:
             if redrive_for is not None and text(redrive_for) != self.group:
                 if text(redrive_for) in self.settings.groups:
                     # Sent back from the dead-letter stream for another group only.
-                    self.uncommitted.append((entry_id, "", []))
+                    self.acks.append(entry_id)
                     self.stats.redrives_for_other_groups += 1
                 else:
                     reason = "redrive_for names no configured group"
                     await self._dead_letter(entry_id, fields, delivery, reason, None)
                 continue
+            payload = fields.get(b"data")
             try:
-                order = parse_order(_data_of(fields), max_bytes)
+                if payload is None:
+                    raise InvalidOrder("entry has no 'data' field")
+                order = parse_order(payload, max_bytes)
             except InvalidOrder as error:
                 await self._dead_letter(entry_id, fields, delivery, f"invalid order: {error}", None)
                 continue
@@ -442,14 +452,17 @@ class StreamConsumer:
         (and maybe finished it) meanwhile; on a retry after a lost reply, entries already
         committed are simply no longer pending.
         """
-        if not self.uncommitted:
+        acks, uncommitted = self.acks, self.uncommitted
+        if not acks and not uncommitted:
             return
         retry, self.commit_sent = self.commit_sent, True
-        acked, _, refused = await self.fence.commit(self.uncommitted)
-        taken = 0 if retry else len(self.uncommitted) - acked
+        acked, _, refused = await self.fence.commit(acks, uncommitted)
+        taken = 0 if retry else len(acks) + len(uncommitted) - acked
         if self.claim_on_read:  # acked (or another's now): nothing to keep fresh any more
-            self._release(entry_id for entry_id, _, _ in self.uncommitted)
-        self.uncommitted.clear()
+            self._release(acks)
+            self._release(entry_id for entry_id, _, _ in uncommitted)
+        acks.clear()
+        uncommitted.clear()
         self.commit_sent = False
         if refused:
             log.error(
@@ -498,8 +511,7 @@ class StreamConsumer:
             raise CliError(str(error)) from None
         self.capabilities = await detect(self.redis)
         self.claim_on_read = self.capabilities.readgroup_claim
-        if self.claim_on_read:
-            raw_xreadgroup(self.redis)
+        raw_xreadgroup(self.redis)
 
     def _touch(self, client: Any) -> None:
         """On the lease's thread: keep the entries in hand from looking idle (XREADGROUP CLAIM path)."""
