@@ -29,17 +29,21 @@ from conftest import (
     wait_until,
 )
 from redis.asyncio import Redis
+from redis.typing import EncodableT, StreamIdT
 from test_pipeline import Recorder, running
 from test_promises import held_over
 
 import chaos
 from config import Settings
 from initialization_stream import initialize
+from keys import keys_for
+from library import Fence
 from local_redis import LocalRedis
 from maintenance import detect
 from orders import Order, serialize
 from producer import PublishError, publish, publish_many, sample_orders
 from redisPool import redis_connect
+from replies import entries_of
 from status import caught_up
 from stream_consumer import StreamConsumer
 
@@ -569,3 +573,32 @@ async def test_a_lost_ack_reply_neither_loses_nor_reruns(own_server: LocalRedis,
     finally:
         await direct.aclose()
         await dropper.close()
+
+
+@pytest.mark.parametrize("taken", [[0], [4], [9], [0, 3, 9]], ids=["first", "middle", "last", "several"])
+async def test_the_commit_acks_only_what_is_still_pending_on_this_consumer(
+    redis: Redis, settings: Settings, taken: list[int]
+) -> None:
+    """The fence, wherever in the batch the entries another consumer took over sit.
+
+    Plain ids (ack only) are acked straight from the arguments while every one is still ours;
+    from the first that is not, one by one. Either way: entries claimed by another consumer
+    are not acked and are reported, one acked already counts in neither, the rest are acked,
+    and a staged write applies only with an entry that is still ours.
+    """
+    await initialize(redis, settings)
+    await publish_many(redis, STREAM, sample_orders(12))
+    group = settings.email_group
+    ids = [entry_id for entry_id, _ in entries_of(await redis.xreadgroup(group, "a", {STREAM: ">"}))]
+    plain, rich = ids[:10], ids[10:]
+    claimed: list[StreamIdT] = [*[plain[n] for n in taken], rich[0]]
+    await redis.xclaim(STREAM, group, "b", 0, claimed)
+    await redis.xack(STREAM, group, plain[6])
+    fence = Fence(redis, keys_for(settings), group, "a", 0)
+    writes: list[list[EncodableT]] = [["HINCRBY", "{orders}:effects", "n", 1]]
+    acked, fenced, errors = await fence.commit(plain, [(rich[0], "", writes), (rich[1], "", writes)])
+    owned_by_b = {plain[n] for n in taken} | {rich[0]}
+    assert (acked, set(fenced), errors) == (len(ids) - len(owned_by_b) - 1, owned_by_b, [])
+    rows = await redis.xpending_range(STREAM, group, "-", "+", 100)
+    assert {(row["message_id"], row["consumer"]) for row in rows} == {(i, b"b") for i in owned_by_b}
+    assert await redis.hget("{orders}:effects", "n") == b"1"  # rich[1]'s write only
