@@ -41,7 +41,8 @@ def raw_entries_of(reply: Any) -> list[Entry]:
 
 def claimed_entries_of(reply: Any) -> tuple[list[Entry], dict[bytes, int], int]:
     """A raw XREADGROUP ... CLAIM reply (Redis 8.4+) for one stream: the entries, the number of
-    this delivery of each, and how many of them were claimed from the pending list.
+    this delivery of each one delivered before (a new entry's is 1), and how many of them were
+    claimed from the pending list.
 
     Each entry is [id, [field, value, ...], idle ms, times delivered before]; new entries say 0, 0.
     """
@@ -50,14 +51,13 @@ def claimed_entries_of(reply: Any) -> tuple[list[Entry], dict[bytes, int], int]:
     if isinstance(reply, dict):  # RESP3: {stream: [entries]}
         reply = list(reply.items())
     entries: list[Entry] = []
-    deliveries: dict[bytes, int] = {}
-    claimed = 0
+    deliveries: dict[bytes, int] = {}  # only of entries delivered before: the rest are on their first
     for entry_id, flat, _idle, before in reply[0][1]:
         pairs = iter(flat or ())
         entries.append((entry_id, dict(zip(pairs, pairs, strict=True))))
-        deliveries[entry_id] = int(before) + 1
-        claimed += int(before) > 0
-    return entries, deliveries, claimed
+        if before:
+            deliveries[entry_id] = int(before) + 1
+    return entries, deliveries, len(deliveries)
 
 
 def entries_of_claim(reply: Any) -> list[Entry]:
