@@ -659,9 +659,10 @@ def hook_us_per_order(spans: tracing.Processing | None, count: int = 10_000) -> 
             pass
         bare = time.perf_counter() - loop
         started = time.perf_counter()
-        for _ in range(count):
-            with tracing.NO_SPAN if spans is None else spans.span(b"1-0", fields):
-                pass
+        for _ in range(count):  # as the consumer's loop does it, per order
+            if spans is not None:
+                with spans.span(b"1-0", fields):
+                    pass
         best = min(best, time.perf_counter() - started - bare)
     return max(0.0, best / count * 1e6)
 

@@ -30,8 +30,6 @@ else:
 _MAX_TRACEPARENT = 512
 _MAX_TRACESTATE = 8192
 _NO_FIELDS: AbstractContextManager[Sequence[str]] = nullcontext(())
-# Where tracing is off: a `with` that enters and exits, nothing else.
-NO_SPAN: AbstractContextManager[object] = nullcontext()
 
 
 @functools.lru_cache(maxsize=4)
