@@ -516,12 +516,10 @@ async def measure_publishing(
     who = "the admin and the template's producer user in turn" if users else "the admin"
     progress(f"publish_many of {sizes.publish} x{sizes.repeat}, as {who}")
     admin_runs, production_runs = [], []
-    async with contextlib.AsyncExitStack() as stack:
-        publisher = None
-        if users is not None:
-            publisher = await stack.enter_async_context(
-                redis_connect(as_user(streams.production, users.producer_url))
-            )
+    production = (
+        redis_connect(as_user(streams.production, users.producer_url)) if users else contextlib.nullcontext()
+    )
+    async with production as publisher:
         for _ in range(sizes.repeat):
             await reset(redis, streams.bench)
             admin_runs.append(await publish_rate(redis, STREAM, bench_orders(sizes.publish)))

@@ -12,13 +12,18 @@ def text(value: bytes | str) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
-def entries_of(reply: Any) -> list[Entry]:
-    """The entries of an XREADGROUP reply for one stream, as (id, fields); RESP2 or RESP3 shape."""
+def _one_stream(reply: Any) -> list[Any]:
+    """The entries an XREADGROUP reply holds for its one stream, as Redis sent them; RESP2 or RESP3."""
     if not reply:
         return []
     if isinstance(reply, dict):  # RESP3: {stream: [entries]}
-        reply = list(reply.items())
-    return cast(list[Entry], reply[0][1])
+        return cast(list[Any], next(iter(reply.values())))
+    return cast(list[Any], reply[0][1])
+
+
+def entries_of(reply: Any) -> list[Entry]:
+    """The entries of an XREADGROUP reply for one stream, as (id, fields); RESP2 or RESP3 shape."""
+    return cast(list[Entry], _one_stream(reply))
 
 
 def raw_entries_of(reply: Any) -> list[Entry]:
@@ -28,12 +33,8 @@ def raw_entries_of(reply: Any) -> list[Entry]:
     Parsed here rather than by redis-py: the consumer reads a thousand at a time, and this
     is half the cost.
     """
-    if not reply:
-        return []
-    if isinstance(reply, dict):  # RESP3: {stream: [entries]}
-        reply = list(reply.items())
     entries: list[Entry] = []
-    for entry_id, flat in reply[0][1]:
+    for entry_id, flat in _one_stream(reply):
         pairs = iter(flat or ())
         entries.append((entry_id, dict(zip(pairs, pairs, strict=True))))
     return entries
@@ -46,13 +47,9 @@ def claimed_entries_of(reply: Any) -> tuple[list[Entry], dict[bytes, int], int]:
 
     Each entry is [id, [field, value, ...], idle ms, times delivered before]; new entries say 0, 0.
     """
-    if not reply:
-        return [], {}, 0
-    if isinstance(reply, dict):  # RESP3: {stream: [entries]}
-        reply = list(reply.items())
     entries: list[Entry] = []
     deliveries: dict[bytes, int] = {}  # only of entries delivered before: the rest are on their first
-    for entry_id, flat, _idle, before in reply[0][1]:
+    for entry_id, flat, _idle, before in _one_stream(reply):
         pairs = iter(flat or ())
         entries.append((entry_id, dict(zip(pairs, pairs, strict=True))))
         if before:

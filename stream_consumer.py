@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import gc
 import inspect
+import itertools
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable
@@ -341,7 +342,7 @@ class StreamConsumer:
                 if spans is not None:
                     with spans.span(entry_id, fields):
                         writes = await self._run(order)
-                elif plain is not None:
+                elif plain is not None:  # _run's first case, inline: no coroutine of ours per order
                     await plain(order)
                 else:
                     writes = await self._run(order)
@@ -460,8 +461,7 @@ class StreamConsumer:
         acked, _, refused = await self.fence.commit(acks, uncommitted)
         taken = 0 if retry else len(acks) + len(uncommitted) - acked
         if self.claim_on_read:  # acked (or another's now): nothing to keep fresh any more
-            self._release(acks)
-            self._release(entry_id for entry_id, _, _ in uncommitted)
+            self._release(itertools.chain(acks, (entry_id for entry_id, _, _ in uncommitted)))
         acks.clear()
         uncommitted.clear()
         self.commit_sent = False
