@@ -28,6 +28,17 @@ local function oldest_pending(stream, group, consumer, n)
   return ids
 end
 
+-- True when no consumer of the group but this one has an entry pending (XPENDING's summary
+-- lists only consumers that have some): every pending entry is then this consumer's.
+local function alone(stream, group, consumer)
+  for _, row in ipairs(redis.call('XPENDING', stream, group)[4] or {}) do
+    if row[1] ~= consumer then
+      return false
+    end
+  end
+  return true
+end
+
 -- 2026-11-29T13:55:00.123+00:00 from milliseconds since the epoch (days to civil date:
 -- Howard Hinnant's algorithm).
 local function iso(ms)
@@ -98,7 +109,8 @@ local function commit(keys, args)
   local now = now_ms()
   local acked, fenced, errors, acks = 0, {}, {}, {}
   -- Every other entry takes at least three arguments: enough rows for all of them.
-  local mine = oldest_pending(stream, group, consumer, math.max(1, plain + math.floor((#args - 4 - plain) / 3)))
+  local rows = plain + math.floor((#args - 4 - plain) / 3)
+  local mine
   -- True when the entry is still pending on this consumer (it is then acked below), else false;
   -- one pending on another consumer is noted as fenced out.
   local function ours(id)
@@ -120,16 +132,26 @@ local function commit(keys, args)
   end
   -- Plain entries still pending on this consumer (all of them, but for a consumer that was cut
   -- off) are acked straight from the arguments; from the first one that is not, one by one.
+  -- When no other consumer of the group holds an entry, each is pending on this one or on
+  -- none, XACK skips those on none, and the consumer's pending rows need not be read at all.
   local k = 5
-  while k <= 4 + plain and mine[args[k]] do
-    mine[args[k]] = false
-    k = k + 1
+  if plain > 0 and alone(stream, group, consumer) then
+    k = 5 + plain
+  else
+    mine = oldest_pending(stream, group, consumer, math.max(1, rows))
+    while k <= 4 + plain and mine[args[k]] do
+      mine[args[k]] = false
+      k = k + 1
+    end
   end
   for first = 5, k - 1, 1000 do
     acked = acked + redis.call('XACK', stream, group, unpack(args, first, math.min(first + 999, k - 1)))
   end
-  for i = k, 4 + plain do
-    ours(args[i])
+  if k <= #args and not mine then -- entries with writes or an order to mark: looked up as before
+    mine = oldest_pending(stream, group, consumer, math.max(1, rows - plain))
+  end
+  for j = k, 4 + plain do
+    ours(args[j])
   end
   local i = 5 + plain
   while i <= #args do

@@ -602,3 +602,33 @@ async def test_the_commit_acks_only_what_is_still_pending_on_this_consumer(
     rows = await redis.xpending_range(STREAM, group, "-", "+", 100)
     assert {(row["message_id"], row["consumer"]) for row in rows} == {(i, b"b") for i in owned_by_b}
     assert await redis.hget("{orders}:effects", "n") == b"1"  # rich[1]'s write only
+
+
+async def test_a_consumer_alone_in_its_group_commits_by_xack_and_still_fences(
+    redis: Redis, settings: Settings
+) -> None:
+    """No other consumer of the group has an entry pending, so every pending entry is ours.
+
+    The commit then acks plain ids by XACK alone, reading no pending rows (one summary XPENDING).
+    Entries another consumer took over and finished count as not acked. A staged write still
+    applies only with an entry that is pending on us.
+    """
+    await initialize(redis, settings)
+    await publish_many(redis, STREAM, sample_orders(12))
+    group = settings.email_group
+    ids = [entry_id for entry_id, _ in entries_of(await redis.xreadgroup(group, "a", {STREAM: ">"}))]
+    plain, rich = ids[:10], ids[10:]
+    await redis.xclaim(STREAM, group, "b", 0, [plain[2], rich[0]])
+    await redis.xack(STREAM, group, plain[2], rich[0])  # b finished them: it holds nothing now
+    fence = Fence(redis, keys_for(settings), group, "a", 0)
+    writes: list[list[EncodableT]] = [["HINCRBY", "{orders}:effects", "n", 1]]
+    acked, fenced, errors = await fence.commit(plain, [(rich[0], "", writes), (rich[1], "", writes)])
+    assert (acked, fenced, errors) == (len(ids) - 2, [], [])
+    assert (await redis.xpending(STREAM, group))["pending"] == 0
+    assert await redis.hget("{orders}:effects", "n") == b"1"  # rich[1]'s write only
+
+    await publish_many(redis, STREAM, sample_orders(5))
+    ids = [entry_id for entry_id, _ in entries_of(await redis.xreadgroup(group, "a", {STREAM: ">"}))]
+    await redis.config_resetstat()
+    assert await fence.commit(ids, []) == (5, [], [])
+    assert (await redis.info("commandstats"))["cmdstat_xpending"]["calls"] == 1
