@@ -40,7 +40,7 @@ from orders import Item, Order, serialize
 from redisPool import redis_connect
 from replies import entries_of
 from status import caught_up
-from stream_consumer import Handler, StreamConsumer, serve
+from stream_consumer import StreamConsumer, serve
 from tx import Tx
 
 STREAM = "bench:orders"
@@ -274,7 +274,9 @@ def worker_main(args: argparse.Namespace) -> None:
         settings = dataclasses.replace(settings, dedupe_window_ms=0)
     if args.worker == "ours-traced":
         trace_with_sdk()
-    work = {"bare": worker_bare, "ours-tx": worker_tx}.get(args.worker, worker_ours)
+    work = {"bare": worker_bare, "ours-tx": worker_tx, "ours-timed": worker_timed}.get(
+        args.worker, worker_ours
+    )
     report = asyncio.run(work(settings, args.group))
     print(json.dumps(report), flush=True)
 
@@ -400,55 +402,57 @@ async def bytes_per_order(
 
 
 class _TimedConsumer(StreamConsumer):
-    """Records publish-to-ack latency: the time its acks return, minus each order's publish time."""
+    """Records publish-to-ack latency: the time its commit's reply is back, minus each order's
+    publish time, which the bench writes into the order's `created_at` as it publishes it."""
 
-    published: dict[str, float]
-    unacked: list[str]
     latencies: list[float]
+    published: list[str]
 
-    async def _commit(self) -> None:
-        await super()._commit()
+    def _committed(self, retry: bool, reply: tuple[int, list[bytes], list[str]]) -> None:
+        super()._committed(retry, reply)
         now = time.time()
-        self.latencies.extend(now - self.published[order_id] for order_id in self.unacked)
-        self.unacked.clear()
+        self.latencies.extend((now - datetime.fromisoformat(at).timestamp()) * 1000 for at in self.published)
+        self.published.clear()
 
 
-def recorder(unacked: list[str]) -> Handler:
-    """A handler noting each order's id in `unacked` (one parameter: a second would mean a Tx)."""
+async def worker_timed(settings: Settings, group: str) -> dict[str, Any]:
+    """This project's consumer with a no-op handler, in its own process as consumer1 and consumer2
+    run; reports each order's publish-to-ack time (ms)."""
+    published: list[str] = []
+    latencies: list[float] = []
 
     async def handle(order: Order) -> None:
-        unacked.append(order.order_id)
+        published.append(order.created_at or "")
 
-    return handle
+    def timed(*args: Any) -> StreamConsumer:
+        consumer = _TimedConsumer(*args)
+        consumer.latencies, consumer.published = latencies, published
+        return consumer
+
+    await serve(settings, group, handle, make=timed)
+    return {"processed": len(latencies), "latencies_ms": latencies, "rss_mb": [rss_mb()]}
 
 
 async def latency(redis: Redis, settings: Settings, per_second: int, seconds: float) -> list[float]:
-    """Publish at a steady rate with both groups consuming in this process; return latencies in ms."""
+    """Publish one order at a time at a steady rate, each stamped with its publish time, while one
+    consumer process per group acks them; return the latencies (ms) of both groups."""
     await reset(redis, settings)
-    published: dict[str, float] = {}
-    latencies: list[float] = []
-    stop = asyncio.Event()
-    consumers = []
-    for group in GROUPS:
-        unacked: list[str] = []
-        consumer = _TimedConsumer(redis, settings, group, f"{group}-latency", recorder(unacked), stop)
-        consumer.published, consumer.unacked, consumer.latencies = published, unacked, latencies
-        consumers.append(consumer)
-    tasks = [asyncio.create_task(c.run()) for c in consumers]
     total = int(per_second * seconds)
     orders = bench_orders(total)
     tick = 0.002  # publish a few orders every 2 ms: a steady stream, not bursts
     per_tick = max(1, int(per_second * tick))
-    started = time.perf_counter()
-    for n in range(0, total, per_tick):
-        for order in orders[n : n + per_tick]:
-            published[order.order_id] = time.time()
-            await producer.publish(redis, settings.stream_key, order)
-        await asyncio.sleep(max(0.0, started + (n + per_tick) / per_second - time.perf_counter()))
-    await wait_groups(redis, settings.stream_key, total, timeout=60)
-    stop.set()
-    await asyncio.gather(*tasks)
-    return [seconds * 1000 for seconds in latencies]
+    async with workers(settings, "ours-timed", 1) as reports:
+        await asyncio.sleep(0.5)  # let the workers start and block on XREADGROUP
+        started = time.perf_counter()
+        for n in range(0, total, per_tick):
+            for order in orders[n : n + per_tick]:
+                now = datetime.now(UTC).isoformat()
+                await producer.publish(
+                    redis, settings.stream_key, msgspec.structs.replace(order, created_at=now)
+                )
+            await asyncio.sleep(max(0.0, started + (n + per_tick) / per_second - time.perf_counter()))
+        await wait_groups(redis, settings.stream_key, total, timeout=60)
+    return [ms for report in reports for ms in report["latencies_ms"]]
 
 
 # --- the run ------------------------------------------------------------------------
@@ -835,7 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--worker",
-        choices=["ours", "ours-no-dedupe", "ours-tx", "ours-traced", "bare"],
+        choices=["ours", "ours-no-dedupe", "ours-tx", "ours-traced", "ours-timed", "bare"],
         help=argparse.SUPPRESS,
     )
     parser.add_argument("--group", help=argparse.SUPPRESS)

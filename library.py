@@ -152,12 +152,17 @@ class Fence:
         writes): most of a batch, sent as bare ids. Returns (acked, ids another consumer holds,
         errors of staged writes Redis refused).
         """
-        args: list[EncodableT] = [self.group, self.consumer, self.window_ms, len(plain), *plain]
+        return commit_of(await self.redis.execute_command(*self.commit_call(plain, entries)))  # type: ignore[no-untyped-call]
+
+    def commit_call(self, plain: list[bytes], entries: list[Commit]) -> list[EncodableT]:
+        """commit()'s command, for a caller that sends it in a pipeline."""
+        args: list[EncodableT] = ["FCALL", function("commit"), 3, *self._guard_keys()]
+        args += [self.group, self.consumer, self.window_ms, len(plain), *plain]
         for entry_id, order_id, writes in entries:
             args += [entry_id, order_id, len(writes)]
             for write in writes:
                 args += [len(write), *write]
-        return commit_of(await self.redis.fcall(function("commit"), 3, *self._guard_keys(), *args))
+        return args
 
     async def dead_letter(
         self, entry_id: bytes, order_id: str, record: dict[bytes, bytes | str | int]

@@ -47,8 +47,16 @@ from lease import Lease
 from library import DONE, RUN, Commit, Fence, LibraryMissing
 from maintenance import Capabilities, detect, run_once
 from orders import InvalidOrder, Order, parse_order
-from redisPool import raw_xreadgroup, redis_connect
-from replies import Entry, claimed_entries_of, entries_of_claim, pending_rows_of, raw_entries_of, text
+from redisPool import is_cluster, raw_xreadgroup, redis_connect
+from replies import (
+    Entry,
+    claimed_entries_of,
+    commit_of,
+    entries_of_claim,
+    pending_rows_of,
+    raw_entries_of,
+    text,
+)
 from tx import Tx
 
 log = logging.getLogger("stream_consumer")
@@ -151,6 +159,9 @@ class StreamConsumer:
         self.in_hand: tuple[bytes, ...] = ()  # the same, as the lease thread reads it to touch them
         self.maintenance_refused = False
         self.name_bytes = self.name.encode()
+        # The commit and the next read in one pipeline; not on a cluster, where redis-py sends a
+        # pipeline again whole after a failover, and one command at a time keeps that simple.
+        self.one_trip = not is_cluster(self.redis)
 
     async def run(self) -> Stats:
         """Consume until `stop` is set; the batch in hand is finished and committed before returning."""
@@ -187,8 +198,11 @@ class StreamConsumer:
         self.in_hand = tuple(self.held)
 
     async def _turn(self) -> None:
-        await self._commit()
         loop = asyncio.get_running_loop()
+        if self.one_trip and (self.acks or self.uncommitted) and self._only_new_entries_due(loop.time()):
+            await self._commit_then_read()
+            return
+        await self._commit()
         # On the XREADGROUP CLAIM path too: Redis skips entries deleted (trimmed) while pending,
         # which would stay pending on a gone consumer forever; XCLAIM drops them.
         if loop.time() >= self.next_claim and await self._reclaim():
@@ -212,12 +226,42 @@ class StreamConsumer:
             return
         await self._handle(raw_entries_of(await self._read(">", "BLOCK", self._block_ms())), {})
 
+    def _only_new_entries_due(self, now: float) -> bool:
+        """Whether this turn only reads new entries (no reclaim, maintenance, retry or re-read is due)."""
+        return (
+            now < self.next_claim
+            and not (self.settings.maintenance_interval_ms and now >= self.next_maintenance)
+            and (self.retry_at is None or now < self.retry_at)
+            and self.own_cursor is None
+        )
+
+    async def _commit_then_read(self) -> None:
+        """Commit what is done and read the next batch in one round trip (Redis runs them in turn).
+
+        The read does not block, so the commit's reply is never held back waiting for new
+        entries; when it finds none, the next turn blocks as usual.
+        """
+        claim = ("CLAIM", self.settings.claim_idle_ms) if self.claim_on_read else ()
+        retry, self.commit_sent = self.commit_sent, True
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.execute_command(*self.fence.commit_call(self.acks, self.uncommitted))
+        pipe.execute_command(*self._read_command(">", *claim), raw_reply=True)
+        committed, reply = await pipe.execute()
+        self._committed(retry, commit_of(committed))
+        if self.claim_on_read:
+            await self._handle_claimed(reply)
+        else:
+            await self._handle(raw_entries_of(reply), {})
+
     async def _read(self, cursor: bytes | str, *options: str | int) -> Any:
         """XREADGROUP from `cursor` (">" for new entries) with `options`; Redis's reply, unparsed."""
-        return await self.redis.execute_command(  # type: ignore[no-untyped-call]
+        command = self._read_command(cursor, *options)
+        return await self.redis.execute_command(*command, raw_reply=True)  # type: ignore[no-untyped-call]
+
+    def _read_command(self, cursor: bytes | str, *options: str | int) -> tuple[EncodableT, ...]:
+        return (
             "XREADGROUP", "GROUP", self.group, self.name, "COUNT", self.settings.batch_size,
             *options, "STREAMS", self.stream, cursor,
-            raw_reply=True,
         )  # fmt: skip
 
     async def _read_claiming(self) -> None:
@@ -228,10 +272,15 @@ class StreamConsumer:
         entry from a live, slow consumer; it takes those of consumers that are gone (and its
         own, whose delivery reply was lost). The reply carries each entry's delivery count.
         """
-        idle = self.settings.claim_idle_ms
-        reply = await self._read(">", "BLOCK", self._block_ms(), "CLAIM", idle)
+        await self._handle_claimed(
+            await self._read(">", "BLOCK", self._block_ms(), "CLAIM", self.settings.claim_idle_ms)
+        )
+
+    async def _handle_claimed(self, reply: Any) -> None:
+        """Handle what an XREADGROUP ... CLAIM read: entries claimed from gone consumers, then new ones."""
         entries, deliveries, claimed = claimed_entries_of(reply)
         if claimed:
+            idle = self.settings.claim_idle_ms
             log.info("claimed %d entries idle over %d ms from consumers that are gone", claimed, idle)
             self.stats.reclaimed += claimed
         await self._handle(entries, deliveries)
@@ -327,7 +376,8 @@ class StreamConsumer:
         return {entry_id: times for entry_id, _, times in pending_rows_of(rows)}
 
     async def _handle(self, entries: list[Entry], deliveries: dict[bytes, int]) -> None:
-        """Run the handler over a batch; commit the successes in one fenced step, dead-letter the poison."""
+        """Run the handler over a batch and dead-letter the poison; the next turn commits the successes
+        in one fenced step (with its read, when that is all it does)."""
         if self.claim_on_read:
             self._hold(entries)
         runnable = await self._admit(await self._screen(entries, deliveries))
@@ -376,7 +426,6 @@ class StreamConsumer:
         for order_id, state in self.skipped:
             log.info("order %s %s in this group: acked, not run again", order_id, state)
         self.skipped.clear()
-        await self._commit()
 
     async def _run(self, order: Order) -> list[list[EncodableT]]:
         """Run the handler on one order; the Redis writes it staged."""
@@ -454,12 +503,21 @@ class StreamConsumer:
         (and maybe finished it) meanwhile; on a retry after a lost reply, entries already
         committed are simply no longer pending.
         """
-        acks, uncommitted = self.acks, self.uncommitted
-        if not acks and not uncommitted:
+        if not self.acks and not self.uncommitted:
             return
         retry, self.commit_sent = self.commit_sent, True
-        acked, _, refused = await self.fence.commit(acks, uncommitted)
-        taken = 0 if retry else len(acks) + len(uncommitted) - acked
+        self._committed(retry, await self.fence.commit(self.acks, self.uncommitted))
+
+    def _committed(self, retry: bool, reply: tuple[int, list[bytes], list[str]]) -> None:
+        """Account for a commit's reply; `retry` when it was sent again after a lost reply."""
+        acks, uncommitted = self.acks, self.uncommitted
+        acked, fenced, refused = reply
+        gone = len(acks) + len(uncommitted) - acked - len(fenced)  # pending on no consumer
+        if gone:
+            # Finished by a consumer that took them over, or committed by a try of this commit
+            # whose reply was lost (redis-py sends a command again after a lost reply). A read
+            # sent with that try may have delivered entries we never saw: read our own again.
+            self.own_cursor = b"0"
         if self.claim_on_read:  # acked (or another's now): nothing to keep fresh any more
             self._release(itertools.chain(acks, (entry_id for entry_id, _, _ in uncommitted)))
         acks.clear()
@@ -471,12 +529,20 @@ class StreamConsumer:
                 len(refused),
                 "; ".join(refused[:5]),
             )
-        if taken:
-            self.stats.taken_over += taken
+        if fenced:
+            self.stats.taken_over += len(fenced)
             log.warning(
                 "%d entries were taken over by another consumer while this one worked on them (it "
                 "was cut off longer than CLAIM_IDLE_MS); their commit and staged writes were dropped",
-                taken,
+                len(fenced),
+            )
+        if gone and not retry:
+            self.stats.taken_over += gone
+            log.warning(
+                "%d entries were no longer pending at commit: taken over by another consumer and "
+                "finished there (this one was cut off longer than CLAIM_IDLE_MS), or committed by "
+                "an earlier try whose reply was lost; nothing of theirs was applied twice",
+                gone,
             )
 
     async def _dead_letter(
@@ -599,8 +665,16 @@ async def run_all(consumers: list[StreamConsumer]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def serve(settings: Settings, group: str, handler: AnyHandler) -> int:
-    """Run one consumer until SIGINT/SIGTERM: the first drains, a second exits at once."""
+async def serve(
+    settings: Settings,
+    group: str,
+    handler: AnyHandler,
+    make: Callable[..., StreamConsumer] = StreamConsumer,
+) -> int:
+    """Run one consumer until SIGINT/SIGTERM: the first drains, a second exits at once.
+
+    `make` makes each partition's consumer (the bench passes one that times acks).
+    """
     stop = asyncio.Event()
     task = asyncio.current_task()
     forced: list[int] = []
@@ -629,7 +703,7 @@ async def serve(settings: Settings, group: str, handler: AnyHandler) -> int:
     try:
         async with redis_connect(settings) as redis:
             consumers = [
-                StreamConsumer(redis, part, group, settings.consumer_name, handler, stop, stats)
+                make(redis, part, group, settings.consumer_name, handler, stop, stats)
                 for part in partitions(settings)
             ]
             # What exists by now (modules, the client, the handler's own state) lives as long as

@@ -554,8 +554,15 @@ def _is_commit(name: bytes, reply: Any) -> bool:
 
 
 @pytest.mark.parametrize("window", ["3600000", "0"], ids=["guard-on", "guard-off"])
-async def test_a_lost_ack_reply_neither_loses_nor_reruns(own_server: LocalRedis, window: str) -> None:
-    """The connection dies while committing (as a CLIENT KILL would): the commit is sent again."""
+async def test_a_lost_ack_reply_neither_loses_nor_reruns(
+    own_server: LocalRedis, window: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The commit's reply is lost: the commit is sent again, with the read that went with it.
+
+    The first try's read delivered entries whose reply was lost too; they are read again from
+    the consumer's own pending entries at once, not after CLAIM_IDLE_MS. No line says another
+    consumer holds them.
+    """
     dropper = ReplyDropper(own_server.port, _is_commit)
     port = await dropper.start()
     settings = make_settings(f"redis://127.0.0.1:{port}/0", SOCKET_TIMEOUT_MS="500", DEDUPE_WINDOW_MS=window)
@@ -570,6 +577,8 @@ async def test_a_lost_ack_reply_neither_loses_nor_reruns(own_server: LocalRedis,
             await wait_until(lambda: caught_up(direct, STREAM, ["email_group"]), "every order acked")
         assert dropper.dropped == 1
         assert sorted(recorder.order_ids()) == sorted(o.order_id for o in orders)  # each exactly once
+        assert "while this one worked on them" not in caplog.text
+        assert "no longer pending at commit" in caplog.text
     finally:
         await direct.aclose()
         await dropper.close()
