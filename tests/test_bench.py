@@ -69,6 +69,7 @@ def results(production: float | None) -> dict[str, Any]:
         "e2e_production_per_s": production and production / 4,
         "e2e_no_dedupe_per_s": 45_000.0,
         "e2e_tx_per_s": 20_000.0,
+        "latency_rate_per_s": 4_990.0,
         "latency_p50_ms": 2.0,
         "latency_p99_ms": 4.0,
         "consumer_rss_mb_first": 39.0,
