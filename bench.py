@@ -26,6 +26,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 import consumer1
 import library
@@ -305,6 +306,7 @@ async def workers(settings: Settings, kind: str, per_group: int) -> AsyncIterato
     ]
     reports: list[dict[str, Any]] = []
     try:
+        await registered(settings, {group: [f"{group}-{n}" for n in range(per_group)] for group in GROUPS})
         yield reports
     finally:
         for process in processes:
@@ -315,6 +317,22 @@ async def workers(settings: Settings, kind: str, per_group: int) -> AsyncIterato
                 out, _ = await process.communicate()
             lines = out.decode().strip().splitlines()
             reports.append(json.loads(lines[-1]) if lines else {})
+
+
+async def registered(settings: Settings, names: dict[str, list[str]], timeout: float = 60) -> None:
+    """Wait until every worker has read once, so its group lists it: it goes on to block on XREADGROUP."""
+    stream = partitions(settings)[0].stream_key
+    deadline = time.monotonic() + timeout
+    async with redis_connect(settings) as redis:
+        while time.monotonic() < deadline:
+            listed: set[str] = set()
+            with contextlib.suppress(ResponseError):  # no stream or group yet
+                for group in names:
+                    listed |= {c["name"].decode() for c in await redis.xinfo_consumers(stream, group)}
+            if listed >= {name for expected in names.values() for name in expected}:
+                return
+            await asyncio.sleep(0.01)
+    raise TimeoutError(f"the bench's consumers did not start within {timeout:.0f}s")
 
 
 async def wait_groups(redis: Redis, stream: str, total: int, timeout: float) -> float:
@@ -341,7 +359,6 @@ async def end_to_end(
     """
     await reset(redis, settings)
     async with workers(settings, kind, per_group) as reports:
-        await asyncio.sleep(0.5)  # let the workers start and block on XREADGROUP
         started = time.perf_counter()
         await producer.publish_many(publisher, settings.stream_key, orders)
         finished = await wait_groups(redis, settings.stream_key, len(orders), timeout=600)
@@ -448,7 +465,6 @@ async def latency(
     tick = 0.002  # a steady stream, not bursts
     per_tick = max(1, int(per_second * tick))
     async with workers(settings, "ours-timed", 1) as reports:
-        await asyncio.sleep(0.5)  # let the workers start and block on XREADGROUP
         started = time.perf_counter()
         for n in range(0, total, per_tick):
             now = datetime.now(UTC).isoformat()

@@ -89,7 +89,6 @@ async def measure(setup: Setup, sizes: bench.Sizes) -> dict[str, Any]:
         await bench.reset(redis, settings)
         orders = bench.bench_orders(sizes.e2e)
         async with bench.workers(settings, "ours", 1):
-            await asyncio.sleep(0.5)  # the workers start and block on XREADGROUP
             before = await cpu_seconds(setup.servers)
             started = time.perf_counter()
             await producer.publish_many(redis, settings.stream_key, orders, partitions=count)
