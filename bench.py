@@ -38,7 +38,7 @@ from keys import keys_for, partitions
 from local_redis import start_local_redis
 from maintenance import detect, trim
 from orders import Item, Order, serialize
-from redisPool import redis_connect
+from redisPool import is_cluster, redis_connect
 from replies import entries_of
 from status import caught_up
 from stream_consumer import StreamConsumer, serve
@@ -283,8 +283,11 @@ def worker_main(args: argparse.Namespace) -> None:
 
 
 @asynccontextmanager
-async def workers(settings: Settings, kind: str, per_group: int) -> AsyncIterator[list[dict[str, Any]]]:
-    """Run consumer processes for both groups; on exit SIGTERM them and collect their reports."""
+async def workers(
+    redis: Redis, settings: Settings, kind: str, per_group: int
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """Run consumer processes for both groups, reading once `redis` (an admin) sees them read; on
+    exit SIGTERM them and collect their reports."""
     env = {
         **os.environ,
         "REDIS_URL": settings.redis_url,
@@ -306,7 +309,9 @@ async def workers(settings: Settings, kind: str, per_group: int) -> AsyncIterato
     ]
     reports: list[dict[str, Any]] = []
     try:
-        await registered(settings, {group: [f"{group}-{n}" for n in range(per_group)] for group in GROUPS})
+        await registered(
+            redis, settings, {group: [f"{group}-{n}" for n in range(per_group)] for group in GROUPS}
+        )
         yield reports
     finally:
         for process in processes:
@@ -319,19 +324,24 @@ async def workers(settings: Settings, kind: str, per_group: int) -> AsyncIterato
             reports.append(json.loads(lines[-1]) if lines else {})
 
 
-async def registered(settings: Settings, names: dict[str, list[str]], timeout: float = 60) -> None:
-    """Wait until every worker has read once, so its group lists it: it goes on to block on XREADGROUP."""
+async def registered(
+    redis: Redis, settings: Settings, names: dict[str, list[str]], timeout: float = 60
+) -> None:
+    """Wait until every worker reads: its group lists it (it has read once), or, on one Redis, its
+    connection is blocked in XREADGROUP (Redis 7.0 lists a consumer only once a read returns)."""
     stream = partitions(settings)[0].stream_key
+    expected = {name for group_names in names.values() for name in group_names}
     deadline = time.monotonic() + timeout
-    async with redis_connect(settings) as redis:
-        while time.monotonic() < deadline:
-            listed: set[str] = set()
-            with contextlib.suppress(ResponseError):  # no stream or group yet
-                for group in names:
-                    listed |= {c["name"].decode() for c in await redis.xinfo_consumers(stream, group)}
-            if listed >= {name for expected in names.values() for name in expected}:
-                return
-            await asyncio.sleep(0.01)
+    while time.monotonic() < deadline:
+        reading: set[str] = set()
+        with contextlib.suppress(ResponseError):  # no stream or group yet
+            for group in names:
+                reading |= {c["name"].decode() for c in await redis.xinfo_consumers(stream, group)}
+        if not is_cluster(redis):
+            reading |= {c["name"] for c in await redis.client_list() if c["cmd"] == "xreadgroup"}
+        if reading >= expected:
+            return
+        await asyncio.sleep(0.01)
     raise TimeoutError(f"the bench's consumers did not start within {timeout:.0f}s")
 
 
@@ -358,7 +368,7 @@ async def end_to_end(
     Rate = orders / (first publish .. last ack); `redis` (an admin) sets up and watches.
     """
     await reset(redis, settings)
-    async with workers(settings, kind, per_group) as reports:
+    async with workers(redis, settings, kind, per_group) as reports:
         started = time.perf_counter()
         await producer.publish_many(publisher, settings.stream_key, orders)
         finished = await wait_groups(redis, settings.stream_key, len(orders), timeout=600)
@@ -369,7 +379,7 @@ async def consume_only(redis: Redis, settings: Settings, orders: list[Order]) ->
     """One consumer per group draining a preloaded stream (groups in parallel processes)."""
     await reset(redis, settings)
     await producer.publish_many(redis, settings.stream_key, orders)
-    async with workers(settings, "ours", 1):
+    async with workers(redis, settings, "ours", 1):
         # Start the clock when both workers are reading, so process start-up is not counted.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -399,7 +409,7 @@ async def bytes_per_order(
     capabilities = await detect(redis)
 
     async def round_of(orders: list[Order]) -> int:
-        async with workers(settings, "ours", 1):
+        async with workers(redis, settings, "ours", 1):
             # A client of its own, closed before memory is read: its buffers are not counted.
             async with redis_connect(settings) as publisher:
                 if foreign:
@@ -464,7 +474,7 @@ async def latency(
     orders = bench_orders(total)
     tick = 0.002  # a steady stream, not bursts
     per_tick = max(1, int(per_second * tick))
-    async with workers(settings, "ours-timed", 1) as reports:
+    async with workers(redis, settings, "ours-timed", 1) as reports:
         started = time.perf_counter()
         for n in range(0, total, per_tick):
             now = datetime.now(UTC).isoformat()

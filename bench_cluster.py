@@ -88,7 +88,7 @@ async def measure(setup: Setup, sizes: bench.Sizes) -> dict[str, Any]:
             runs.append(bench.rate(len(orders), time.perf_counter() - started))
         await bench.reset(redis, settings)
         orders = bench.bench_orders(sizes.e2e)
-        async with bench.workers(settings, "ours", 1):
+        async with bench.workers(redis, settings, "ours", 1):
             before = await cpu_seconds(setup.servers)
             started = time.perf_counter()
             await producer.publish_many(redis, settings.stream_key, orders, partitions=count)
