@@ -221,10 +221,7 @@ class StreamConsumer:
             self.own_cursor = entries[-1][0]
             await self._handle(entries, await self._delivery_counts(entries[0][0], entries[-1][0]))
             return
-        if self.claim_on_read:
-            await self._read_claiming()
-            return
-        await self._handle(raw_entries_of(await self._read(">", "BLOCK", self._block_ms())), {})
+        await self._handle_new(await self._read(">", *self._new_entries("BLOCK", self._block_ms())))
 
     def _only_new_entries_due(self, now: float) -> bool:
         """Whether this turn only reads new entries (no reclaim, maintenance, retry or re-read is due)."""
@@ -241,17 +238,13 @@ class StreamConsumer:
         The read does not block, so the commit's reply is never held back waiting for new
         entries; when it finds none, the next turn blocks as usual.
         """
-        claim = ("CLAIM", self.settings.claim_idle_ms) if self.claim_on_read else ()
         retry, self.commit_sent = self.commit_sent, True
         pipe = self.redis.pipeline(transaction=False)
         pipe.execute_command(*self.fence.commit_call(self.acks, self.uncommitted))
-        pipe.execute_command(*self._read_command(">", *claim), raw_reply=True)
+        pipe.execute_command(*self._read_command(">", *self._new_entries()), raw_reply=True)
         committed, reply = await pipe.execute()
         self._committed(retry, commit_of(committed))
-        if self.claim_on_read:
-            await self._handle_claimed(reply)
-        else:
-            await self._handle(raw_entries_of(reply), {})
+        await self._handle_new(reply)
 
     async def _read(self, cursor: bytes | str, *options: str | int) -> Any:
         """XREADGROUP from `cursor` (">" for new entries) with `options`; Redis's reply, unparsed."""
@@ -264,20 +257,24 @@ class StreamConsumer:
             *options, "STREAMS", self.stream, cursor,
         )  # fmt: skip
 
-    async def _read_claiming(self) -> None:
-        """Redis 8.4+: one XREADGROUP ... CLAIM takes entries idle over CLAIM_IDLE_MS first, then new ones.
+    def _new_entries(self, *block: str | int) -> tuple[str | int, ...]:
+        """The options of a read of new entries (">"), after `block` ("BLOCK", ms, or nothing).
 
-        Idle means no live owner: a running consumer's lease thread keeps the entries it holds
-        fresh (the library's touch), however long its handlers take, so this never takes an
-        entry from a live, slow consumer; it takes those of consumers that are gone (and its
-        own, whose delivery reply was lost). The reply carries each entry's delivery count.
+        Redis 8.4+: one XREADGROUP ... CLAIM takes entries idle over CLAIM_IDLE_MS first, then
+        new ones. Idle means no live owner: a running consumer's lease thread keeps the entries
+        it holds fresh (the library's touch), however long its handlers take, so this never
+        takes an entry from a live, slow consumer; it takes those of consumers that are gone
+        (and its own, whose delivery reply was lost). The reply carries each entry's delivery count.
         """
-        await self._handle_claimed(
-            await self._read(">", "BLOCK", self._block_ms(), "CLAIM", self.settings.claim_idle_ms)
-        )
+        if self.claim_on_read:
+            return (*block, "CLAIM", self.settings.claim_idle_ms)
+        return block
 
-    async def _handle_claimed(self, reply: Any) -> None:
-        """Handle what an XREADGROUP ... CLAIM read: entries claimed from gone consumers, then new ones."""
+    async def _handle_new(self, reply: Any) -> None:
+        """Handle what a read of new entries returned (with CLAIM: first what it took from gone consumers)."""
+        if not self.claim_on_read:
+            await self._handle(raw_entries_of(reply), {})
+            return
         entries, deliveries, claimed = claimed_entries_of(reply)
         if claimed:
             idle = self.settings.claim_idle_ms

@@ -584,6 +584,13 @@ async def test_a_lost_ack_reply_neither_loses_nor_reruns(
         await dropper.close()
 
 
+async def _batch_on_a(redis: Redis, settings: Settings, count: int) -> tuple[str, list[bytes]]:
+    """`count` new orders read by consumer "a" of the email group: the group and the entry ids."""
+    await publish_many(redis, STREAM, sample_orders(count))
+    group = settings.email_group
+    return group, [entry_id for entry_id, _ in entries_of(await redis.xreadgroup(group, "a", {STREAM: ">"}))]
+
+
 @pytest.mark.parametrize("taken", [[0], [4], [9], [0, 3, 9]], ids=["first", "middle", "last", "several"])
 async def test_the_commit_acks_only_what_is_still_pending_on_this_consumer(
     redis: Redis, settings: Settings, taken: list[int]
@@ -596,9 +603,7 @@ async def test_the_commit_acks_only_what_is_still_pending_on_this_consumer(
     and a staged write applies only with an entry that is still ours.
     """
     await initialize(redis, settings)
-    await publish_many(redis, STREAM, sample_orders(12))
-    group = settings.email_group
-    ids = [entry_id for entry_id, _ in entries_of(await redis.xreadgroup(group, "a", {STREAM: ">"}))]
+    group, ids = await _batch_on_a(redis, settings, 12)
     plain, rich = ids[:10], ids[10:]
     claimed: list[StreamIdT] = [*[plain[n] for n in taken], rich[0]]
     await redis.xclaim(STREAM, group, "b", 0, claimed)
@@ -623,9 +628,7 @@ async def test_a_consumer_alone_in_its_group_commits_by_xack_and_still_fences(
     applies only with an entry that is pending on us.
     """
     await initialize(redis, settings)
-    await publish_many(redis, STREAM, sample_orders(12))
-    group = settings.email_group
-    ids = [entry_id for entry_id, _ in entries_of(await redis.xreadgroup(group, "a", {STREAM: ">"}))]
+    group, ids = await _batch_on_a(redis, settings, 12)
     plain, rich = ids[:10], ids[10:]
     await redis.xclaim(STREAM, group, "b", 0, [plain[2], rich[0]])
     await redis.xack(STREAM, group, plain[2], rich[0])  # b finished them: it holds nothing now
@@ -636,8 +639,7 @@ async def test_a_consumer_alone_in_its_group_commits_by_xack_and_still_fences(
     assert (await redis.xpending(STREAM, group))["pending"] == 0
     assert await redis.hget("{orders}:effects", "n") == b"1"  # rich[1]'s write only
 
-    await publish_many(redis, STREAM, sample_orders(5))
-    ids = [entry_id for entry_id, _ in entries_of(await redis.xreadgroup(group, "a", {STREAM: ">"}))]
+    _, ids = await _batch_on_a(redis, settings, 5)
     await redis.config_resetstat()
     assert await fence.commit(ids, []) == (5, [], [])
     assert (await redis.info("commandstats"))["cmdstat_xpending"]["calls"] == 1
