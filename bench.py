@@ -435,11 +435,20 @@ class _TimedConsumer(StreamConsumer):
     latencies: list[float]
     published: list[str]
 
-    def _committed(self, retry: bool, reply: tuple[int, list[bytes], list[str]]) -> None:
-        super()._committed(retry, reply)
+    def _committed(
+        self,
+        retry: bool,
+        reply: tuple[int, list[bytes], list[str]],
+        acks: list[bytes],
+        uncommitted: list[library.Commit],
+    ) -> None:
+        done = len(acks) + len(uncommitted)  # the first `done` orders handled: every one is acked
+        super()._committed(retry, reply, acks, uncommitted)
         now = time.time()
-        self.latencies.extend((now - datetime.fromisoformat(at).timestamp()) * 1000 for at in self.published)
-        self.published.clear()
+        self.latencies.extend(
+            (now - datetime.fromisoformat(at).timestamp()) * 1000 for at in self.published[:done]
+        )
+        del self.published[:done]
 
 
 async def worker_timed(settings: Settings, group: str) -> dict[str, Any]:

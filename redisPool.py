@@ -107,8 +107,10 @@ _FAST: dict[type[AbstractConnection], type[AbstractConnection]] = {
 
 
 def max_connections(settings: Settings) -> int:
-    """REDIS_MAX_CONNECTIONS, plus one per partition beyond the first: each keeps a blocking read open."""
-    return settings.redis_max_connections + settings.stream_partitions - 1
+    """REDIS_MAX_CONNECTIONS, plus two per partition beyond the first and one for the first: each
+    partition's consumer keeps a read open (blocking, or the next batch read while this one's
+    handlers run) and may call Redis meanwhile (the dedupe guard, a dead letter, the handler)."""
+    return settings.redis_max_connections + 2 * settings.stream_partitions - 1
 
 
 def connection_options(settings: Settings) -> dict[str, Any]:

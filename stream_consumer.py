@@ -159,9 +159,10 @@ class StreamConsumer:
         self.in_hand: tuple[bytes, ...] = ()  # the same, as the lease thread reads it to touch them
         self.maintenance_refused = False
         self.name_bytes = self.name.encode()
-        # The commit and the next read in one pipeline; not on a cluster, where redis-py sends a
-        # pipeline again whole after a failover, and one command at a time keeps that simple.
+        # The commit and the next read in one round trip; not on a cluster, where redis-py sends
+        # a pipeline again whole after a failover, and one command at a time keeps that simple.
         self.one_trip = not is_cluster(self.redis)
+        self.ahead: tuple[list[Entry], dict[bytes, int]] | None = None  # read while a batch ran
 
     async def run(self) -> Stats:
         """Consume until `stop` is set; the batch in hand is finished and committed before returning."""
@@ -178,6 +179,7 @@ class StreamConsumer:
             await self._recover(self._ensure_groups())
             while not self.stop.is_set():
                 await self._recover(self._turn())
+            await self._recover(self._handle_ahead())  # in hand too: finished, not left pending
             await self._recover(self._commit())
         log.info("consumer %s in group %s stopped: %s", self.name, self.group, self.stats)
         return self.stats
@@ -199,9 +201,11 @@ class StreamConsumer:
 
     async def _turn(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.one_trip and (self.acks or self.uncommitted) and self._only_new_entries_due(loop.time()):
+        busy = self.acks or self.uncommitted or self.ahead
+        if self.one_trip and busy and self._only_new_entries_due(loop.time()):
             await self._commit_then_read()
             return
+        await self._handle_ahead()
         await self._commit()
         # On the XREADGROUP CLAIM path too: Redis skips entries deleted (trimmed) while pending,
         # which would stay pending on a gone consumer forever; XCLAIM drops them.
@@ -221,7 +225,9 @@ class StreamConsumer:
             self.own_cursor = entries[-1][0]
             await self._handle(entries, await self._delivery_counts(entries[0][0], entries[-1][0]))
             return
-        await self._handle_new(await self._read(">", *self._new_entries("BLOCK", self._block_ms())))
+        await self._handle(
+            *self._new_of(await self._read(">", *self._new_entries("BLOCK", self._block_ms())))
+        )
 
     def _only_new_entries_due(self, now: float) -> bool:
         """Whether this turn only reads new entries (no reclaim, maintenance, retry or re-read is due)."""
@@ -233,18 +239,53 @@ class StreamConsumer:
         )
 
     async def _commit_then_read(self) -> None:
-        """Commit what is done and read the next batch in one round trip (Redis runs them in turn).
+        """Commit what is done and read the next batch in one round trip, handling meanwhile the
+        batch the last one read ahead, if any.
 
-        The read does not block, so the commit's reply is never held back waiting for new
-        entries; when it finds none, the next turn blocks as usual.
+        Redis runs the commit, then the read, while the handlers run; their replies are taken
+        after. The read does not block, so the commit's reply is never held back; when it finds
+        nothing, the next turn blocks as usual. What it finds is handled in the next turn (then,
+        while Redis serves the read after it): a consumer holds at most two batches. With
+        XREADGROUP ... CLAIM (Redis 8.4+) it is handled at once instead: there only entries in
+        hand are kept from looking idle, and these would idle while their read waits.
         """
-        retry, self.commit_sent = self.commit_sent, True
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.execute_command(*self.fence.commit_call(self.acks, self.uncommitted))
-        pipe.execute_command(*self._read_command(">", *self._new_entries()), raw_reply=True)
-        committed, reply = await pipe.execute()
-        self._committed(retry, commit_of(committed))
-        await self._handle_new(reply)
+        acks, uncommitted = self.acks, self.uncommitted
+        self.acks, self.uncommitted = [], []  # what the handlers of the batch read ahead finish
+        commit = bool(acks or uncommitted)
+        retry, self.commit_sent = self.commit_sent, self.commit_sent or commit
+        pool = self.redis.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        answered = False
+        try:
+            if commit:
+                await connection.send_command(*self.fence.commit_call(acks, uncommitted))
+            await connection.send_command(*self._read_command(">", *self._new_entries()))
+            await self._handle_ahead()
+            committed = await connection.read_response() if commit else None
+            reply = await connection.read_response()
+            answered = True
+        except BaseException:
+            # The commit may or may not have applied: it is sent again, as a retry, with what
+            # finished since. (_recover has our own pending entries read again, for the read's.)
+            self.acks, self.uncommitted = acks + self.acks, uncommitted + self.uncommitted
+            raise
+        finally:
+            if not answered:  # replies may still be on their way: that connection is done
+                await connection.disconnect()
+            await pool.release(connection)
+        if commit:
+            self._committed(retry, commit_of(committed), acks, uncommitted)
+        entries, deliveries = self._new_of(reply)
+        if self.claim_on_read:
+            await self._handle(entries, deliveries)
+        elif entries:
+            self.ahead = entries, deliveries
+
+    async def _handle_ahead(self) -> None:
+        """Handle the batch read ahead, if any."""
+        if self.ahead is not None:
+            (entries, deliveries), self.ahead = self.ahead, None
+            await self._handle(entries, deliveries)
 
     async def _read(self, cursor: bytes | str, *options: str | int) -> Any:
         """XREADGROUP from `cursor` (">" for new entries) with `options`; Redis's reply, unparsed."""
@@ -270,17 +311,17 @@ class StreamConsumer:
             return (*block, "CLAIM", self.settings.claim_idle_ms)
         return block
 
-    async def _handle_new(self, reply: Any) -> None:
-        """Handle what a read of new entries returned (with CLAIM: first what it took from gone consumers)."""
+    def _new_of(self, reply: Any) -> tuple[list[Entry], dict[bytes, int]]:
+        """What a read of new entries returned (with CLAIM: first what it took from gone consumers),
+        and the delivery count of each entry delivered before."""
         if not self.claim_on_read:
-            await self._handle(raw_entries_of(reply), {})
-            return
+            return raw_entries_of(reply), {}
         entries, deliveries, claimed = claimed_entries_of(reply)
         if claimed:
             idle = self.settings.claim_idle_ms
             log.info("claimed %d entries idle over %d ms from consumers that are gone", claimed, idle)
             self.stats.reclaimed += claimed
-        await self._handle(entries, deliveries)
+        return entries, deliveries
 
     def _block_ms(self) -> int:
         """Block for new entries, but wake in time for the next reclaim or retry."""
@@ -503,11 +544,19 @@ class StreamConsumer:
         if not self.acks and not self.uncommitted:
             return
         retry, self.commit_sent = self.commit_sent, True
-        self._committed(retry, await self.fence.commit(self.acks, self.uncommitted))
+        self._committed(
+            retry, await self.fence.commit(self.acks, self.uncommitted), self.acks, self.uncommitted
+        )
 
-    def _committed(self, retry: bool, reply: tuple[int, list[bytes], list[str]]) -> None:
-        """Account for a commit's reply; `retry` when it was sent again after a lost reply."""
-        acks, uncommitted = self.acks, self.uncommitted
+    def _committed(
+        self,
+        retry: bool,
+        reply: tuple[int, list[bytes], list[str]],
+        acks: list[bytes],
+        uncommitted: list[Commit],
+    ) -> None:
+        """Account for the reply of the commit of `acks` and `uncommitted` (then emptied); `retry`
+        when it was sent again after a lost reply."""
         acked, fenced, refused = reply
         gone = len(acks) + len(uncommitted) - acked - len(fenced)  # pending on no consumer
         if gone:
@@ -684,7 +733,7 @@ async def serve(
             if task is not None:
                 task.cancel()
         else:
-            log.info("%s: finishing the batch in hand, then exiting (send it again to exit at once)", name)
+            log.info("%s: finishing the batches in hand, then exiting (send it again to exit at once)", name)
             stop.set()
 
     if group not in settings.groups:

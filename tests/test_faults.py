@@ -411,15 +411,23 @@ def test_a_network_partition_between_consumer_and_redis_heals(tmp_path: Path) ->
 
 
 class ReplyDropper:
-    """A TCP proxy to Redis that swallows the first reply matching `drop(command, reply)`.
+    """A TCP proxy to Redis that swallows the first reply matching `drop(command, reply)`, or,
+    given `request`, the first request matching it (it never reaches Redis).
 
     Requests and replies are parsed with hiredis to pair each reply with its command; replies
     are re-encoded (RESP3), which redis-py reads the same. The connection stays open, so the
     client sees what a lost packet looks like: silence, then its socket timeout.
     """
 
-    def __init__(self, target_port: int, drop: Callable[[bytes, Any], bool], limit: int = 1) -> None:
+    def __init__(
+        self,
+        target_port: int,
+        drop: Callable[[bytes, Any], bool],
+        limit: int = 1,
+        request: Callable[[list[bytes]], bool] | None = None,
+    ) -> None:
         self.target_port, self.drop, self.dropped, self.limit = target_port, drop, 0, limit
+        self.request = request
         self.server: asyncio.Server | None = None
 
     async def start(self) -> int:
@@ -434,19 +442,27 @@ class ReplyDropper:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         names: list[bytes] = []
+        silent = False  # after a lost reply or request, nothing more passes, as on a cut connection
 
         async def requests() -> None:
+            nonlocal silent
             parser = hiredis.Reader()
             while data := await reader.read(65536):
                 parser.feed(data)
+                out = []
                 while (command := parser.gets()) is not False:
-                    names.append(command[0].upper())
-                up_writer.write(data)
+                    if not silent and self.request and self.dropped < self.limit and self.request(command):
+                        self.dropped += 1
+                        silent = True
+                    if not silent:
+                        names.append(command[0].upper())
+                        out.append(hiredis.pack_command(tuple(command)))
+                up_writer.write(b"".join(out))
                 await up_writer.drain()
 
         async def replies() -> None:
+            nonlocal silent
             parser = hiredis.Reader()
-            silent = False  # after a lost reply, nothing more arrives on that connection, as on a cut one
             while data := await up_reader.read(65536):
                 parser.feed(data)
                 out = []
@@ -553,35 +569,75 @@ def _is_commit(name: bytes, reply: Any) -> bool:
     return name == b"FCALL" and isinstance(reply, list) and len(reply) == 3 and isinstance(reply[1], list)
 
 
-@pytest.mark.parametrize("window", ["3600000", "0"], ids=["guard-on", "guard-off"])
-async def test_a_lost_ack_reply_neither_loses_nor_reruns(
-    own_server: LocalRedis, window: str, caplog: pytest.LogCaptureFixture
+async def _drain_through(
+    dropper: ReplyDropper, server: LocalRedis, window: str, with_read: bool = True
 ) -> None:
-    """The commit's reply is lost: the commit is sent again, with the read that went with it.
-
-    The first try's read delivered entries whose reply was lost too; they are read again from
-    the consumer's own pending entries at once, not after CLAIM_IDLE_MS. No line says another
-    consumer holds them.
-    """
-    dropper = ReplyDropper(own_server.port, _is_commit)
+    """Publish 20 orders and drain them with one email consumer through `dropper` (500 ms
+    socket timeout); assert the dropper struck once and every order ran exactly once."""
     port = await dropper.start()
     settings = make_settings(f"redis://127.0.0.1:{port}/0", SOCKET_TIMEOUT_MS="500", DEDUPE_WINDOW_MS=window)
-    direct = Redis.from_url(own_server.url)
+    direct = Redis.from_url(server.url)
     orders = sample_orders(20)
     try:
         await initialize(direct, settings)
         await publish_many(direct, STREAM, orders)
         recorder = Recorder()
-        member = ("email_group", "c", recorder.handler("c"))
-        async with redis_connect(settings) as redis, running(redis, settings, member):
-            await wait_until(lambda: caught_up(direct, STREAM, ["email_group"]), "every order acked")
+        async with redis_connect(settings) as redis:
+            consumer = StreamConsumer(redis, settings, "email_group", "c", recorder.handler("c"))
+            consumer.one_trip = with_read  # False: as on a cluster, the commit goes by itself
+            task = asyncio.create_task(consumer.run())
+            try:
+                await wait_until(lambda: caught_up(direct, STREAM, ["email_group"]), "every order acked")
+            finally:
+                consumer.stop.set()
+                async with asyncio.timeout(10):
+                    await task
         assert dropper.dropped == 1
         assert sorted(recorder.order_ids()) == sorted(o.order_id for o in orders)  # each exactly once
-        assert "while this one worked on them" not in caplog.text
-        assert "no longer pending at commit" in caplog.text
     finally:
         await direct.aclose()
         await dropper.close()
+
+
+@pytest.mark.parametrize("window", ["3600000", "0"], ids=["guard-on", "guard-off"])
+@pytest.mark.parametrize("with_read", [True, False], ids=["with-the-read", "alone"])
+async def test_a_lost_ack_reply_neither_loses_nor_reruns(
+    own_server: LocalRedis, window: str, with_read: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The commit's reply is lost; the commit is sent again and nothing runs twice.
+
+    With the read (one Redis): the consumer sends it again itself, knowing it is a second try,
+    so it says only that Redis was unreachable; the entries that read delivered are read again
+    from its own pending entries at once, not after CLAIM_IDLE_MS. Alone (as on a cluster):
+    redis-py sends it again by itself, and the consumer names both possible causes of entries
+    that were no longer pending. Either way no line says another consumer holds them.
+    """
+    await _drain_through(ReplyDropper(own_server.port, _is_commit), own_server, window, with_read)
+    assert "while this one worked on them" not in caplog.text
+    if with_read:
+        assert "Redis unreachable (TimeoutError" in caplog.text
+        assert "no longer pending at commit" not in caplog.text
+    else:
+        assert "no longer pending at commit" in caplog.text
+
+
+@pytest.mark.parametrize("window", ["3600000", "0"], ids=["guard-on", "guard-off"])
+async def test_a_commit_lost_on_its_way_is_sent_again_and_nothing_reruns(
+    own_server: LocalRedis, window: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The commit sent with the next read never reaches Redis (then the connection goes silent).
+
+    What it would have acked is kept and committed by the next try: not left pending to be
+    read again from the consumer's own entries and run a second time.
+    """
+
+    def commit_call(command: list[bytes]) -> bool:
+        return command[0].upper() == b"FCALL" and command[1].endswith(b"_commit")
+
+    await _drain_through(
+        ReplyDropper(own_server.port, lambda *_: False, request=commit_call), own_server, window
+    )
+    assert "Redis unreachable (TimeoutError" in caplog.text
 
 
 async def _batch_on_a(redis: Redis, settings: Settings, count: int) -> tuple[str, list[bytes]]:
@@ -643,3 +699,23 @@ async def test_a_consumer_alone_in_its_group_commits_by_xack_and_still_fences(
     await redis.config_resetstat()
     assert await fence.commit(ids, []) == (5, [], [])
     assert (await redis.info("commandstats"))["cmdstat_xpending"]["calls"] == 1
+
+
+async def test_one_pooled_connection_is_enough_for_a_consumer(
+    redis: Redis, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """REDIS_MAX_CONNECTIONS=1: the consumer's read of the next batch holds a connection while
+    this batch's dedupe-guard calls need another; the pool has room for both."""
+    settings = make_settings(redis_url, REDIS_MAX_CONNECTIONS="1", BATCH_SIZE="5")
+    await initialize(redis, settings)
+    orders = sample_orders(30)
+    for order in orders:  # not from this project's producer: each passes the dedupe guard
+        await redis.xadd(STREAM, {"data": serialize(order)})
+    recorder = Recorder()
+    async with (
+        redis_connect(settings) as client,
+        running(client, settings, ("email_group", "c", recorder.handler("c"))),
+    ):
+        await wait_until(lambda: caught_up(redis, STREAM, ["email_group"]), "every order acked")
+    assert sorted(recorder.order_ids()) == sorted(o.order_id for o in orders)
+    assert "Redis" not in caplog.text, caplog.text  # no error, no retry

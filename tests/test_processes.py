@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 from conftest import Script, run_script, script_env, wait_until
 from redis.asyncio import Redis
+from test_promises import ran
 
 from local_redis import LocalRedis, free_port
+from maintenance import detect
 from orders import serialize
 from producer import publish_many, sample_orders
 from status import caught_up
@@ -52,8 +54,39 @@ async def test_sigterm_finishes_the_batch_and_exits_0_with_nothing_pending(
     assert consumer.wait(15) == 0
     assert await pending(redis, "fulfillment_group") == 0
     output = consumer.output()
-    assert "SIGTERM: finishing the batch in hand" in output
+    assert "SIGTERM: finishing the batches in hand" in output
     assert "stopped: processed=" in output
+    no_traceback(output)
+
+
+async def test_sigterm_also_finishes_the_batch_read_ahead(
+    redis: Redis, redis_url: str, scripts: Start
+) -> None:
+    """SIGTERM while a batch runs and the next one is already read: both are finished and acked.
+
+    Batches of 5 orders of 60 ms each, 40 orders waiting. From the third batch on, each batch
+    runs while Redis serves the read of the next, so when the signal comes during the third,
+    the fourth is in hand too: it must run and be acked, not be left pending. (Redis 8.4+:
+    a consumer does not read ahead, so it finishes the third and stops.)
+    """
+    env = script_env(redis_url, CONSUMER_NAME="c1", BATCH_SIZE="5", HANDLER_MS="60")
+    consumer = scripts("tests.slow_service", env)
+    await wait_until(lambda: blocked_reader(redis, "c1"), "the consumer to block on XREADGROUP")
+    orders = sample_orders(40)
+    await publish_many(redis, STREAM, orders)
+    await wait_until(
+        lambda: f"ran order {orders[10].order_id}" in consumer.output(), "the third batch to run"
+    )
+    consumer.process.send_signal(signal.SIGTERM)
+    assert consumer.wait(15) == 0
+    assert await pending(redis, "fulfillment_group") == 0
+    output = consumer.output()
+    runs = ran([output])
+    assert set(runs.values()) == {1}  # none twice
+    assert sorted(runs, key=[o.order_id for o in orders].index) == [o.order_id for o in orders[: len(runs)]]
+    # Whole batches: the one running at the signal and the one read ahead, then nothing more.
+    assert len(runs) % 5 == 0
+    assert (15 if (await detect(redis)).readgroup_claim else 20) <= len(runs) < 40
     no_traceback(output)
 
 
