@@ -201,8 +201,7 @@ class StreamConsumer:
 
     async def _turn(self) -> None:
         loop = asyncio.get_running_loop()
-        busy = self.acks or self.uncommitted or self.ahead
-        if self.one_trip and busy and self._only_new_entries_due(loop.time()):
+        if self.one_trip and self._only_new_entries_due(loop.time()):
             await self._commit_then_read()
             return
         await self._handle_ahead()
@@ -239,47 +238,49 @@ class StreamConsumer:
         )
 
     async def _commit_then_read(self) -> None:
-        """Commit what is done and read the next batch in one round trip, handling meanwhile the
-        batch the last one read ahead, if any.
+        """Commit what is done and read new entries in one round trip, handling meanwhile the
+        batch read ahead last time, if any.
 
-        Redis runs the commit, then the read, while the handlers run; their replies are taken
-        after. The read does not block, so the commit's reply is never held back; when it finds
-        nothing, the next turn blocks as usual. What it finds is handled in the next turn (then,
-        while Redis serves the read after it): a consumer holds at most two batches. With
-        XREADGROUP ... CLAIM (Redis 8.4+) it is handled at once instead: there only entries in
-        hand are kept from looking idle, and these would idle while their read waits.
+        Redis runs the commit, then the read; their replies are taken after those handlers, so
+        Redis serves both while they run. With nothing to handle meanwhile the read blocks for
+        new entries, and the commit's reply, which Redis sends at once, is taken first. A full
+        batch is read ahead: handled in the next turn, while Redis serves the read after it, so
+        a consumer holds at most two batches. Less than a full batch is handled at once (there
+        is no backlog to read ahead). With XREADGROUP ... CLAIM (Redis 8.4+) every batch is
+        handled at once: only entries in hand are kept from looking idle, and a batch read
+        ahead would idle, unseen, while the one before it runs.
         """
         acks, uncommitted = self.acks, self.uncommitted
         self.acks, self.uncommitted = [], []  # what the handlers of the batch read ahead finish
         commit = bool(acks or uncommitted)
         retry, self.commit_sent = self.commit_sent, self.commit_sent or commit
+        block = () if self.ahead is not None else ("BLOCK", self._block_ms())
         pool = self.redis.connection_pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        answered = False
+        committed, answered = not commit, False
         try:
             if commit:
                 await connection.send_command(*self.fence.commit_call(acks, uncommitted))
-            await connection.send_command(*self._read_command(">", *self._new_entries()))
+            await connection.send_command(*self._read_command(">", *self._new_entries(*block)))
             await self._handle_ahead()
-            committed = await connection.read_response() if commit else None
-            reply = await connection.read_response()
+            if commit:
+                reply = commit_of(await connection.read_response())
+                committed = True
+                self._committed(retry, reply, acks, uncommitted)
+            entries, deliveries = self._new_of(await connection.read_response())
             answered = True
         except BaseException:
-            # The commit may or may not have applied: it is sent again, as a retry, with what
-            # finished since. (_recover has our own pending entries read again, for the read's.)
-            self.acks, self.uncommitted = acks + self.acks, uncommitted + self.uncommitted
-            raise
+            if not committed:  # it may or may not have applied: sent again, as a retry, with the rest
+                self.acks, self.uncommitted = acks + self.acks, uncommitted + self.uncommitted
+            raise  # (_recover then has our own pending entries read again, for the read's)
         finally:
             if not answered:  # replies may still be on their way: that connection is done
                 await connection.disconnect()
             await pool.release(connection)
-        if commit:
-            self._committed(retry, commit_of(committed), acks, uncommitted)
-        entries, deliveries = self._new_of(reply)
-        if self.claim_on_read:
-            await self._handle(entries, deliveries)
-        elif entries:
+        if len(entries) == self.settings.batch_size and not self.claim_on_read:
             self.ahead = entries, deliveries
+        else:
+            await self._handle(entries, deliveries)
 
     async def _handle_ahead(self) -> None:
         """Handle the batch read ahead, if any."""
