@@ -250,18 +250,20 @@ class StreamConsumer:
         handled at once: only entries in hand are kept from looking idle, and a batch read
         ahead would idle, unseen, while the one before it runs.
         """
+        pool = self.redis.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         acks, uncommitted = self.acks, self.uncommitted
         self.acks, self.uncommitted = [], []  # what the handlers of the batch read ahead finish
         commit = bool(acks or uncommitted)
         retry, self.commit_sent = self.commit_sent, self.commit_sent or commit
-        block = () if self.ahead is not None else ("BLOCK", self._block_ms())
-        pool = self.redis.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         committed, answered = not commit, False
         try:
-            if commit:
-                await connection.send_command(*self.fence.commit_call(acks, uncommitted))
-            await connection.send_command(*self._read_command(">", *self._new_entries(*block)))
+            commands: list[Iterable[EncodableT]] = (
+                [self.fence.commit_call(acks, uncommitted)] if commit else []
+            )
+            block = () if self.ahead is not None else ("BLOCK", self._block_ms())
+            commands.append(self._read_command(">", *self._new_entries(*block)))
+            await connection.send_packed_command(connection.pack_commands(commands))  # one write
             await self._handle_ahead()
             if commit:
                 reply = commit_of(await connection.read_response())
