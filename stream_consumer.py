@@ -62,6 +62,7 @@ from tx import Tx
 log = logging.getLogger("stream_consumer")
 
 Handler = Callable[[Order], Awaitable[None]]
+Taken = tuple[list[bytes], list[Commit], bool]  # a commit's acks and entries, and whether it is a retry
 TxHandler = Callable[[Order, Tx], Awaitable[None]]  # stages Redis writes that commit with the order
 AnyHandler = Handler | TxHandler
 Runnable = tuple[bytes, dict[bytes, bytes], Order, int]  # entry id, fields, order, delivery
@@ -238,42 +239,46 @@ class StreamConsumer:
         )
 
     async def _commit_then_read(self) -> None:
-        """Commit what is done and read new entries in one round trip, handling meanwhile the
-        batch read ahead last time, if any.
+        """Commit what is done and read new entries in one round trip; meanwhile handle the batch
+        read ahead last time, if any, and commit it as soon as it is done.
 
-        Redis runs the commit, then the read; their replies are taken after those handlers, so
-        Redis serves both while they run. With nothing to handle meanwhile the read blocks for
-        new entries, and the commit's reply, which Redis sends at once, is taken first. A full
-        batch is read ahead: handled in the next turn, while Redis serves the read after it, so
-        a consumer holds at most two batches. Less than a full batch is handled at once (there
-        is no backlog to read ahead). With XREADGROUP ... CLAIM (Redis 8.4+) every batch is
-        handled at once: only entries in hand are kept from looking idle, and a batch read
-        ahead would idle, unseen, while the one before it runs.
+        Redis runs the read while those handlers run. With nothing to handle meanwhile the read
+        blocks for new entries; the commit's reply, which Redis sends at once, is taken first.
+        A full batch is read ahead: handled in the next turn, while Redis serves the read after
+        it, so a consumer holds at most two batches, only one of them ever done and not
+        committed. Less than a full batch is handled at once (there is no backlog to read
+        ahead). With XREADGROUP ... CLAIM (Redis 8.4+) every batch is handled at once: only
+        entries in hand are kept from looking idle, and a batch read ahead would idle, unseen,
+        while the one before it runs.
         """
         pool = self.redis.connection_pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        acks, uncommitted = self.acks, self.uncommitted
-        self.acks, self.uncommitted = [], []  # what the handlers of the batch read ahead finish
-        commit = bool(acks or uncommitted)
-        retry, self.commit_sent = self.commit_sent, self.commit_sent or commit
-        committed, answered = not commit, False
+        owed: list[Taken] = []  # commits sent whose reply is not read yet, in order
+        answered = False
         try:
-            commands: list[Iterable[EncodableT]] = (
-                [self.fence.commit_call(acks, uncommitted)] if commit else []
-            )
+            commands: list[Iterable[EncodableT]] = []
+            if taken := self._take_commit():
+                owed.append(taken)
+                commands.append(self.fence.commit_call(taken[0], taken[1]))
+            commit_first = bool(commands)
             block = () if self.ahead is not None else ("BLOCK", self._block_ms())
             commands.append(self._read_command(">", *self._new_entries(*block)))
             await connection.send_packed_command(connection.pack_commands(commands))  # one write
-            await self._handle_ahead()
-            if commit:
-                reply = commit_of(await connection.read_response())
-                committed = True
-                self._committed(retry, reply, acks, uncommitted)
+            if self.ahead is not None:
+                await self._handle_ahead()
+                if taken := self._take_commit():  # at once, not after the read's reply
+                    owed.append(taken)
+                    await connection.send_command(*self.fence.commit_call(taken[0], taken[1]))
+            if commit_first:  # its reply comes before the read's
+                self._committed_owed(owed, commit_of(await connection.read_response()))
             entries, deliveries = self._new_of(await connection.read_response())
+            while owed:
+                self._committed_owed(owed, commit_of(await connection.read_response()))
             answered = True
         except BaseException:
-            if not committed:  # it may or may not have applied: sent again, as a retry, with the rest
+            for acks, uncommitted, _ in reversed(owed):  # may or may not have applied: sent again
                 self.acks, self.uncommitted = acks + self.acks, uncommitted + self.uncommitted
+            self.commit_sent = self.commit_sent or bool(owed)  # as a retry
             raise  # (_recover then has our own pending entries read again, for the read's)
         finally:
             if not answered:  # replies may still be on their way: that connection is done
@@ -283,6 +288,18 @@ class StreamConsumer:
             self.ahead = entries, deliveries
         else:
             await self._handle(entries, deliveries)
+
+    def _take_commit(self) -> Taken | None:
+        """What is done and not committed, moved aside for a commit about to be sent."""
+        if not self.acks and not self.uncommitted:
+            return None
+        taken = self.acks, self.uncommitted, self.commit_sent
+        self.acks, self.uncommitted, self.commit_sent = [], [], False
+        return taken
+
+    def _committed_owed(self, owed: list[Taken], reply: tuple[int, list[bytes], list[str]]) -> None:
+        acks, uncommitted, retry = owed.pop(0)
+        self._committed(retry, reply, acks, uncommitted)
 
     async def _handle_ahead(self) -> None:
         """Handle the batch read ahead, if any."""
@@ -679,7 +696,9 @@ class StreamConsumer:
                 self.trouble_since, self.backoff = None, BACKOFF_START_S
             return True
         # A reply lost in the failure may have delivered entries to us: read our own pending again.
-        self.own_cursor = b"0"
+        # The batch read ahead is among them: not handled now, while Redis may be away (a handled
+        # entry that cannot be committed is run again if the lease lapses meanwhile).
+        self.own_cursor, self.ahead = b"0", None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stop.wait(), self.backoff)
         self.backoff = min(self.backoff * 2, BACKOFF_CAP_S)
