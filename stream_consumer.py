@@ -2,11 +2,12 @@
 
 Each turn: commit what is done, take over entries idle too long on consumers that are gone
 (their lease lapsed), re-read this consumer's own pending entries when due, then block for
-new ones. Poison entries move to the dead-letter stream. With the dedupe guard on, an atomic
-admission step lets one consumer of the group run an order at a time, once per window. Every
-commit and dead-letter is fenced: it applies only to entries still pending on this consumer
-(library.lua). A Redis outage, a lost group or a deleted stream is logged once, then retried
-with backoff; nothing here crashes on them.
+new ones; on one Redis the commit travels with the read, and under a backlog the next batch
+is read while this one's handlers run. Poison entries move to the dead-letter stream. With
+the dedupe guard on, an atomic admission step lets one consumer of the group run an order at
+a time, once per window. Every commit and dead-letter is fenced: it applies only to entries
+still pending on this consumer (library.lua). A Redis outage, a lost group or a deleted
+stream is logged once, then retried with backoff; nothing here crashes on them.
 """
 
 from __future__ import annotations
@@ -62,10 +63,10 @@ from tx import Tx
 log = logging.getLogger("stream_consumer")
 
 Handler = Callable[[Order], Awaitable[None]]
-Taken = tuple[list[bytes], list[Commit], bool]  # a commit's acks and entries, and whether it is a retry
 TxHandler = Callable[[Order, Tx], Awaitable[None]]  # stages Redis writes that commit with the order
 AnyHandler = Handler | TxHandler
 Runnable = tuple[bytes, dict[bytes, bytes], Order, int]  # entry id, fields, order, delivery
+Taken = tuple[list[bytes], list[Commit], bool]  # a commit's acks and entries, and whether it is a retry
 NO_WRITES: list[list[EncodableT]] = []  # what a handler that takes only the order stages (never appended to)
 
 BACKOFF_START_S = 0.1
@@ -160,8 +161,9 @@ class StreamConsumer:
         self.in_hand: tuple[bytes, ...] = ()  # the same, as the lease thread reads it to touch them
         self.maintenance_refused = False
         self.name_bytes = self.name.encode()
-        # The commit and the next read in one round trip; not on a cluster, where redis-py sends
-        # a pipeline again whole after a failover, and one command at a time keeps that simple.
+        # The commit and the next read in one round trip, the next batch read ahead; not on a
+        # cluster, where a failover moves the stream's slot, and one command at a time through
+        # the cluster client keeps that simple.
         self.one_trip = not is_cluster(self.redis)
         self.ahead: tuple[list[Entry], dict[bytes, int]] | None = None  # read while a batch ran
 
