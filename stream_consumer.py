@@ -259,18 +259,16 @@ class StreamConsumer:
         answered = False
         try:
             commands: list[Iterable[EncodableT]] = []
-            if taken := self._take_commit():
-                owed.append(taken)
-                commands.append(self.fence.commit_call(taken[0], taken[1]))
+            if commit := self._commit_owed(owed):
+                commands.append(commit)
             commit_first = bool(commands)
             block = () if self.ahead is not None else ("BLOCK", self._block_ms())
             commands.append(self._read_command(">", *self._new_entries(*block)))
             await connection.send_packed_command(connection.pack_commands(commands))  # one write
             if self.ahead is not None:
                 await self._handle_ahead()
-                if taken := self._take_commit():  # at once, not after the read's reply
-                    owed.append(taken)
-                    await connection.send_command(*self.fence.commit_call(taken[0], taken[1]))
+                if commit := self._commit_owed(owed):  # at once, not after the read's reply
+                    await connection.send_command(*commit)
             if commit_first:  # its reply comes before the read's
                 self._committed_owed(owed, commit_of(await connection.read_response()))
             entries, deliveries = self._new_of(await connection.read_response())
@@ -291,13 +289,14 @@ class StreamConsumer:
         else:
             await self._handle(entries, deliveries)
 
-    def _take_commit(self) -> Taken | None:
-        """What is done and not committed, moved aside for a commit about to be sent."""
+    def _commit_owed(self, owed: list[Taken]) -> list[EncodableT] | None:
+        """The commit of what is done, moved aside onto `owed` until its reply; None if nothing is."""
         if not self.acks and not self.uncommitted:
             return None
-        taken = self.acks, self.uncommitted, self.commit_sent
+        owed.append((self.acks, self.uncommitted, self.commit_sent))
+        call = self.fence.commit_call(self.acks, self.uncommitted)
         self.acks, self.uncommitted, self.commit_sent = [], [], False
-        return taken
+        return call
 
     def _committed_owed(self, owed: list[Taken], reply: tuple[int, list[bytes], list[str]]) -> None:
         acks, uncommitted, retry = owed.pop(0)
@@ -580,12 +579,9 @@ class StreamConsumer:
         """Account for the reply of the commit of `acks` and `uncommitted` (then emptied); `retry`
         when it was sent again after a lost reply."""
         acked, fenced, refused = reply
-        gone = len(acks) + len(uncommitted) - acked - len(fenced)  # pending on no consumer
-        if gone:
-            # Finished by a consumer that took them over, or committed by a try of this commit
-            # whose reply was lost (redis-py sends a command again after a lost reply). A read
-            # sent with that try may have delivered entries we never saw: read our own again.
-            self.own_cursor = b"0"
+        # Pending on no consumer: finished by one that took them over, or committed by a try of
+        # this commit whose reply was lost (redis-py sends a command again after a lost reply).
+        gone = len(acks) + len(uncommitted) - acked - len(fenced)
         if self.claim_on_read:  # acked (or another's now): nothing to keep fresh any more
             self._release(itertools.chain(acks, (entry_id for entry_id, _, _ in uncommitted)))
         acks.clear()
