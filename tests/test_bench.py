@@ -72,6 +72,10 @@ def results(production: float | None) -> dict[str, Any]:
         "latency_rate_per_s": 4_990.0,
         "latency_p50_ms": 2.0,
         "latency_p99_ms": 4.0,
+        "latency_p99_rounds_ms": [4.0],
+        "latency_bare_p50_ms": 1.5,
+        "latency_bare_p99_ms": 3.0,
+        "latency_bare_p99_rounds_ms": [3.0],
         "consumer_rss_mb_first": 39.0,
         "consumer_rss_mb_last": 39.0,
         "redis_used_mb": 500.0,
@@ -118,6 +122,21 @@ def test_the_safety_cost_is_the_median_of_rounds_run_in_turn() -> None:
     assert "end to end: hand-written loop, no safety features, median of 3 " in text
     assert "end to end: ours again (same size), median of 3 " in text
     assert "safety features: ours runs at 50%" in bench.table(results(90_000.0))  # one round: its ratio
+    faster = bench.table(results(90_000.0) | {"e2e_safety_ratios": [1.2]})
+    assert "ours runs at 120% of the hand-written loop's rate (no cost measured: ours reads ahead)" in faster
+
+
+def test_latency_is_the_median_of_rounds_beside_the_hand_written_loop() -> None:
+    r = results(90_000.0) | {"e2e_safety_ratios": [0.8, 0.7, 0.9]}
+    r |= {"latency_p99_rounds_ms": [4.0, 9.5, 3.0], "latency_bare_p99_rounds_ms": [3.0, 8.0, 2.5]}
+    text = bench.table(r)
+    assert "(4,990/s reached, median of 3): p50 2.00 ms, p99 4.00 ms (rounds: 4.00, 9.50, 3.00)" in text
+    assert (
+        "the hand-written loop in the same rounds: p50 1.50 ms, p99 3.00 ms (rounds: 3.00, 8.00, 2.50)"
+        in text
+    )
+    one = bench.table(results(90_000.0))
+    assert "(4,990/s reached): p50 2.00 ms, p99 4.00 ms\n" in one  # one round: no list
 
 
 def test_without_the_production_users_the_table_says_why() -> None:
