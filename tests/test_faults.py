@@ -719,3 +719,128 @@ async def test_one_pooled_connection_is_enough_for_a_consumer(
         await wait_until(lambda: caught_up(redis, STREAM, ["email_group"]), "every order acked")
     assert sorted(recorder.order_ids()) == sorted(o.order_id for o in orders)
     assert "Redis" not in caplog.text, caplog.text  # no error, no retry
+
+
+class Gate:
+    """A TCP proxy to Redis that can be cut: `cut()` closes every connection through it and
+    refuses new ones (each is closed at once) until `heal()`, as a Redis that went away."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port, self.open = target_port, True
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def cut(self) -> None:
+        """Close every connection through the gate; return once each close has gone out."""
+        self.open = False
+        for writer in list(self.writers):
+            writer.close()
+        for writer in list(self.writers):
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+
+    def heal(self) -> None:
+        self.open = True
+
+    async def close(self) -> None:
+        await self.cut()
+        if self.server is not None:
+            self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers.add(up_writer)
+        if not self.open:  # cut before, or while this connection was being made
+            for end in (writer, up_writer):
+                end.close()
+                self.writers.discard(end)
+            return
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+
+        with contextlib.suppress(ConnectionError, OSError):
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        for end in (writer, up_writer):
+            end.close()
+            self.writers.discard(end)
+
+
+class _CutWhenAhead(StreamConsumer):
+    """Cuts `gate` the first time it holds a batch read ahead, and drops its pooled connections:
+    its next turn finds Redis gone before it sends anything."""
+
+    gate: Gate
+    was_cut = False
+
+    async def _commit_then_read(self) -> None:
+        await super()._commit_then_read()
+        if self.ahead is not None and not self.was_cut:
+            self.was_cut = True
+            await self.gate.cut()
+            # Else a connection whose close the event loop has not seen yet takes the next send,
+            # and the failure only shows after it: then the batch is handled, as any batch in
+            # hand when an outage begins, and its commit is sent again once Redis is back.
+            await self.redis.connection_pool.disconnect()
+
+
+@pytest.mark.parametrize("window", ["3600000", "0"], ids=["guard-on", "guard-off"])
+async def test_a_batch_read_ahead_is_not_handled_while_redis_is_away(
+    own_server: LocalRedis, window: str
+) -> None:
+    """Redis goes away while the consumer holds a full batch read ahead, before the turn that
+    would handle it sends anything: the batch is dropped, not run while Redis is away (its
+    commit could not land, and its lease lapses meanwhile), and read again from the
+    consumer's own pending entries once Redis is back; every order then runs exactly once.
+    From Redis 8.4 (XREADGROUP ... CLAIM) no batch is read ahead: Redis is never cut."""
+    gate = Gate(own_server.port)
+    port = await gate.start()
+    settings = make_settings(
+        f"redis://127.0.0.1:{port}/0", SOCKET_TIMEOUT_MS="500", BATCH_SIZE="5", DEDUPE_WINDOW_MS=window
+    )
+    direct = Redis.from_url(own_server.url)
+    orders = sample_orders(15)
+    run_while_away: list[str] = []
+    recorder = Recorder()
+    record = recorder.handler("c")
+
+    async def handler(order: Order) -> None:
+        if not gate.open:
+            run_while_away.append(order.order_id)
+        await record(order)
+
+    try:
+        reads_ahead = not (await detect(direct)).readgroup_claim
+        await initialize(direct, settings)
+        await publish_many(direct, STREAM, orders)
+        async with redis_connect(settings) as redis:
+            consumer = _CutWhenAhead(redis, settings, "email_group", "c", handler)
+            consumer.gate = gate
+            task = asyncio.create_task(consumer.run())
+            try:
+                if reads_ahead:
+                    # Three failed turns (each doubles the back-off): it tried, and backed off, again.
+                    await wait_until(lambda: consumer.backoff >= 0.8, "three failed turns with Redis away")
+                    assert not gate.open
+                    assert consumer.ahead is None
+                    assert run_while_away == []
+                    gate.heal()
+                await wait_until(lambda: caught_up(direct, STREAM, ["email_group"]), "every order acked")
+            finally:
+                consumer.stop.set()
+                async with asyncio.timeout(10):
+                    await task
+        assert sorted(recorder.order_ids()) == sorted(o.order_id for o in orders)  # each exactly once
+        assert task.result().reclaimed == 0  # read again from its own pending entries, not claimed
+        assert consumer.was_cut == reads_ahead
+    finally:
+        await direct.aclose()
+        await gate.close()
