@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar, cast
 
@@ -104,6 +104,35 @@ _FAST: dict[type[AbstractConnection], type[AbstractConnection]] = {
     SSLConnection: _FastSSLConnection,
     UnixDomainSocketConnection: _FastUnixConnection,
 }
+
+
+class _SendOnClosed(AbstractConnection):
+    """A send that finds its connection closed under it fails as a lost connection.
+
+    After a failover, redis-py's cluster client (8.1) closes each node's free connections while
+    another task may just have taken one of them (ClusterNode.disconnect_free_connections
+    against acquire_connection). That task's send, or the handshake of its reconnect, then
+    hits the closed writer: `AttributeError: 'NoneType' object has no attribute 'writelines'`,
+    which none of redis-py's retries catch. A consumer died of it in the failover test.
+    """
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        try:
+            await super().send_packed_command(command, check_health)
+        except AttributeError:
+            if self.is_connected:  # not closed: a fault of its own, not this race
+                raise
+            raise RedisConnectionError("connection closed by the client while sending on it") from None
+
+
+class _ClusterConnection(_SendOnClosed, Connection):
+    pass
+
+
+class _ClusterSSLConnection(_SendOnClosed, SSLConnection):
+    pass
 
 
 def max_connections(settings: Settings) -> int:
@@ -214,6 +243,12 @@ def make_cluster(settings: Settings) -> Redis:
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=8),
         **connection_options(settings),
     )
+    # redis-py takes no connection class for a cluster: set it where its nodes are made from.
+    kind = cluster.connection_kwargs["connection_class"]
+    guarded = _ClusterSSLConnection if issubclass(kind, SSLConnection) else _ClusterConnection
+    cluster.connection_kwargs["connection_class"] = guarded
+    for node in cluster.nodes_manager.startup_nodes.values():
+        node.connection_class = guarded
     return cast(Redis, cluster)
 
 

@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from conftest import ROOT, Script, need_cluster_tools, run_script, script_env, wait_until
@@ -29,6 +30,7 @@ from test_demo import Sandbox
 from config import Settings
 from keys import keys_for, partition_of, partition_stream, partitions
 from local_redis import LocalCluster, LocalRedis, free_port
+from redisPool import make_cluster
 
 Start = Callable[..., Script]
 PARTITIONS = 3
@@ -430,3 +432,33 @@ async def test_metrics_show_each_partition_and_the_totals(
     await wait_until(refreshed, "every partition's gauges to say caught up", 30)
     seen = await asyncio.to_thread(samples)
     assert (seen["orders_group_lag", ""], seen["orders_group_pending", ""]) == (0, 0)  # the sums
+
+
+async def test_a_connection_closed_under_its_reconnect_is_retried_as_lost(cluster_url: str) -> None:
+    """After a failover redis-py closes a node's free connections while another task may just have
+    taken one. Forced here: the first connection to a node is closed after its send found it
+    open and before it writes (its handshake's HELLO), as that clean-up closed it in the
+    failover test. The command goes through on a
+    fresh connection, as after any lost one; it used to raise AttributeError past every retry
+    (a consumer died of it in the failover test above)."""
+    settings = Settings.from_env({"REDIS_URL": cluster_url, "REDIS_CLUSTER": "true"})
+    cluster: Any = make_cluster(settings)
+    closed: list[object] = []
+    guarded: type[Any] = cluster.connection_kwargs["connection_class"]
+
+    class ClosedOnce(guarded):  # type: ignore[misc]
+        async def _send_packed_command(self, command: Any) -> None:
+            if not closed:  # the clean-up's close, between the send's check and its write
+                closed.append(self)
+                await self.disconnect()
+            await super()._send_packed_command(command)
+
+    try:
+        await cluster.initialize()  # connected to the node of the URL only
+        url_port = urlsplit(cluster_url).port
+        stream = next(s for s in STREAMS if cluster.get_node_from_key(s).port != url_port)
+        cluster.get_node_from_key(stream).connection_class = ClosedOnce  # its first connection
+        assert await cluster.xadd(stream, {"data": b"x"})
+        assert closed  # the race was forced, and the command went through all the same
+    finally:
+        await cluster.aclose()
