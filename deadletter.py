@@ -28,7 +28,7 @@ from config import CliError, ConfigError, Settings, run_script
 from keys import partitions
 from maintenance import parse_id
 from orders import InvalidOrder, parse_order
-from redisPool import redis_connect
+from redisPool import before_multi, redis_connect
 from replies import text
 
 META = ("group", "consumer", "source_id", "deliveries", "error", "dead_lettered_at")
@@ -93,6 +93,7 @@ async def entries(redis: Redis, settings: Settings, group: str | None) -> AsyncI
 async def redrive(redis: Redis, settings: Settings, entry_id: str) -> str | None:
     """Move one dead letter back to the stream for its group; None if it is not (or no longer) there."""
     dead_letters = settings.dead_letter_stream
+    await before_multi(redis)
     async with redis.pipeline(transaction=True) as pipe:
         for _ in range(100):  # WATCH fails only when the dead-letter stream changed meanwhile
             try:

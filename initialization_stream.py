@@ -14,7 +14,7 @@ import library
 from config import ConfigError, Settings, run_script
 from keys import keys_for, partitions
 from maintenance import detect
-from redisPool import redis_connect
+from redisPool import before_multi, redis_connect
 
 log = logging.getLogger("initialization_stream")
 
@@ -27,6 +27,7 @@ async def ensure_groups(redis: Redis, stream: str, groups: Iterable[str], start:
     default: orders published before the groups existed are still delivered.
     """
     names = list(dict.fromkeys(groups))
+    await before_multi(redis)
     pipe = redis.pipeline(transaction=True)
     for group in names:
         pipe.xgroup_create(stream, group, id=start, mkstream=True)

@@ -256,6 +256,18 @@ def is_cluster(redis: Redis) -> bool:
     return isinstance(redis, RedisCluster)  # type: ignore[unreachable, unused-ignore]
 
 
+async def before_multi(redis: Redis) -> None:
+    """On a cluster, make here the slot-map refresh a lost connection left due, before a MULTI.
+
+    redis-py 8.1 queues each command of a cluster MULTI from a thread with an event loop of its
+    own, and that thread makes a refresh it finds due, on this loop's lock and connections:
+    RuntimeError, "attached to a different loop". A consumer starting during a failover died
+    of it. Refreshed first, none is due while the commands are queued (queuing never awaits).
+    """
+    if is_cluster(redis):
+        await cast(RedisCluster, redis).initialize()
+
+
 def raw_xreadgroup(redis: Redis) -> None:
     """Let `XREADGROUP ..., raw_reply=True` return Redis's reply unparsed, for the consumer to parse
     (replies.py): redis-py's parser drops the idle time and delivery count that XREADGROUP ...

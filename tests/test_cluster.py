@@ -28,9 +28,10 @@ from test_dashboard import get, post, start_dashboard
 from test_demo import Sandbox
 
 from config import Settings
+from initialization_stream import ensure_groups
 from keys import keys_for, partition_of, partition_stream, partitions
 from local_redis import LocalCluster, LocalRedis, free_port
-from redisPool import make_cluster
+from redisPool import make_cluster, redis_connect
 
 Start = Callable[..., Script]
 PARTITIONS = 3
@@ -462,3 +463,22 @@ async def test_a_connection_closed_under_its_reconnect_is_retried_as_lost(cluste
         assert closed  # the race was forced, and the command went through all the same
     finally:
         await cluster.aclose()
+
+
+async def test_groups_are_made_when_a_failover_left_a_slot_map_refresh_due(cluster_url: str) -> None:
+    """A lost connection leaves redis-py's cluster client owing a slot-map refresh (its
+    `_initialize`, set here as a failover sets it). redis-py 8.1 queues a MULTI's commands from
+    a thread with an event loop of its own, which would make that refresh there, on this loop's
+    lock and connections: a consumer starting during a failover died of a RuntimeError. The
+    groups are made all the same, and the client keeps working on this loop."""
+    settings = Settings.from_env({"REDIS_URL": cluster_url, "REDIS_CLUSTER": "true"})
+    async with redis_connect(settings) as redis:
+        cluster: Any = redis
+        for n in range(2):  # uncontended, then with another task refreshing at the same time
+            cluster._initialize = True
+            stream = f"{STREAMS[0]}:groups-{n}"
+            other = asyncio.create_task(cluster.initialize()) if n else None
+            assert await ensure_groups(redis, stream, GROUPS) == list(GROUPS)
+            if other is not None:
+                await other
+            assert {g["name"].decode() for g in await redis.xinfo_groups(stream)} == set(GROUPS)
