@@ -135,6 +135,14 @@ class _ClusterSSLConnection(_SendOnClosed, SSLConnection):
     pass
 
 
+class _FastClusterConnection(_SendOnClosed, _FastConnection):
+    pass
+
+
+class _FastClusterSSLConnection(_SendOnClosed, _FastSSLConnection):
+    pass
+
+
 def max_connections(settings: Settings) -> int:
     """REDIS_MAX_CONNECTIONS, plus two per partition beyond the first and one for the first: each
     partition's consumer keeps a read open (blocking, or the next batch read while this one's
@@ -245,7 +253,11 @@ def make_cluster(settings: Settings) -> Redis:
     )
     # redis-py takes no connection class for a cluster: set it where its nodes are made from.
     kind = cluster.connection_kwargs["connection_class"]
-    guarded = _ClusterSSLConnection if issubclass(kind, SSLConnection) else _ClusterConnection
+    tls = issubclass(kind, SSLConnection)
+    if HIREDIS_AVAILABLE:  # packed with hiredis, as on one Redis
+        guarded: type[Connection] = _FastClusterSSLConnection if tls else _FastClusterConnection
+    else:
+        guarded = _ClusterSSLConnection if tls else _ClusterConnection
     cluster.connection_kwargs["connection_class"] = guarded
     for node in cluster.nodes_manager.startup_nodes.values():
         node.connection_class = guarded
