@@ -410,7 +410,25 @@ def test_a_network_partition_between_consumer_and_redis_heals(tmp_path: Path) ->
     }
 
 
-class ReplyDropper:
+class _Proxy:
+    """A TCP proxy to Redis on a free loopback port; `_serve` handles each connection."""
+
+    server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class ReplyDropper(_Proxy):
     """A TCP proxy to Redis that swallows the first reply matching `drop(command, reply)`, or,
     given `request`, the first request matching it (it never reaches Redis).
 
@@ -428,16 +446,6 @@ class ReplyDropper:
     ) -> None:
         self.target_port, self.drop, self.dropped, self.limit = target_port, drop, 0, limit
         self.request = request
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port: int = self.server.sockets[0].getsockname()[1]
-        return port
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
@@ -721,19 +729,13 @@ async def test_one_pooled_connection_is_enough_for_a_consumer(
     assert "Redis" not in caplog.text, caplog.text  # no error, no retry
 
 
-class Gate:
+class Gate(_Proxy):
     """A TCP proxy to Redis that can be cut: `cut()` closes every connection through it and
     refuses new ones (each is closed at once) until `heal()`, as a Redis that went away."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port, self.open = target_port, True
         self.writers: set[asyncio.StreamWriter] = set()
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port: int = self.server.sockets[0].getsockname()[1]
-        return port
 
     async def cut(self) -> None:
         """Close every connection through the gate; return once each close has gone out."""
@@ -749,8 +751,7 @@ class Gate:
 
     async def close(self) -> None:
         await self.cut()
-        if self.server is not None:
-            self.server.close()
+        await super().close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.add(writer)
