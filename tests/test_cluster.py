@@ -31,6 +31,7 @@ from config import Settings
 from initialization_stream import ensure_groups
 from keys import keys_for, partition_of, partition_stream, partitions
 from local_redis import LocalCluster, LocalRedis, free_port
+from maintenance import parse_id
 from redisPool import make_cluster, redis_connect
 
 Start = Callable[..., Script]
@@ -79,13 +80,8 @@ async def done(redis: RedisCluster, group: str, total: int) -> bool:
             return False
         delivered += int(info["entries-read"] or 0)
         pending += int(info["pending"])
-        every = every and _id(info["last-delivered-id"]) >= _id(last)
+        every = every and parse_id(info["last-delivered-id"]) >= parse_id(last)
     return pending == 0 and (delivered >= total or every)
-
-
-def _id(entry_id: bytes | str) -> tuple[int, int]:
-    ms, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).split("-")
-    return int(ms), int(seq)
 
 
 async def kill_master_ahead_of_its_replica(
@@ -439,9 +435,9 @@ async def test_a_connection_closed_under_its_reconnect_is_retried_as_lost(cluste
     """After a failover redis-py closes a node's free connections while another task may just have
     taken one. Forced here: the first connection to a node is closed after its send found it
     open and before it writes (its handshake's HELLO), as that clean-up closed it in the
-    failover test. The command goes through on a
-    fresh connection, as after any lost one; it used to raise AttributeError past every retry
-    (a consumer died of it in the failover test above)."""
+    failover test. The command goes through on a fresh connection, as after any lost one; it
+    used to raise AttributeError past every retry (a consumer died of it in the failover test
+    above)."""
     settings = Settings.from_env({"REDIS_URL": cluster_url, "REDIS_CLUSTER": "true"})
     cluster: Any = make_cluster(settings)
     closed: list[object] = []
