@@ -68,44 +68,6 @@ class _Retry(Retry):
         return await super().call_with_retry(do, fail, retryable, with_failure_count)
 
 
-class _HiredisPacking(AbstractConnection):
-    """Pack commands with hiredis, as redis-py's sync client does.
-
-    redis.asyncio packs in pure Python (redis-py issue #4176), about 2 us per argument: the
-    largest cost of publishing a batch. Arguments go to hiredis as they are; the sync client's
-    own serializer takes what hiredis refuses (a bytearray) and multi-word command names
-    ("CLIENT SETNAME"), which it splits. Its per-argument copy was a tenth of a consumer's time.
-    """
-
-    _packer = HiredisRespSerializer()
-
-    def pack_command(self, *args: EncodableT) -> list[bytes]:
-        name = args[0]
-        if (b" " if isinstance(name, bytes) else " ") not in name:  # type: ignore[operator]
-            with contextlib.suppress(TypeError):
-                return [hiredis.pack_command(args)]  # type: ignore[arg-type]
-        return self._packer.pack(*args)  # type: ignore[arg-type, no-any-return]
-
-
-class _FastConnection(_HiredisPacking, Connection):
-    pass
-
-
-class _FastSSLConnection(_HiredisPacking, SSLConnection):
-    pass
-
-
-class _FastUnixConnection(_HiredisPacking, UnixDomainSocketConnection):
-    pass
-
-
-_FAST: dict[type[AbstractConnection], type[AbstractConnection]] = {
-    Connection: _FastConnection,
-    SSLConnection: _FastSSLConnection,
-    UnixDomainSocketConnection: _FastUnixConnection,
-}
-
-
 class _SendOnClosed(AbstractConnection):
     """A send that finds its connection closed under it fails as a lost connection.
 
@@ -113,7 +75,8 @@ class _SendOnClosed(AbstractConnection):
     another task may just have taken one of them (ClusterNode.disconnect_free_connections
     against acquire_connection). That task's send, or the handshake of its reconnect, then
     hits the closed writer: `AttributeError: 'NoneType' object has no attribute 'writelines'`,
-    which none of redis-py's retries catch. A consumer died of it in the failover test.
+    which none of redis-py's retries catch. A consumer died of it in the failover test. On one
+    Redis nothing closes a connection in use, so there it changes nothing.
     """
 
     async def send_packed_command(
@@ -127,20 +90,46 @@ class _SendOnClosed(AbstractConnection):
             raise RedisConnectionError("connection closed by the client while sending on it") from None
 
 
-class _ClusterConnection(_SendOnClosed, Connection):
+class _HiredisPacking(AbstractConnection):
+    """Pack commands with hiredis, as redis-py's sync client does.
+
+    redis.asyncio packs in pure Python (redis-py issue #4176), about 2 us per argument: the
+    largest cost of publishing a batch. Arguments go to hiredis as they are; the sync client's
+    own serializer takes what hiredis refuses (a bytearray) and multi-word command names
+    ("CLIENT SETNAME"), which it splits. Its per-argument copy was a tenth of a consumer's time.
+    Without hiredis installed, redis-py's own packer.
+    """
+
+    _packer = HiredisRespSerializer()
+
+    def pack_command(self, *args: EncodableT) -> list[bytes]:
+        if not HIREDIS_AVAILABLE:
+            return super().pack_command(*args)
+        name = args[0]
+        if (b" " if isinstance(name, bytes) else " ") not in name:  # type: ignore[operator]
+            with contextlib.suppress(TypeError):
+                return [hiredis.pack_command(args)]  # type: ignore[arg-type]
+        return self._packer.pack(*args)  # type: ignore[arg-type, no-any-return]
+
+
+class _FastConnection(_SendOnClosed, _HiredisPacking, Connection):
     pass
 
 
-class _ClusterSSLConnection(_SendOnClosed, SSLConnection):
+class _FastSSLConnection(_SendOnClosed, _HiredisPacking, SSLConnection):
     pass
 
 
-class _FastClusterConnection(_SendOnClosed, _FastConnection):
+class _FastUnixConnection(_SendOnClosed, _HiredisPacking, UnixDomainSocketConnection):
     pass
 
 
-class _FastClusterSSLConnection(_SendOnClosed, _FastSSLConnection):
-    pass
+# Ours (the guard, hiredis packing) for redis-py's own, on one Redis and on a cluster's nodes alike.
+_FAST: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    Connection: _FastConnection,
+    SSLConnection: _FastSSLConnection,
+    UnixDomainSocketConnection: _FastUnixConnection,
+}
 
 
 def max_connections(settings: Settings) -> int:
@@ -170,8 +159,7 @@ def make_pool(settings: Settings) -> ConnectionPool:
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         **connection_options(settings),
     )
-    if HIREDIS_AVAILABLE:
-        pool.connection_class = _FAST.get(pool.connection_class, pool.connection_class)
+    pool.connection_class = _FAST.get(pool.connection_class, pool.connection_class)
     return pool
 
 
@@ -253,14 +241,10 @@ def make_cluster(settings: Settings) -> Redis:
     )
     # redis-py takes no connection class for a cluster: set it where its nodes are made from.
     kind = cluster.connection_kwargs["connection_class"]
-    tls = issubclass(kind, SSLConnection)
-    if HIREDIS_AVAILABLE:  # packed with hiredis, as on one Redis
-        guarded: type[Connection] = _FastClusterSSLConnection if tls else _FastClusterConnection
-    else:
-        guarded = _ClusterSSLConnection if tls else _ClusterConnection
-    cluster.connection_kwargs["connection_class"] = guarded
+    ours = _FAST.get(kind, kind)
+    cluster.connection_kwargs["connection_class"] = ours
     for node in cluster.nodes_manager.startup_nodes.values():
-        node.connection_class = guarded
+        node.connection_class = ours
     return cast(Redis, cluster)
 
 
