@@ -643,10 +643,11 @@ async def measure_consuming(
 
     # Latency: ours and the hand-written loop in turn, as for the safety cost: on a shared machine
     # one round's p99 is often the scheduler's (5-15 ms stalls that hit both loops alike).
-    cuts: dict[str, list[tuple[float, float]]] = {"ours-timed": [], "bare-timed": []}
+    kinds = {"ours-timed": ("ours", "latency"), "bare-timed": ("hand-written loop", "latency_bare")}
+    cuts: dict[str, list[tuple[float, float]]] = {kind: [] for kind in kinds}
     reached = []
     for n in range(1, sizes.repeat + 1):
-        for kind, name in (("ours-timed", "ours"), ("bare-timed", "hand-written loop")):
+        for kind, (name, _) in kinds.items():
             progress(
                 f"latency: 5000 orders/s for {sizes.latency_s:.0f}s, {name} (round {n} of {sizes.repeat})"
             )
@@ -655,7 +656,7 @@ async def measure_consuming(
             cuts[kind].append((quantiles[49], quantiles[98]))
             reached.append(rate_reached)
     results["latency_rate_per_s"] = min(reached)
-    for kind, prefix in (("ours-timed", "latency"), ("bare-timed", "latency_bare")):
+    for kind, (_, prefix) in kinds.items():
         results[f"{prefix}_p50_ms"] = statistics.median(p50 for p50, _ in cuts[kind])
         results[f"{prefix}_p99_ms"] = statistics.median(p99 for _, p99 in cuts[kind])
         results[f"{prefix}_p99_rounds_ms"] = [p99 for _, p99 in cuts[kind]]
