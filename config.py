@@ -193,11 +193,11 @@ class Settings:
         if settings.partitioned and get.text("DEAD_LETTER_STREAM", empty_ok=True):
             raise ConfigError(
                 "DEAD_LETTER_STREAM must be empty with REDIS_CLUSTER or STREAM_PARTITIONS > 1: "
-                "each partition has its own, in its hash slot (see keys.py)"
+                "each partition has its own, in its hash slot (see core/keys.py)"
             )
         if settings.stream_partitions > 1 and ("{" in stream_key or "}" in stream_key):
             raise ConfigError(
-                "STREAM_KEY must not contain braces with STREAM_PARTITIONS > 1: keys.py adds them"
+                "STREAM_KEY must not contain braces with STREAM_PARTITIONS > 1: core/keys.py adds them"
             )
         if settings.redis_cluster and urlsplit(url).path.strip("/") not in ("", "0"):
             raise ConfigError(

@@ -26,10 +26,10 @@ from redis.exceptions import RedisError
 
 import status
 from config import CliError, Settings, run_script
+from core.keys import partitions
+from core.replies import text
 from deadletter import move
-from keys import partitions
 from redisPool import redis_connect
-from replies import text
 
 log = logging.getLogger("dashboard")
 

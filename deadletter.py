@@ -25,45 +25,13 @@ from redis.exceptions import WatchError
 from redis.typing import EncodableT, FieldT
 
 from config import CliError, ConfigError, Settings, run_script
-from keys import partitions
-from maintenance import parse_id
+from core.dead_letters import META, original_fields
+from core.keys import partitions
+from core.replies import parse_id, text
 from orders import InvalidOrder, parse_order
 from redisPool import before_multi, redis_connect
-from replies import text
 
-META = ("group", "consumer", "source_id", "deliveries", "error", "dead_lettered_at")
-META_NAMES = frozenset(name.encode() for name in META)
-ESCAPE = b"original."  # prefix of an original field whose name collides with metadata
 PAGE = 100
-
-
-def dead_letter_fields(
-    original: dict[bytes, bytes], meta: dict[str, str | int]
-) -> dict[bytes, bytes | str | int]:
-    """The record to XADD for a dead letter: every original field (escaped where needed), then `meta`.
-
-    `meta` holds metadata names only (see META); the writer adds `dead_lettered_at` itself.
-    """
-    unknown = set(meta) - set(META)
-    if unknown:
-        raise ValueError(f"not dead-letter metadata: {sorted(unknown)}")
-    record: dict[bytes, bytes | str | int] = {}
-    for name, value in original.items():
-        record[ESCAPE + name if name in META_NAMES or name.startswith(ESCAPE) else name] = value
-    for key, meta_value in meta.items():
-        record[key.encode()] = meta_value
-    return record
-
-
-def original_fields(record: dict[bytes, bytes]) -> dict[bytes, bytes]:
-    """Exactly the original entry's fields of a dead letter written by `dead_letter_fields`."""
-    original = {}
-    for name, value in record.items():
-        if name.startswith(ESCAPE):
-            original[name[len(ESCAPE) :]] = value
-        elif name not in META_NAMES:
-            original[name] = value
-    return original
 
 
 def describe(entry_id: bytes, fields: dict[bytes, bytes], max_bytes: int) -> dict[str, str]:

@@ -14,7 +14,7 @@ usage: ./dev.sh demo [--count N] | test [PYTEST ARGS] | bench [ARGS] | run MODUL
   redis8        build Redis 8.6 from Debian's source package (cached); prints its redis-server
   run MODULE    a script with .venv's Python, e.g. ./dev.sh run status --help; modules:
                 initialization_stream producer consumer1 consumer2 status deadletter
-                dashboard maintenance demo bench chaos
+                dashboard maintenance tools.demo tools.bench tools.chaos
 Every script's --help lists its options with their defaults.
 EOF
   exit 2
@@ -83,7 +83,7 @@ case "$cmd" in
         ensure_redis_server || no_redis REDIS_URL  # the demo starts a throwaway server itself
       fi
     fi
-    exec .venv/bin/python -m demo "$@"
+    exec .venv/bin/python -m tools.demo "$@"
     ;;
   test)
     ensure_venv
@@ -111,7 +111,7 @@ case "$cmd" in
   bench)
     ensure_venv
     [ -n "${REDIS_URL:-}" ] || ensure_redis_server || no_redis REDIS_URL
-    exec .venv/bin/python -m bench "$@"
+    exec .venv/bin/python -m tools.bench "$@"
     ;;
   run)
     [ $# -ge 1 ] || usage

@@ -5,40 +5,18 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-from collections.abc import Iterable
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-import library
 from config import ConfigError, Settings, run_script
-from keys import keys_for, partitions
-from maintenance import detect
-from redisPool import before_multi, redis_connect
+from core import library
+from core.capabilities import detect
+from core.groups import ensure_groups
+from core.keys import keys_for, partitions
+from redisPool import redis_connect
 
 log = logging.getLogger("initialization_stream")
-
-
-async def ensure_groups(redis: Redis, stream: str, groups: Iterable[str], start: str = "0") -> list[str]:
-    """Create every missing one of `groups` on `stream` (MKSTREAM) from `start`; return those created.
-
-    One MULTI, so no process ever sees some of the groups without the others, and trimming
-    (which never passes a group) cannot drop what a late group still needs. From id 0 by
-    default: orders published before the groups existed are still delivered.
-    """
-    names = list(dict.fromkeys(groups))
-    await before_multi(redis)
-    pipe = redis.pipeline(transaction=True)
-    for group in names:
-        pipe.xgroup_create(stream, group, id=start, mkstream=True)
-    created = []
-    for group, result in zip(names, await pipe.execute(raise_on_error=False), strict=True):
-        if isinstance(result, ResponseError):
-            if str(result).startswith("BUSYGROUP"):
-                continue
-            raise result
-        created.append(group)
-    return created
 
 
 async def initialize(redis: Redis, settings: Settings, start: str = "0") -> list[str]:

@@ -9,75 +9,19 @@ import argparse
 import logging
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, ResponseError
 
-import library
 from config import Settings, run_script
-from keys import keys_for, partitions
+from core import library
+from core.capabilities import Capabilities, detect
+from core.keys import keys_for, partitions
+from core.replies import StreamId, format_id, next_id, parse_id, text
 from redisPool import redis_connect
-from replies import text
 
 log = logging.getLogger("maintenance")
-
-StreamId = tuple[int, int]
-
-LARGEST_PART = 2**64 - 1  # each part of a stream id is an unsigned 64-bit number
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What the connected Redis can do, from its version, detected once at start."""
-
-    version: tuple[int, int, int]
-
-    @property
-    def acked_trim(self) -> bool:
-        """XTRIM ... ACKED (Redis 8.2): the server itself keeps entries some group has not acked."""
-        return self.version >= (8, 2, 0)
-
-    @property
-    def readgroup_claim(self) -> bool:
-        """XREADGROUP ... CLAIM (Redis 8.4): reclaim and read in one call."""
-        return self.version >= (8, 4, 0)
-
-    @property
-    def xadd_idmp(self) -> bool:
-        """XADD ... IDMP (Redis 8.6): the server drops a repeated publish of one order."""
-        return self.version >= (8, 6, 0)
-
-
-def parse_version(text: str) -> tuple[int, int, int]:
-    """'7.0.15' -> (7, 0, 15); missing or odd parts count as 0."""
-    numbers = [int(part) if part.isdigit() else 0 for part in text.split(".")[:3]] + [0, 0, 0]
-    return numbers[0], numbers[1], numbers[2]
-
-
-async def detect(redis: Redis) -> Capabilities:
-    info = await redis.info("server")
-    return Capabilities(parse_version(str(info.get("redis_version", "0"))))
-
-
-def parse_id(entry_id: bytes | str) -> StreamId:
-    ms, _, seq = text(entry_id).partition("-")
-    return int(ms), int(seq or 0)
-
-
-def format_id(entry_id: StreamId) -> str:
-    return f"{entry_id[0]}-{entry_id[1]}"
-
-
-def next_id(entry_id: StreamId) -> StreamId:
-    """The smallest id above `entry_id` (`5-18446744073709551615` -> `6-0`); the largest id has none."""
-    ms, seq = entry_id
-    if seq < LARGEST_PART:
-        return ms, seq + 1
-    if ms < LARGEST_PART:
-        return ms + 1, 0
-    return entry_id  # nothing can follow it, so nothing is undelivered above it
 
 
 async def safe_trim_point(redis: Redis, stream: str, required: Collection[str]) -> StreamId | None:

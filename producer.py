@@ -31,14 +31,13 @@ from redis.typing import EncodableT
 from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]  # no stubs without types-tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm  # type: ignore[import-untyped, unused-ignore]
 
-import library
-import tracing
 from config import DEFAULTS, CliError, ConfigError, Settings, run_script
-from keys import partition_of, partition_stream, stream_keys
-from maintenance import detect
+from core import library, tracing
+from core.capabilities import detect
+from core.keys import partition_of, partition_stream, stream_keys
+from core.replies import text
 from orders import InvalidOrder, Item, Order, parse_order, serialize
 from redisPool import is_cluster, redis_connect
-from replies import text
 
 log = logging.getLogger("producer")
 

@@ -266,7 +266,7 @@ async def before_multi(redis: Redis) -> None:
 
 def raw_xreadgroup(redis: Redis) -> None:
     """Let `XREADGROUP ..., raw_reply=True` return Redis's reply unparsed, for the consumer to parse
-    (replies.py): redis-py's parser drops the idle time and delivery count that XREADGROUP ...
+    (core/replies.py): redis-py's parser drops the idle time and delivery count that XREADGROUP ...
     CLAIM (Redis 8.4+) adds to each entry, and takes twice as long. Every other XREADGROUP is
     parsed as before."""
     parse = redis.response_callbacks["XREADGROUP"]

@@ -18,13 +18,13 @@ from typing import Any, cast
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ResponseError
 
-import library
 from config import Settings, run_script
+from core import library
+from core.capabilities import Capabilities, detect
+from core.keys import partitions
+from core.replies import parse_id, text
 from deadletter import describe
-from keys import partitions
-from maintenance import Capabilities, detect, parse_id
 from redisPool import is_cluster, redis_connect
-from replies import text
 
 UNHEALTHY = 3
 

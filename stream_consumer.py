@@ -6,7 +6,7 @@ new ones; on one Redis the commit travels with the read, and under a backlog the
 is read while this one's handlers run. Poison entries move to the dead-letter stream. With
 the dedupe guard on, an atomic admission step lets one consumer of the group run an order at
 a time, once per window. Every commit and dead-letter is fenced: it applies only to entries
-still pending on this consumer (library.lua). A Redis outage, a lost group or a deleted
+still pending on this consumer (core/library.lua). A Redis outage, a lost group or a deleted
 stream is logged once, then retried with backoff; nothing here crashes on them.
 """
 
@@ -37,19 +37,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
-import library
-import metrics
-import tracing
 from config import CliError, ConfigError, Settings, run_script
-from deadletter import dead_letter_fields
-from initialization_stream import ensure_groups
-from keys import keys_for, partitions
-from lease import Lease
-from library import DONE, RUN, Commit, Fence, LibraryMissing
-from maintenance import Capabilities, detect, run_once
-from orders import InvalidOrder, Order, parse_order
-from redisPool import is_cluster, raw_xreadgroup, redis_connect
-from replies import (
+from core import library, metrics, tracing
+from core.capabilities import Capabilities, detect
+from core.dead_letters import dead_letter_fields
+from core.groups import ensure_groups
+from core.keys import keys_for, partitions
+from core.lease import Lease
+from core.library import DONE, RUN, Commit, Fence, LibraryMissing
+from core.replies import (
     Entry,
     claimed_entries_of,
     commit_of,
@@ -58,6 +54,9 @@ from replies import (
     raw_entries_of,
     text,
 )
+from maintenance import run_once
+from orders import InvalidOrder, Order, parse_order
+from redisPool import is_cluster, raw_xreadgroup, redis_connect
 from tx import Tx
 
 log = logging.getLogger("stream_consumer")

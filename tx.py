@@ -1,7 +1,7 @@
 """What a transactional handler stages: Redis writes applied with its order's commit, or never.
 
 A handler that takes a second argument gets a `Tx`. The writes it stages are applied in the
-same atomic step that acks the entry (the fenced commit in library.lua): if the consumer
+same atomic step that acks the entry (the fenced commit in core/library.lua): if the consumer
 dies first, or another consumer took the entry over, none of them is applied; if the
 commit is sent twice (a lost reply), they are applied once. On Redis Cluster that step runs
 in one hash slot, so every key written must share the stream's hash tag: `tx.key("stock")`
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from redis.typing import EncodableT
 
-from keys import hash_tag
+from core.keys import hash_tag
 
 
 class CrossSlotWrite(ValueError):

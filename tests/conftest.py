@@ -18,7 +18,7 @@ import pytest
 from redis.asyncio import Redis
 
 from config import Settings
-from local_redis import LocalCluster, LocalRedis, server_binary, start_local_cluster, start_local_redis
+from tools.local_redis import LocalCluster, LocalRedis, server_binary, start_local_cluster, start_local_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 from redis.asyncio import Redis  # noqa: E402
 
-from local_redis import start_local_redis  # noqa: E402
 from producer import publish_many, sample_orders  # noqa: E402
+from tools.local_redis import start_local_redis  # noqa: E402
 
 PARTITION_S = 4.0
 RULES = [

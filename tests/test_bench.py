@@ -10,11 +10,10 @@ from conftest import need_redis_server
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError
 
-import bench
-import bench_cluster
 from initialization_stream import initialize
-from local_redis import LocalRedis, start_local_redis
 from producer import publish_many, sample_orders
+from tools import bench, bench_cluster
+from tools.local_redis import LocalRedis, start_local_redis
 
 
 @pytest.fixture

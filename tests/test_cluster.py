@@ -28,11 +28,11 @@ from test_dashboard import get, post, start_dashboard
 from test_demo import Sandbox
 
 from config import Settings
-from initialization_stream import ensure_groups
-from keys import keys_for, partition_of, partition_stream, partitions
-from local_redis import LocalCluster, LocalRedis, free_port
-from maintenance import parse_id
+from core.groups import ensure_groups
+from core.keys import keys_for, partition_of, partition_stream, partitions
+from core.replies import parse_id
 from redisPool import make_cluster, redis_connect
+from tools.local_redis import LocalCluster, LocalRedis, free_port
 
 Start = Callable[..., Script]
 PARTITIONS = 3
@@ -345,7 +345,9 @@ async def test_the_least_privilege_users_run_the_pipeline_on_the_cluster(
 async def test_the_demo_runs_partitioned_on_the_cluster_and_leaves_no_key(
     cluster: LocalCluster, cluster_url: str
 ) -> None:
-    result = run_script("demo", script_env(cluster_url, REDIS_CLUSTER="true"), "--cluster", "--count", "6")
+    result = run_script(
+        "tools.demo", script_env(cluster_url, REDIS_CLUSTER="true"), "--cluster", "--count", "6"
+    )
     assert result.returncode == 0, result.stderr
     assert "fulfillment_group: 6/6 orders" in result.stdout
     assert "email_group: 6/6 orders (email-1 6); handled twice: 0" in result.stdout
@@ -361,7 +363,7 @@ async def test_the_demo_runs_partitioned_on_the_cluster_and_leaves_no_key(
 async def test_the_demo_starts_a_cluster_of_its_own_and_removes_it(tmp_path: Path) -> None:
     sandbox = Sandbox(tmp_path)
     need_cluster_tools()
-    result = run_script("demo", sandbox.env, "--cluster", "--count", "3", timeout=90)
+    result = run_script("tools.demo", sandbox.env, "--cluster", "--count", "3", timeout=90)
     assert result.returncode == 0, result.stderr
     assert "started a throwaway Redis Cluster of 3 masters" in result.stdout
     assert "email_group: 3/3 orders" in result.stdout

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from conftest import ROOT, need_cluster_tools
 
-from local_redis import free_cluster_port, server_binary
+from tools.local_redis import free_cluster_port, server_binary
 
 
 def redis_service() -> dict[str, Any]:

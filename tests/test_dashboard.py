@@ -21,14 +21,14 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 from redis.asyncio import Redis
 
 from config import Settings
+from core.dead_letters import dead_letter_fields
+from core.replies import entries_of, text
 from dashboard import Pipeline, build_parser, make_app
-from deadletter import dead_letter_fields
 from initialization_stream import initialize
-from local_redis import free_port
 from orders import serialize
 from producer import publish_many, sample_orders
-from replies import entries_of, text
 from status import caught_up
+from tools.local_redis import free_port
 
 STREAM = "orders"
 DEAD_LETTERS = "orders:dead-letter"

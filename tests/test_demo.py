@@ -16,12 +16,12 @@ from conftest import ROOT, Script, need_redis_server, run_script, script_env, wa
 from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
-import demo
 import producer
 from config import Settings
-from local_redis import free_port
 from orders import Order
 from producer import publish_many, sample_orders
+from tools import demo
+from tools.local_redis import free_port
 
 Start = Callable[..., Script]
 STREAM = "orders"
@@ -91,7 +91,7 @@ async def snapshot(redis: Redis) -> dict[bytes, bytes | None]:
 
 
 async def test_demo_shows_fan_out_and_load_balancing(redis: Redis, redis_url: str) -> None:
-    result = run_script("demo", script_env(redis_url), "--count", "6")
+    result = run_script("tools.demo", script_env(redis_url), "--count", "6")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     [fulfillment] = [line for line in lines if line.startswith("fulfillment_group: ")]
@@ -108,7 +108,7 @@ async def test_demo_shows_fan_out_and_load_balancing(redis: Redis, redis_url: st
 
 async def test_demo_starts_its_own_redis_quietly_and_removes_it(tmp_path: Path) -> None:
     sandbox = Sandbox(tmp_path)
-    result = run_script("demo", sandbox.env, "--count", "2")
+    result = run_script("tools.demo", sandbox.env, "--count", "2")
     assert result.returncode == 0, result.stderr
     assert "email_group: 2/2 orders" in result.stdout
     # The probe of REDIS_URL finding nothing is how the demo decides, not a warning.
@@ -131,7 +131,7 @@ async def test_demo_leaves_a_real_pipeline_exactly_as_it_was(redis: Redis, redis
     pending_before = [await redis.xpending(STREAM, g) for g in ("fulfillment_group", "email_group")]
     before = await snapshot(redis)
 
-    result = run_script("demo", script_env(redis_url), "--count", "4")
+    result = run_script("tools.demo", script_env(redis_url), "--count", "4")
     assert result.returncode == 0, result.stderr
     assert "email_group: 4/4 orders (email-1 4)" in result.stdout
 
@@ -170,7 +170,7 @@ async def test_a_signal_stops_the_demo_with_its_server_and_directory(
 ) -> None:
     sandbox = Sandbox(tmp_path)
     # About 100 s of orders, so the signal comes while they flow; --verbose shows them handled.
-    demo = scripts("demo", sandbox.env, "--count", "10000", "--verbose")
+    demo = scripts("tools.demo", sandbox.env, "--count", "10000", "--verbose")
     try:
         await wait_until(lambda: "fulfilling order" in demo.output(), "orders to flow", 20)
         assert sandbox.servers(), "the demo's redis-server was not found"
@@ -185,7 +185,7 @@ async def test_demo_piped_into_head_removes_its_server_and_directory(tmp_path: P
     sandbox = Sandbox(tmp_path)
     # Unbuffered (script_env), so `head` has its line and is gone while the demo still runs.
     try:
-        code, first_line, stderr = into_head("demo", sandbox.env, 1, "--count", "20")
+        code, first_line, stderr = into_head("tools.demo", sandbox.env, 1, "--count", "20")
     finally:
         await sandbox.assert_clean()
     assert "started a throwaway redis-server" in first_line
@@ -224,7 +224,7 @@ def test_chaos_removes_its_temporary_directories(tmp_path: Path) -> None:
     tmp.mkdir()
     args = ["--orders", "20", "--consumer-kills", "0", "--redis-restarts", "0", "--partitions", "0"]
     args += ["--consumers-per-group", "1", "--seconds", "0.5", "--settle-timeout", "60"]
-    result = run_script("chaos", {**os.environ, "TMPDIR": str(tmp)}, *args, timeout=120)
+    result = run_script("tools.chaos", {**os.environ, "TMPDIR": str(tmp)}, *args, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "lost=0" in result.stdout
     assert list(tmp.iterdir()) == []  # neither chaos-* (its logs) nor orders-redis-* (its server)
@@ -236,7 +236,7 @@ async def test_a_signal_stops_the_chaos_soak_with_its_server_and_directories(
 ) -> None:
     sandbox = Sandbox(tmp_path)
     args = ["--orders", "100000", "--seconds", "30", "--consumer-kills", "0", "--redis-restarts", "0"]
-    soak = scripts("chaos", sandbox.env, *args, "--partitions", "0", "--consumers-per-group", "1")
+    soak = scripts("tools.chaos", sandbox.env, *args, "--partitions", "0", "--consumers-per-group", "1")
     try:
         await wait_until(lambda: any(p.name.startswith("chaos-") for p in sandbox.path.iterdir()), "its logs")
         await wait_until(sandbox.servers, "its redis-server", 20)

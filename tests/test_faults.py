@@ -33,19 +33,19 @@ from redis.typing import EncodableT, StreamIdT
 from test_pipeline import Recorder, running
 from test_promises import held_over
 
-import chaos
 from config import Settings
+from core.capabilities import detect
+from core.keys import keys_for
+from core.library import Fence
+from core.replies import entries_of
 from initialization_stream import initialize
-from keys import keys_for
-from library import Fence
-from local_redis import LocalRedis
-from maintenance import detect
 from orders import Order, serialize
 from producer import PublishError, publish, publish_many, sample_orders
 from redisPool import redis_connect
-from replies import entries_of
 from status import caught_up
 from stream_consumer import StreamConsumer
+from tools import chaos
+from tools.local_redis import LocalRedis
 
 STREAM = "orders"
 Start = Callable[..., Script]
@@ -346,7 +346,7 @@ def test_figures_helpers_count_what_they_say() -> None:
 
 @pytest.mark.parametrize("mode", ["log lines", "redis effects"])
 def test_a_short_chaos_soak_loses_nothing_and_bounds_duplicates(mode: str) -> None:
-    """`python -m chaos` in small: consumer SIGKILLs and a Redis SIGKILL while orders flow.
+    """`python -m tools.chaos` in small: consumer SIGKILLs and a Redis SIGKILL while orders flow.
 
     Judged by the handlers' log lines (at least once: a batch per kill may run again) or by
     the fulfillment service's Redis-side effects (exactly once).
@@ -355,7 +355,7 @@ def test_a_short_chaos_soak_loses_nothing_and_bounds_duplicates(mode: str) -> No
     kills, partitions = 3, int(chaos.can_partition())
     args = ["--orders", "4000", "--consumer-kills", str(kills), "--redis-restarts", "1", "--seconds", "8"]
     args += ["--partitions", str(partitions)] + (["--redis-effects"] if mode == "redis effects" else [])
-    result = run_script("chaos", dict(os.environ), *args, timeout=300)
+    result = run_script("tools.chaos", dict(os.environ), *args, timeout=300)
     line = result.stdout.strip().splitlines()[-1]
     figures = dict(item.split("=", 1) for item in line.removeprefix("chaos: ").split())
     assert figures["published"] == "4000"

@@ -19,25 +19,34 @@ from conftest import ROOT, Script, need_redis_server, run_script, script_env, wa
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-import metrics
 from config import ConfigError, Settings
-from local_redis import LocalRedis, start_local_redis
+from core import metrics
 from orders import InvalidOrder, parse_order
 from stream_consumer import Stats
+from tools.local_redis import LocalRedis, start_local_redis
 
 README = (ROOT / "README.md").read_text()
-# Every top-level module a user runs with `python3 -m NAME`.
-SCRIPTS = sorted(path.stem for path in ROOT.glob("*.py") if 'if __name__ == "__main__":' in path.read_text())
+# The README and the pages it links to, in docs/: what a user reads.
+DOCS = README + "".join(path.read_text() for path in sorted((ROOT / "docs").glob("*.md")))
+# Every module a user runs with `python3 -m NAME`: the top level's and the development tools' (tools.NAME).
+SCRIPTS = sorted(
+    ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    for path in [*ROOT.glob("*.py"), *ROOT.glob("tools/*.py")]
+    if 'if __name__ == "__main__":' in path.read_text()
+)
 PASSWORD = "pw-Zq81-first-hour"  # a secret that must never show up in any output
 
 
 def readme_section(heading: str) -> str:
-    """The text under a `#`-heading of the README, up to the next heading of the same or a higher level."""
-    match = re.search(rf"^(#+) {re.escape(heading)}\n", README, re.M)
-    assert match, f"README has no section {heading!r}"
-    level = len(match.group(1))
-    end = re.compile(rf"^#{{1,{level}}} ", re.M).search(README, match.end())
-    return README[match.end() : end.start() if end else len(README)]
+    """The text under a `#`-heading of the README or a page of docs/, up to the next heading of the
+    same or a higher level."""
+    for page in [README, *(path.read_text() for path in sorted((ROOT / "docs").glob("*.md")))]:
+        match = re.search(rf"^(#+) {re.escape(heading)}\n", page, re.M)
+        if match:
+            level = len(match.group(1))
+            end = re.compile(rf"^#{{1,{level}}} ", re.M).search(page, match.end())
+            return page[match.end() : end.start() if end else len(page)]
+    raise AssertionError(f"neither the README nor docs/ has a section {heading!r}")
 
 
 def free_port() -> int:
@@ -134,7 +143,7 @@ def test_every_option_with_a_default_says_so_in_help(module: str) -> None:
 
 
 def test_options_whose_default_depends_on_something_else_say_what_it_is() -> None:
-    for module, option in (("bench", "--orders"), ("status", "--timeout")):
+    for module, option in (("tools.bench", "--orders"), ("status", "--timeout")):
         result = run_script(module, script_env("redis://127.0.0.1:1/0"), "--help")
         assert "default" in _help_entry(result.stdout, option), (module, option)
 
@@ -328,14 +337,20 @@ async def test_a_consumer_serves_metrics_on_loopback_only_and_the_readme_lists_e
         and not family.name.endswith("_created")  # a histogram's start time
     }
     assert "orders_deleted_skipped_total" in exported
-    listed = set(re.findall(r"`(orders_\w+)`", README))
-    assert exported - listed == set(), "exported but not in the README's metrics list"
+    listed = set(re.findall(r"`(orders_\w+)`", DOCS))
+    assert exported - listed == set(), "exported but not in the docs' metrics list"
     assert {f"orders_{name}_total" for name in metrics.COUNTERS} <= exported
     consumer.process.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(consumer.wait) == 0
 
 
 def test_every_script_is_covered() -> None:
-    assert {"bench", "chaos", "consumer1", "consumer2", "deadletter", "demo", "producer", "status"} <= set(
-        SCRIPTS
-    ), SCRIPTS
+    assert {
+        "tools.bench",
+        "tools.chaos",
+        "consumer1",
+        "consumer2",
+        "deadletter",
+        "tools.demo",
+        "producer",
+    } | {"status"} <= set(SCRIPTS), SCRIPTS

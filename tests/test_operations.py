@@ -22,13 +22,15 @@ from redis.typing import EncodableT, FieldT
 from test_pipeline import Recorder, running
 
 from config import Settings
-from deadletter import build_parser, dead_letter_fields, original_fields
+from core.capabilities import Capabilities, detect, parse_version
+from core.dead_letters import dead_letter_fields, original_fields
+from core.replies import text
+from deadletter import build_parser
 from initialization_stream import initialize
-from local_redis import LocalRedis, free_port
-from maintenance import Capabilities, detect, parse_version, remove_stale_consumers, safe_trim_point, trim
+from maintenance import remove_stale_consumers, safe_trim_point, trim
 from producer import publish_many, sample_orders
-from replies import text
 from status import caught_up
+from tools.local_redis import LocalRedis, free_port
 
 STREAM = "orders"
 NO_FEATURES = Capabilities((7, 0, 15))

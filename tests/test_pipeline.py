@@ -18,12 +18,13 @@ from redis.exceptions import ResponseError
 from test_orders import BAD_PAYLOADS
 
 from config import Settings
-from initialization_stream import ensure_groups, initialize
-from local_redis import LocalRedis
+from core.groups import ensure_groups
+from initialization_stream import initialize
 from orders import Order, parse_order
 from producer import CHUNK, PublishError, publish, publish_many, sample_orders
 from status import caught_up
 from stream_consumer import AnyHandler, Handler, Stats, consume
+from tools.local_redis import LocalRedis
 
 
 class Recorder:

@@ -14,11 +14,11 @@ from conftest import Script, run_script, script_env, wait_until
 from redis.asyncio import Redis
 from test_promises import ran
 
-from local_redis import LocalRedis, free_port
-from maintenance import detect
+from core.capabilities import detect
 from orders import serialize
 from producer import publish_many, sample_orders
 from status import caught_up
+from tools.local_redis import LocalRedis, free_port
 
 Start = Callable[..., Script]
 STREAM = "orders"
@@ -232,7 +232,7 @@ async def test_producer_publishes_files_stdin_and_samples(
 
 
 def test_every_script_has_help() -> None:
-    for module in ("producer", "consumer1", "consumer2", "initialization_stream", "demo"):
+    for module in ("producer", "consumer1", "consumer2", "initialization_stream", "tools.demo"):
         result = run_script(module, dict(os.environ), "--help")
         assert result.returncode == 0, module
         assert "usage: python -m " + module in result.stdout

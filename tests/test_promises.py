@@ -19,14 +19,14 @@ from redis.exceptions import ResponseError
 from test_pipeline import Recorder, dead_letters, running
 
 from config import Settings
+from core.capabilities import detect
+from core.keys import keys_for
 from initialization_stream import initialize
-from keys import keys_for
-from local_redis import LocalRedis
-from maintenance import detect
 from orders import Order, serialize
 from producer import publish_many, sample_orders
 from status import caught_up
 from stream_consumer import StreamConsumer
+from tools.local_redis import LocalRedis
 
 STREAM = "orders"
 Start = Callable[..., Script]

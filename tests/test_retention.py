@@ -12,19 +12,11 @@ from conftest import make_settings, need_redis_server, run_script, script_env, w
 from redis.asyncio import Redis
 
 from config import Settings
-from keys import keys_for
-from local_redis import LocalRedis, start_local_redis
-from maintenance import (
-    LARGEST_PART,
-    Capabilities,
-    detect,
-    next_id,
-    remove_stale_consumers,
-    safe_trim_point,
-    trim,
-    trim_limit,
-)
-from replies import entries_of
+from core.capabilities import Capabilities, detect
+from core.keys import keys_for
+from core.replies import LARGEST_PART, entries_of, next_id
+from maintenance import remove_stale_consumers, safe_trim_point, trim, trim_limit
+from tools.local_redis import LocalRedis, start_local_redis
 
 STREAM = "orders"
 NODE = 10  # entries per stream node: Redis's default XTRIM ~ limit is then 100 x 10 = 1,000 entries

@@ -27,10 +27,10 @@ from test_pipeline import Recorder
 
 import consumer1
 from initialization_stream import initialize
-from local_redis import LocalRedis, free_port
 from producer import publish_many, sample_orders
 from status import caught_up
 from stream_consumer import StreamConsumer
+from tools.local_redis import LocalRedis, free_port
 
 PASSWORDS = {
     "REDIS_ADMIN_PASSWORD": "adm1n secret&|",

@@ -244,7 +244,7 @@ async def test_without_a_provider_nothing_is_injected(redis: Redis, settings: Se
 def test_without_opentelemetry_installed_every_hook_is_a_no_op() -> None:
     code = (
         "import sys; sys.modules['opentelemetry'] = None\n"  # import opentelemetry raises ImportError
-        "import tracing, stream_consumer, producer\n"
+        "from core import tracing\nimport stream_consumer, producer\n"
         "assert not tracing.INSTALLED\n"
         "assert tracing.processing('orders', 'g', 'c') is None\n"
         "with tracing.sending('orders', 500) as fields: assert fields == ()\n"

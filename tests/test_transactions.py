@@ -16,11 +16,11 @@ from test_pipeline import running
 
 from config import Settings
 from initialization_stream import initialize
-from local_redis import LocalRedis
 from orders import Order
 from producer import publish_many, sample_orders
 from redisPool import redis_connect
 from status import caught_up
+from tools.local_redis import LocalRedis
 from tx import CrossSlotWrite, Tx
 
 STREAM = "orders"

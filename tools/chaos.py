@@ -51,12 +51,12 @@ from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from config import Settings
-from keys import keys_for, partitions
-from local_redis import LocalCluster, LocalRedis, start_local_cluster, start_local_redis
+from core.keys import keys_for, partitions
+from core.replies import text
 from orders import Order
 from producer import CHUNK, Durability, PublishError, publish_many, sample_orders
-from replies import text
 from status import caught_up
+from tools.local_redis import LocalCluster, LocalRedis, start_local_cluster, start_local_redis
 
 STREAM = "orders"
 CLUSTER_PARTITIONS = 3
@@ -390,7 +390,7 @@ async def shipments(redis: Redis, outbox: str) -> Counter[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m chaos",
+        prog="python -m tools.chaos",
         description="Publish orders while killing consumers and Redis on this machine (a redis-server "
         "of its own on 127.0.0.1), then check that no order was lost, invented or handled twice. "
         "Prints one line of figures; exit 0 only when lost, unexpected and duplicates are 0.",
@@ -470,7 +470,7 @@ def main() -> None:
         args.partitions = 0
     if args.partitions and not os.environ.get(IN_NAMESPACE):
         if can_partition():  # start again inside a network namespace of our own
-            command = ["unshare", "-n", sys.executable, "-m", "chaos", *sys.argv[1:]]
+            command = ["unshare", "-n", sys.executable, "-m", "tools.chaos", *sys.argv[1:]]
             os.execvpe("unshare", command, {**os.environ, IN_NAMESPACE: "1"})
         print("chaos: partitions skipped: they need root, unshare, ip and iptables", file=sys.stderr)
         args.partitions = 0

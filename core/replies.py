@@ -1,4 +1,4 @@
-"""Reply parsing from Redis, in one place: the only module that casts redis-py's loose types."""
+"""Reply parsing from Redis, in one place: the only module that casts redis-py's loose types; entry ids."""
 
 from __future__ import annotations
 
@@ -74,3 +74,28 @@ def pending_rows_of(rows: Any) -> list[tuple[bytes, bytes, int]]:
         (cast(bytes, row["message_id"]), cast(bytes, row["consumer"]), int(row["times_delivered"]))
         for row in rows
     ]
+
+
+# Stream entry ids as (milliseconds, sequence): compared, formatted and stepped without Redis.
+StreamId = tuple[int, int]
+
+LARGEST_PART = 2**64 - 1  # each part of a stream id is an unsigned 64-bit number
+
+
+def parse_id(entry_id: bytes | str) -> StreamId:
+    ms, _, seq = text(entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
+def format_id(entry_id: StreamId) -> str:
+    return f"{entry_id[0]}-{entry_id[1]}"
+
+
+def next_id(entry_id: StreamId) -> StreamId:
+    """The smallest id above `entry_id` (`5-18446744073709551615` -> `6-0`); the largest id has none."""
+    ms, seq = entry_id
+    if seq < LARGEST_PART:
+        return ms, seq + 1
+    if ms < LARGEST_PART:
+        return ms + 1, 0
+    return entry_id  # nothing can follow it, so nothing is undelivered above it

@@ -12,19 +12,16 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, ResponseError
 from redis.typing import EncodableT
 
 from config import CliError
-from keys import Keys
+from core.capabilities import Capabilities
+from core.keys import Keys
+from core.replies import commit_of
 from redisPool import is_cluster
-from replies import commit_of
-
-if TYPE_CHECKING:  # maintenance calls this library
-    from maintenance import Capabilities
 
 SOURCE = Path(__file__).with_name("library.lua")
 

@@ -24,14 +24,14 @@ from redis.exceptions import RedisError
 import consumer1
 import consumer2
 from config import CliError, Settings, run_script
+from core.keys import hash_tag, partitions
 from initialization_stream import initialize
-from keys import hash_tag, partitions
-from local_redis import HOW_TO_GET_REDIS, start_local_cluster, start_local_redis
 from orders import Order
 from producer import publish, sample_orders
 from redisPool import RedisRefused, RedisUnavailable, redis_connect
 from redisPool import log as pool_log
 from stream_consumer import AnyHandler, TxHandler, consume, with_tx
+from tools.local_redis import HOW_TO_GET_REDIS, start_local_cluster, start_local_redis
 from tx import Tx
 
 log = logging.getLogger("demo")
@@ -299,7 +299,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m demo",
+        prog="python -m tools.demo",
         description="Run the pipeline end to end: init, 2 fulfillment consumers + 1 email consumer, "
         "publish sample orders, print who processed what. Uses REDIS_URL when it answers, "
         "else starts a throwaway local redis-server.",
@@ -320,4 +320,4 @@ if __name__ == "__main__":
     arguments = parser.parse_args()
     if not 1 <= arguments.count <= 10_000:
         parser.error("--count must be between 1 and 10000")
-    run_script("demo", lambda settings: run(settings, arguments))
+    run_script("tools.demo", lambda settings: run(settings, arguments))

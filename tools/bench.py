@@ -30,19 +30,19 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 import consumer1
-import library
 import producer
-import tracing
 from config import DEFAULTS, Settings, configure_logging, load_settings
+from core import library, tracing
+from core.capabilities import detect
+from core.keys import keys_for, partitions
+from core.replies import entries_of
 from initialization_stream import initialize
-from keys import keys_for, partitions
-from local_redis import start_local_redis
-from maintenance import detect, trim
+from maintenance import trim
 from orders import Item, Order, serialize
 from redisPool import is_cluster, redis_connect
-from replies import entries_of
 from status import caught_up
 from stream_consumer import StreamConsumer, serve
+from tools.local_redis import start_local_redis
 from tx import Tx
 
 STREAM = "bench:orders"
@@ -52,7 +52,7 @@ PRODUCTION_STREAM = DEFAULTS["STREAM_KEY"]
 GROUPS = ("bench-fulfillment", "bench-email")
 PAYLOAD_110 = "x" * 110  # redis-benchmark's value: the size of a typical order
 TRACEPARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-START_SH = Path(__file__).with_name("redis") / "start.sh"
+START_SH = Path(__file__).resolve().parent.parent / "redis" / "start.sh"
 # Orders through the pipeline before memory is first read: keys, groups and consumers exist,
 # and the producer's id map (at most IDMP_KEEP ids) is already full, as at steady state.
 WARM_UP = 2 * library.IDMP_KEEP
@@ -310,7 +310,17 @@ async def workers(
     }
     processes = [
         await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "bench", "--worker", kind, "--group", group, "--name", f"{group}-{n}"),
+            *(
+                sys.executable,
+                "-m",
+                "tools.bench",
+                "--worker",
+                kind,
+                "--group",
+                group,
+                "--name",
+                f"{group}-{n}",
+            ),
             env=env,
             stdout=subprocess.PIPE,
         )
@@ -867,7 +877,7 @@ def table(r: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bench",
+        prog="python -m tools.bench",
         description="Measure publish, consume, end-to-end, latency and memory in one run, against "
         "redis-benchmark's XADD (the ceiling) and a one-await-per-order loop (the baseline). Uses "
         "REDIS_URL when it is set (keys bench:* and {bench:*}:*, deleted after), else a throwaway local "
@@ -939,7 +949,7 @@ def main() -> None:
     if not 1 <= args.batch_size <= 10_000:
         parser.error("--batch-size must be between 1 and 10000")
     if args.cluster:
-        import bench_cluster  # noqa: PLC0415 - it imports this module
+        from tools import bench_cluster  # noqa: PLC0415 - it imports this module
 
         bench_cluster.main(
             dataclasses.replace(sizes, e2e=min(sizes.e2e, 200_000)), args.batch_size, args.json

@@ -1,4 +1,4 @@
-"""`python -m bench --cluster`: one Redis against a 3-master Redis Cluster, same settings, one run.
+"""`python -m tools.bench --cluster`: one Redis against a 3-master Redis Cluster, same settings, one run.
 
 Both are throwaway servers on loopback started here: a redis-server, and a cluster of three
 (`local_redis.start_local_cluster`) with STREAM_PARTITIONS=3, one partition per master. It
@@ -23,13 +23,13 @@ from typing import Any, cast
 
 from redis.asyncio import Redis, RedisCluster
 
-import bench
 import producer
 from config import Settings
-from keys import partition_stream, partitions
-from local_redis import start_local_cluster, start_local_redis
+from core.keys import partition_stream, partitions
 from redisPool import redis_connect
 from status import caught_up
+from tools import bench
+from tools.local_redis import start_local_cluster, start_local_redis
 
 SHARDS = 3
 

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from config import DEFAULTS, Settings
-from keys import partitions
+from core.keys import partitions
 from orders import Order
 
 if TYPE_CHECKING:  # stream_consumer imports this module

@@ -1,0 +1,41 @@
+"""A dead letter's record: every field of the original entry, escaped where a name is taken, and metadata.
+
+A field whose name is also a metadata name (`group`, ...), or starts with `original.`, is stored
+as `original.<name>`, so the record holds both and `original_fields` gives back exactly what
+was dead-lettered.
+"""
+
+from __future__ import annotations
+
+META = ("group", "consumer", "source_id", "deliveries", "error", "dead_lettered_at")
+META_NAMES = frozenset(name.encode() for name in META)
+ESCAPE = b"original."  # prefix of an original field whose name collides with metadata
+
+
+def dead_letter_fields(
+    original: dict[bytes, bytes], meta: dict[str, str | int]
+) -> dict[bytes, bytes | str | int]:
+    """The record to XADD for a dead letter: every original field (escaped where needed), then `meta`.
+
+    `meta` holds metadata names only (see META); the writer adds `dead_lettered_at` itself.
+    """
+    unknown = set(meta) - set(META)
+    if unknown:
+        raise ValueError(f"not dead-letter metadata: {sorted(unknown)}")
+    record: dict[bytes, bytes | str | int] = {}
+    for name, value in original.items():
+        record[ESCAPE + name if name in META_NAMES or name.startswith(ESCAPE) else name] = value
+    for key, meta_value in meta.items():
+        record[key.encode()] = meta_value
+    return record
+
+
+def original_fields(record: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """Exactly the original entry's fields of a dead letter written by `dead_letter_fields`."""
+    original = {}
+    for name, value in record.items():
+        if name.startswith(ESCAPE):
+            original[name[len(ESCAPE) :]] = value
+        elif name not in META_NAMES:
+            original[name] = value
+    return original
