@@ -100,7 +100,7 @@ class _HiredisPacking(AbstractConnection):
     Without hiredis installed, redis-py's own packer.
     """
 
-    _packer = HiredisRespSerializer()
+    _packer = cast(Any, HiredisRespSerializer)()  # typed in some redis-py releases, not in others
 
     def pack_command(self, *args: EncodableT) -> list[bytes]:
         if not HIREDIS_AVAILABLE:
@@ -109,7 +109,7 @@ class _HiredisPacking(AbstractConnection):
         if (b" " if isinstance(name, bytes) else " ") not in name:  # type: ignore[operator]
             with contextlib.suppress(TypeError):
                 return [hiredis.pack_command(args)]  # type: ignore[arg-type]
-        return self._packer.pack(*args)  # type: ignore[arg-type, no-any-return]
+        return self._packer.pack(*args)  # type: ignore[no-any-return]
 
 
 class _FastConnection(_SendOnClosed, _HiredisPacking, Connection):
@@ -211,21 +211,48 @@ def refusal(where: str, error: Exception) -> str:
     return f"Redis at {where} refused the connection: {text}"
 
 
+class StoppedBeforeStart(Exception):
+    """`stop` was set while the first PING was still unanswered."""
+
+
 @asynccontextmanager
-async def redis_connect(settings: Settings, deadline_s: float | None = None) -> AsyncIterator[Redis]:
+async def redis_connect(
+    settings: Settings, deadline_s: float | None = None, stop: asyncio.Event | None = None
+) -> AsyncIterator[Redis]:
     """Yield a client owning the process's pool, after a successful PING; close the pool on exit.
 
-    Gives up after `deadline_s`, by default REDIS_CONNECT_TIMEOUT_MS.
+    Gives up after `deadline_s`, by default REDIS_CONNECT_TIMEOUT_MS; raises StoppedBeforeStart at
+    once when `stop` is set first (a signal while Redis does not answer yet).
     """
     if deadline_s is None:
         deadline_s = settings.redis_connect_timeout_ms / 1000
     redis = make_cluster(settings) if settings.redis_cluster else Redis.from_pool(make_pool(settings))
     try:
-        await wait_until_reachable(redis, settings.safe_redis_url, deadline_s)
+        reachable = wait_until_reachable(redis, settings.safe_redis_url, deadline_s)
+        if stop is None:
+            await reachable
+        else:
+            await _unless_stopped(reachable, stop)
         log.debug("connected to %s", settings.safe_redis_url)
         yield redis
     finally:
         await redis.aclose()
+
+
+async def _unless_stopped(step: Awaitable[None], stop: asyncio.Event) -> None:
+    """Await `step`; StoppedBeforeStart (with `step` cancelled) if `stop` is set first."""
+    task = asyncio.ensure_future(step)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise StoppedBeforeStart
+    task.result()
 
 
 def make_cluster(settings: Settings) -> Redis:

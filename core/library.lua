@@ -91,38 +91,72 @@ local function admit(keys, args)
   return out
 end
 
--- The fenced commit: for each entry still pending on this consumer, apply the writes its
--- handler staged (tx.py), ack it, mark its order done and no longer running; an entry another
--- consumer took over meanwhile is left alone, its staged writes dropped.
--- KEYS: stream, done, running. ARGV: group, consumer, window ms, then the number of plain
--- entries and their ids (acked and nothing else: most of a batch, passed as bare ids), then
--- per other entry: its id, its order id ('' for none), the number of staged writes, and each
--- write as its argument count followed by its arguments.
--- Returns {acked, ids fenced out (pending on another consumer), errors of staged writes}.
--- Entries no longer pending (committed before, as when a reply was lost) count in neither,
--- and their writes are not applied again. A staged write Redis refuses is reported, not retried:
--- Redis has no rollback, and applying the rest once beats applying some of them twice.
+-- A staged write, or a dead letter's XADD, may carry at most this many arguments: Lua unpacks
+-- them onto its stack, which holds about 8,000 values, and an error half way through a call
+-- would leave its earlier writes applied (Redis functions do not roll back).
+local MAX_ARGS = 4000
+
+-- The fenced commit of a batch, in one atomic step. For each entry still pending on this
+-- consumer: ack it, then apply the writes its handler staged (tx.py) and mark its order done;
+-- or, for a dead letter, copy it to the dead-letter stream and ack it there and then. An
+-- entry another consumer took over meanwhile is left alone, its writes dropped. Acks come
+-- before writes, and every write goes through pcall, so nothing here can fail half way and
+-- be applied again by a retry: a staged write Redis refuses is reported, the rest stand.
+-- KEYS: stream, done, running, dead-letter stream, this consumer's lease.
+-- ARGV: group, consumer, lease token, window ms; the number of plain entries (ack only) and
+-- their ids; the number of entries with more, then per entry its id, its order id ('' for
+-- none), the number of staged writes and each write as its argument count and arguments;
+-- then, to the end, per dead letter its id, its order id, its record's length and the record
+-- (field, value, ...).
+-- Returns {acked, ids pending on another consumer, errors, 1 if the lease is another
+-- process's (nothing applied) else 0}. Entries no longer pending (committed by a try whose
+-- reply was lost) count in neither and are not applied again.
 local function commit(keys, args)
-  local stream, done, running = keys[1], keys[2], keys[3]
-  local group, consumer, window = args[1], args[2], tonumber(args[3])
-  local plain = tonumber(args[4])
+  local stream, done, running, dead, lease = keys[1], keys[2], keys[3], keys[4], keys[5]
+  local group, consumer, token, window = args[1], args[2], args[3], tonumber(args[4])
+  local holder = redis.call('GET', lease)
+  if holder and holder ~= token then
+    return {0, {}, {}, 1}
+  end
   local now = now_ms()
-  local acked, fenced, errors, acks = 0, {}, {}, {}
-  -- Every other entry takes at least three arguments: enough rows for all of them.
-  local rows = plain + math.floor((#args - 4 - plain) / 3)
-  local mine
-  -- True when the entry is still pending on this consumer (it is then acked below), else false;
-  -- one pending on another consumer is noted as fenced out.
-  local function ours(id)
-    local known, owner = mine[id], nil
-    if known then
-      owner = consumer
-    elseif known == nil then -- false: acked earlier in this call, so no longer pending
-      owner = owner_of(stream, group, id)
+  local at = 4 -- the arguments are read in order: take() is the next one
+  local function take()
+    at = at + 1
+    return args[at]
+  end
+  local plain = tonumber(take())
+  local first_plain = at + 1
+  at = at + plain
+  local rich = {}
+  for _ = 1, tonumber(take()) do
+    local entry = {id = take(), order = take(), writes = {}}
+    for _ = 1, tonumber(take()) do
+      local count = tonumber(take())
+      entry.writes[#entry.writes + 1] = {at + 1, count}
+      at = at + count
     end
+    rich[#rich + 1] = entry
+  end
+  local dead_letters = {}
+  while at < #args do
+    local letter = {id = take(), order = take(), count = tonumber(take())}
+    letter.first = at + 1
+    at = at + letter.count
+    dead_letters[#dead_letters + 1] = letter
+  end
+
+  -- Which entries are still ours. When no other consumer of the group holds an entry, each
+  -- is pending on this one or on none, and XACK itself skips those on none: the plain ids are
+  -- acked straight from the arguments. Else one XPENDING fetches this consumer's oldest
+  -- entries (usually the batch itself); an id not among them is looked up alone.
+  local fenced, errors, acks = {}, {}, {}
+  local mine
+  local function ours(id)
+    if mine == nil then
+      mine = oldest_pending(stream, group, consumer, math.max(1, plain + #rich + #dead_letters))
+    end
+    local owner = mine[id] and consumer or owner_of(stream, group, id)
     if owner == consumer then
-      mine[id] = false
-      acks[#acks + 1] = id
       return true
     end
     if owner then
@@ -130,85 +164,88 @@ local function commit(keys, args)
     end
     return false
   end
-  -- Plain entries still pending on this consumer (all of them, but for a consumer that was cut
-  -- off) are acked straight from the arguments; from the first one that is not, one by one.
-  -- When no other consumer of the group holds an entry, each is pending on this one or on
-  -- none, XACK skips those on none, and the consumer's pending rows need not be read at all.
-  local k = 5
+  local acked = 0
   if plain > 0 and alone(stream, group, consumer) then
-    k = 5 + plain
+    for first = first_plain, first_plain + plain - 1, 1000 do
+      acked = acked + redis.call('XACK', stream, group, unpack(args, first, math.min(first + 999, first_plain + plain - 1)))
+    end
   else
-    mine = oldest_pending(stream, group, consumer, math.max(1, rows))
-    while k <= 4 + plain and mine[args[k]] do
-      mine[args[k]] = false
-      k = k + 1
+    for j = first_plain, first_plain + plain - 1 do
+      if ours(args[j]) then acks[#acks + 1] = args[j] end
     end
   end
-  for first = 5, k - 1, 1000 do
-    acked = acked + redis.call('XACK', stream, group, unpack(args, first, math.min(first + 999, k - 1)))
-  end
-  if k <= #args and not mine then -- entries with writes or an order to mark: looked up as before
-    mine = oldest_pending(stream, group, consumer, math.max(1, rows - plain))
-  end
-  for j = k, 4 + plain do
-    ours(args[j])
-  end
-  local i = 5 + plain
-  while i <= #args do
-    local id, order, writes = args[i], args[i + 1], tonumber(args[i + 2])
-    i = i + 3
-    local owned = ours(id)
-    for _ = 1, writes do
-      local count = tonumber(args[i])
-      if owned then
-        local reply = redis.pcall(unpack(args, i + 1, i + count))
-        if type(reply) == 'table' and reply.err then
-          errors[#errors + 1] = id .. ' ' .. args[i + 1] .. ': ' .. reply.err
-        end
-      end
-      i = i + 1 + count
-    end
-    if owned and order ~= '' then
-      if window > 0 then
-        redis.call('ZADD', done, now, order)
-      end
-      if redis.call('HGET', running, order) == consumer .. ' ' .. id then
-        redis.call('HDEL', running, order)
-      end
+  local owned = {}
+  for _, entry in ipairs(rich) do
+    if ours(entry.id) then
+      owned[#owned + 1] = entry
+      acks[#acks + 1] = entry.id
     end
   end
-  -- One XACK per thousand entries rather than one per entry: nothing in between reads the PEL.
   for first = 1, #acks, 1000 do
     acked = acked + redis.call('XACK', stream, group, unpack(acks, first, math.min(first + 999, #acks)))
   end
-  if window > 0 then
+  for _, entry in ipairs(owned) do
+    for _, write in ipairs(entry.writes) do
+      local at, count = write[1], write[2]
+      local reply
+      if count < 1 or count > MAX_ARGS then
+        reply = {err = 'a staged write of ' .. count .. ' arguments (at most ' .. MAX_ARGS .. ')'}
+      else
+        reply = redis.pcall(unpack(args, at, at + count - 1))
+      end
+      if type(reply) == 'table' and reply.err then
+        errors[#errors + 1] = entry.id .. ' ' .. tostring(args[at]) .. ': ' .. reply.err
+      end
+    end
+    if entry.order ~= '' then
+      if window > 0 then
+        redis.call('ZADD', done, now, entry.order)
+      end
+      if redis.call('HGET', running, entry.order) == consumer .. ' ' .. entry.id then
+        redis.call('HDEL', running, entry.order)
+      end
+    end
+  end
+  if window > 0 and #owned > 0 then
     redis.call('ZREMRANGEBYSCORE', done, '-inf', '(' .. (now - window))
   end
-  return {acked, fenced, errors}
-end
-
--- The fenced dead-letter: copy the entry to the dead-letter stream and ack it, if it is still
--- pending on this consumer. KEYS: stream, dead-letter stream, running. ARGV: group, consumer,
--- entry id, order id (or ''), then the record's field/value pairs. Returns the new entry's id,
--- or false when another consumer took the entry over.
-local function dead_letter(keys, args)
-  local stream, dead, running = keys[1], keys[2], keys[3]
-  local group, consumer, id, order = args[1], args[2], args[3], args[4]
-  if owner_of(stream, group, id) ~= consumer then
-    return false
+  -- Dead letters: the copy first, then the ack. A record Redis refuses is copied again with
+  -- its metadata only, so the dead letter exists whatever the original held.
+  local at = iso(now)
+  for _, letter in ipairs(dead_letters) do
+    if ours(letter.id) then
+      local full, meta = {'XADD', dead, '*'}, {'XADD', dead, '*'}
+      for j = letter.first, letter.first + letter.count - 2, 2 do
+        full[#full + 1], full[#full + 2] = args[j], args[j + 1]
+        if args[j] == 'group' or args[j] == 'consumer' or args[j] == 'source_id'
+            or args[j] == 'deliveries' or args[j] == 'error' then
+          meta[#meta + 1], meta[#meta + 2] = args[j], args[j + 1]
+        end
+      end
+      full[#full + 1], full[#full + 2] = 'dead_lettered_at', at
+      local reply
+      if #full <= MAX_ARGS then
+        reply = redis.pcall(unpack(full))
+      else
+        reply = {err = 'a record of ' .. letter.count .. ' values (at most ' .. MAX_ARGS .. ')'}
+      end
+      if type(reply) == 'table' and reply.err then
+        errors[#errors + 1] = letter.id .. ' dead letter: ' .. reply.err .. '; kept its metadata only'
+        meta[#meta + 1], meta[#meta + 2] = 'truncated', 'the original fields could not be copied'
+        meta[#meta + 1], meta[#meta + 2] = 'dead_lettered_at', at
+        reply = redis.pcall(unpack(meta))
+      end
+      if type(reply) == 'table' and reply.err then
+        errors[#errors + 1] = letter.id .. ' dead letter: ' .. reply.err .. '; left pending'
+      else
+        acked = acked + redis.call('XACK', stream, group, letter.id)
+        if letter.order ~= '' and redis.call('HGET', running, letter.order) == consumer .. ' ' .. letter.id then
+          redis.call('HDEL', running, letter.order)
+        end
+      end
+    end
   end
-  local record = {}
-  for i = 5, #args do
-    record[#record + 1] = args[i]
-  end
-  record[#record + 1] = 'dead_lettered_at'
-  record[#record + 1] = iso(now_ms())
-  local new_id = redis.call('XADD', dead, '*', unpack(record))
-  redis.call('XACK', stream, group, id)
-  if order ~= '' and redis.call('HGET', running, order) == consumer .. ' ' .. id then
-    redis.call('HDEL', running, order)
-  end
-  return new_id
+  return {acked, fenced, errors, 0}
 end
 
 -- Idempotent append: a chunk of orders, each under its idempotency id (the order id) for
@@ -267,29 +304,90 @@ local function remove_consumer(keys, args)
   return redis.call('XGROUP', 'DELCONSUMER', keys[1], args[1], args[2])
 end
 
--- Keep this consumer's in-hand entries fresh (Redis 8.4+, where reads claim by idle time with
--- XREADGROUP ... CLAIM): XCLAIM ... JUSTID sets idle to 0 and leaves the delivery count alone,
--- and only entries still pending on this consumer are touched, so none is taken back from
--- another. KEYS: the stream; ARGV: group, consumer, entry ids. Returns how many were touched.
+-- Keep every entry pending on this consumer fresh (Redis 8.4+, where reads claim by idle
+-- time with XREADGROUP ... CLAIM): XCLAIM ... JUSTID sets idle to 0 and leaves the delivery
+-- count alone. Its lease process calls it while the consumer lives, so whatever it holds (a
+-- batch in hand, one read ahead, entries waiting for a retry) stays its own.
+-- KEYS: the stream; ARGV: group, consumer. Returns how many entries were touched.
 local function touch(keys, args)
   local stream, group, consumer = keys[1], args[1], args[2]
-  local mine = {}
-  for i = 3, #args do
-    if owner_of(stream, group, args[i]) == consumer then mine[#mine + 1] = args[i] end
-  end
-  for first = 1, #mine, 1000 do
+  local touched, start = 0, '-'
+  for _ = 1, 100 do -- at most 100,000 entries a call: bounded, however much a consumer holds
+    local rows = redis.call('XPENDING', stream, group, start, '+', 1000, consumer)
+    if #rows == 0 then break end
     local call = {'XCLAIM', stream, group, consumer, 0}
-    for i = first, math.min(first + 999, #mine) do call[#call + 1] = mine[i] end
+    for _, row in ipairs(rows) do call[#call + 1] = row[1] end
     call[#call + 1] = 'JUSTID'
     redis.call(unpack(call))
+    touched = touched + #rows
+    if #rows < 1000 then break end
+    start = '(' .. rows[#rows][1]
   end
-  return #mine
+  return touched
 end
 
-redis.register_function('orders___VERSION___version', function() return '__VERSION__' end)
-redis.register_function('orders___VERSION___admit', admit)
-redis.register_function('orders___VERSION___commit', commit)
-redis.register_function('orders___VERSION___dead_letter', dead_letter)
+-- Deliver again entries due for a retry, those still pending on this consumer: XCLAIM to
+-- itself; one another consumer took over is left alone, a deleted one leaves the pending list.
+-- KEYS: the stream; ARGV: group, consumer, '1' if this delivery counts toward MAX_DELIVERIES
+-- ('0' during a downstream outage: the count stays), entry ids.
+-- Returns per entry still there {id, fields, its delivery count now}.
+local function redeliver(keys, args)
+  local stream, group, consumer, counts = keys[1], args[1], args[2], args[3] == '1'
+  local out = {}
+  for i = 4, #args do
+    local row = redis.call('XPENDING', stream, group, args[i], args[i], 1)[1]
+    if row and row[2] == consumer then
+      local count = counts and row[4] + 1 or row[4]
+      local claimed = redis.call('XCLAIM', stream, group, consumer, 0, args[i], 'RETRYCOUNT', count)
+      if claimed[1] then out[#out + 1] = {claimed[1][1], claimed[1][2], count} end
+    end
+  end
+  return out
+end
+
+-- A consumer's lease: its name's key holds the token of the one process using that name.
+-- KEYS: the lease. ARGV: what, token, TTL ms, and for 'take' the token a dead holder left.
+-- 'take': set it if no process holds it, or if it holds the token expected there; returns
+-- 1, or {holder's token, its TTL left in ms} when another holds it.
+-- 'refresh': 1 ours and refreshed; 2 it had lapsed and is ours again; 0 another process's.
+-- 'release': delete it if it is ours.
+local function lease(keys, args)
+  local key, what, token, ttl = keys[1], args[1], args[2], args[3]
+  local holder = redis.call('GET', key)
+  if what == 'take' then
+    if not holder or holder == token or holder == args[4] then
+      redis.call('SET', key, token, 'PX', ttl)
+      return 1
+    end
+    return {holder, redis.call('PTTL', key)}
+  elseif what == 'refresh' then
+    if holder == token then
+      redis.call('PEXPIRE', key, ttl)
+      return 1
+    elseif not holder then
+      redis.call('SET', key, token, 'PX', ttl)
+      return 2
+    end
+    return 0
+  elseif holder == token then
+    redis.call('DEL', key)
+  end
+  return 0
+end
+
+-- Consumers' steps may run on a full Redis (maxmemory reached, noeviction): they free memory
+-- (acks, then trimming) and grow it by at most what is in flight. The producer's append may
+-- not: a full Redis refuses new orders rather than dropping old ones.
+local function for_consumers(name, callback)
+  redis.register_function{function_name = 'orders___VERSION___' .. name, callback = callback, flags = {'allow-oom'}}
+end
+
+redis.register_function{function_name = 'orders___VERSION___version', callback = function() return '__VERSION__' end,
+  flags = {'no-writes'}}
+for_consumers('admit', admit)
+for_consumers('commit', commit)
+for_consumers('remove_consumer', remove_consumer)
+for_consumers('touch', touch)
+for_consumers('redeliver', redeliver)
+for_consumers('lease', lease)
 redis.register_function('orders___VERSION___append', append)
-redis.register_function('orders___VERSION___remove_consumer', remove_consumer)
-redis.register_function('orders___VERSION___touch', touch)

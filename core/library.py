@@ -20,7 +20,7 @@ from redis.typing import EncodableT
 from config import CliError
 from core.capabilities import Capabilities
 from core.keys import Keys
-from core.replies import commit_of
+from core.replies import Committed, commit_of, redelivered_of
 from redisPool import is_cluster
 
 SOURCE = Path(__file__).with_name("library.lua")
@@ -112,15 +112,18 @@ def append_command(
 # An entry to commit with more than an ack: its id, its order id ('' for none), the writes its
 # handler staged (tx.py), each a command with its arguments.
 Commit = tuple[bytes, str, list[list[EncodableT]]]
+# An entry to dead-letter: its id, its order id ('' for none), the record (core/dead_letters.py).
+DeadLetter = tuple[bytes, str, dict[bytes, bytes | str | int]]
 
 
 @dataclass
 class Fence:
-    """One consumer's atomic steps in one group: admission, the fenced commit, the fenced dead-letter.
+    """One consumer's atomic steps in one group: admission, the fenced commit, redelivery.
 
     The pending-entries list is the fence: an entry is committed or dead-lettered only while
     it is still pending on this consumer, so of two consumers racing for one entry (a slow
-    owner and the one that claimed it) at most one commit applies.
+    owner and the one that claimed it) at most one commit applies. The lease's token fences
+    the name itself: a process whose name another process now holds commits nothing.
     """
 
     redis: Redis
@@ -128,6 +131,7 @@ class Fence:
     group: str
     consumer: str
     window_ms: int  # DEDUPE_WINDOW_MS: 0 keeps no done marks
+    token: str = ""  # this process's lease token (core/lease.py)
 
     async def admit(self, entries: list[tuple[bytes, str]]) -> list[int]:
         """RUN, DONE or RUNNING_ELSEWHERE for each (entry id, order id), in one atomic step."""
@@ -142,34 +146,51 @@ class Fence:
         reply = await self.redis.fcall(function("admit"), 3, *self._guard_keys(), *args)
         return [int(decision) for decision in reply]
 
-    async def commit(self, plain: list[bytes], entries: list[Commit]) -> tuple[int, list[bytes], list[str]]:
-        """Apply the staged writes of, and ack, these entries still pending on us, in one atomic step.
+    async def commit(
+        self, plain: list[bytes], entries: list[Commit], dead: Sequence[DeadLetter] = ()
+    ) -> Committed:
+        """Ack these entries, apply their staged writes and move the dead letters, for those still
+        pending on us, in one atomic step.
 
         `plain` are the ids of entries to ack and nothing else (no order to mark done, no
-        writes): most of a batch, sent as bare ids. Returns (acked, ids another consumer holds,
-        errors of staged writes Redis refused).
+        writes): most of a batch, sent as bare ids.
         """
-        return commit_of(await self.redis.execute_command(*self.commit_call(plain, entries)))  # type: ignore[no-untyped-call]
+        return commit_of(await self.redis.execute_command(*self.commit_call(plain, entries, dead)))  # type: ignore[no-untyped-call]
 
-    def commit_call(self, plain: list[bytes], entries: list[Commit]) -> list[EncodableT]:
+    def commit_call(
+        self, plain: list[bytes], entries: list[Commit], dead: Sequence[DeadLetter] = ()
+    ) -> list[EncodableT]:
         """commit()'s command, for a caller that sends it in a pipeline."""
-        args: list[EncodableT] = ["FCALL", function("commit"), 3, *self._guard_keys()]
-        args += [self.group, self.consumer, self.window_ms, len(plain), *plain]
+        keys = (*self._guard_keys(), self.keys.dead_letter, self.keys.lease(self.group, self.consumer))
+        args: list[EncodableT] = ["FCALL", function("commit"), len(keys), *keys]
+        args += [self.group, self.consumer, self.token, self.window_ms, len(plain), *plain, len(entries)]
         for entry_id, order_id, writes in entries:
             args += [entry_id, order_id, len(writes)]
             for write in writes:
                 args += [len(write), *write]
+        for entry_id, order_id, record in dead:
+            args += [entry_id, order_id, 2 * len(record)]
+            for name, value in record.items():
+                args += [name, value]
         return args
 
-    async def dead_letter(
-        self, entry_id: bytes, order_id: str, record: dict[bytes, bytes | str | int]
-    ) -> bool:
-        """Copy the entry to the dead-letter stream and ack it; False if another consumer took it over."""
-        args: list[EncodableT] = [self.group, self.consumer, entry_id, order_id]
-        for name, value in record.items():
-            args += [name, value]
-        keys = (self.keys.stream, self.keys.dead_letter, self.keys.running(self.group))
-        return bool(await self.redis.fcall(function("dead_letter"), 3, *keys, *args))
+    async def redeliver(
+        self, entry_ids: Sequence[bytes], counts: bool = True
+    ) -> list[tuple[bytes, dict[bytes, bytes], int]]:
+        """Those of these entries still pending on us, delivered again: (id, fields, delivery count).
+
+        `counts` False (a downstream outage): the delivery count stays as it was.
+        """
+        reply = await self.redis.fcall(
+            function("redeliver"),
+            1,
+            self.keys.stream,
+            self.group,
+            self.consumer,
+            "1" if counts else "0",
+            *entry_ids,
+        )
+        return redelivered_of(reply)
 
     def _guard_keys(self) -> tuple[str, str, str]:
         return self.keys.stream, self.keys.done(self.group), self.keys.running(self.group)

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import REGISTRY, Histogram, start_http_server
@@ -20,12 +19,11 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from config import DEFAULTS, Settings
+from core.handlers import TxHandler
 from core.keys import partitions
+from core.stats import Stats
 from orders import Order
-
-if TYPE_CHECKING:  # stream_consumer imports this module
-    from stream_consumer import Stats, TxHandler
-    from tx import Tx
+from tx import Tx
 
 REFRESH_S = 5.0
 
@@ -102,6 +100,20 @@ class ConsumerCollector(Collector):
         yield GaugeMetricFamily(
             "orders_dead_letter_length", "Entries in the dead-letter stream.", self.dead_letters
         )
+        waiting = GaugeMetricFamily(
+            "orders_retry_waiting",
+            "Entries this consumer holds waiting for a retry.",
+            labels=["group", "consumer"],
+        )
+        waiting.add_metric(labels, self.stats.waiting)
+        yield waiting
+        oldest = GaugeMetricFamily(
+            "orders_retry_oldest_seconds",
+            "How long the entry waiting longest for its retry has waited since its first failure.",
+            labels=["group", "consumer"],
+        )
+        oldest.add_metric(labels, self.stats.oldest_wait_s)
+        yield oldest
 
     async def refresh(self, redis: Redis, settings: Settings) -> None:
         """Lag and pending per group, summed over the partitions (and per partition when partitioned)."""

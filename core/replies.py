@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, cast
 
 Entry = tuple[bytes, dict[bytes, bytes]]
@@ -62,10 +63,30 @@ def entries_of_claim(reply: Any) -> list[Entry]:
     return cast(list[Entry], reply)
 
 
-def commit_of(reply: Any) -> tuple[int, list[bytes], list[str]]:
-    """A commit reply as (entries acked, entry ids another consumer holds, refused staged writes)."""
-    acked, fenced, errors = reply
-    return int(acked), cast(list[bytes], fenced), [text(error) for error in errors]
+@dataclass(frozen=True)
+class Committed:
+    """What Redis said of a commit: entries acked, ids another consumer holds, refused writes,
+    and whether another process now holds this consumer's name (then nothing was applied)."""
+
+    acked: int
+    fenced: list[bytes]
+    errors: list[str]
+    name_taken: bool
+
+
+def commit_of(reply: Any) -> Committed:
+    """A commit reply, typed."""
+    acked, fenced, errors, taken = reply
+    return Committed(int(acked), cast(list[bytes], fenced), [text(error) for error in errors], bool(taken))
+
+
+def redelivered_of(reply: Any) -> list[tuple[bytes, dict[bytes, bytes], int]]:
+    """A redeliver reply: (entry id, fields, delivery count) of each entry delivered again."""
+    entries = []
+    for entry_id, flat, count in reply:
+        pairs = iter(flat or ())
+        entries.append((cast(bytes, entry_id), dict(zip(pairs, pairs, strict=True)), int(count)))
+    return entries
 
 
 def pending_rows_of(rows: Any) -> list[tuple[bytes, bytes, int]]:

@@ -15,7 +15,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 import pytest
@@ -37,13 +37,14 @@ from config import Settings
 from core.capabilities import detect
 from core.keys import keys_for
 from core.library import Fence
-from core.replies import entries_of
+from core.reading import Batch
+from core.replies import Committed, entries_of
 from initialization_stream import initialize
 from orders import Order, serialize
 from producer import PublishError, publish, publish_many, sample_orders
 from redisPool import redis_connect
 from status import caught_up
-from stream_consumer import StreamConsumer
+from stream_consumer import Hooks, StreamConsumer
 from tools import chaos
 from tools.local_redis import LocalRedis
 
@@ -573,8 +574,8 @@ async def test_a_lost_xreadgroup_reply_is_recovered(own_server: LocalRedis) -> N
 
 
 def _is_commit(name: bytes, reply: Any) -> bool:
-    """The reply to the commit: [acked, [ids taken over], [refused staged writes]]."""
-    return name == b"FCALL" and isinstance(reply, list) and len(reply) == 3 and isinstance(reply[1], list)
+    """The reply to the commit: [acked, [ids taken over], [refused staged writes], name taken]."""
+    return name == b"FCALL" and isinstance(reply, list) and len(reply) == 4 and isinstance(reply[1], list)
 
 
 async def _drain_through(
@@ -592,7 +593,7 @@ async def _drain_through(
         recorder = Recorder()
         async with redis_connect(settings) as redis:
             consumer = StreamConsumer(redis, settings, "email_group", "c", recorder.handler("c"))
-            consumer.one_trip = with_read  # False: as on a cluster, the commit goes by itself
+            consumer.reader.one_trip = with_read  # False: as on a cluster, the commit goes by itself
             task = asyncio.create_task(consumer.run())
             try:
                 await wait_until(lambda: caught_up(direct, STREAM, ["email_group"]), "every order acked")
@@ -674,7 +675,8 @@ async def test_the_commit_acks_only_what_is_still_pending_on_this_consumer(
     await redis.xack(STREAM, group, plain[6])
     fence = Fence(redis, keys_for(settings), group, "a", 0)
     writes: list[list[EncodableT]] = [["HINCRBY", "{orders}:effects", "n", 1]]
-    acked, fenced, errors = await fence.commit(plain, [(rich[0], "", writes), (rich[1], "", writes)])
+    reply = await fence.commit(plain, [(rich[0], "", writes), (rich[1], "", writes)])
+    acked, fenced, errors = reply.acked, reply.fenced, reply.errors
     owned_by_b = {plain[n] for n in taken} | {rich[0]}
     assert (acked, set(fenced), errors) == (len(ids) - len(owned_by_b) - 1, owned_by_b, [])
     rows = await redis.xpending_range(STREAM, group, "-", "+", 100)
@@ -698,14 +700,14 @@ async def test_a_consumer_alone_in_its_group_commits_by_xack_and_still_fences(
     await redis.xack(STREAM, group, plain[2], rich[0])  # b finished them: it holds nothing now
     fence = Fence(redis, keys_for(settings), group, "a", 0)
     writes: list[list[EncodableT]] = [["HINCRBY", "{orders}:effects", "n", 1]]
-    acked, fenced, errors = await fence.commit(plain, [(rich[0], "", writes), (rich[1], "", writes)])
-    assert (acked, fenced, errors) == (len(ids) - 2, [], [])
+    reply = await fence.commit(plain, [(rich[0], "", writes), (rich[1], "", writes)])
+    assert (reply.acked, reply.fenced, reply.errors) == (len(ids) - 2, [], [])
     assert (await redis.xpending(STREAM, group))["pending"] == 0
     assert await redis.hget("{orders}:effects", "n") == b"1"  # rich[1]'s write only
 
     _, ids = await _batch_on_a(redis, settings, 5)
     await redis.config_resetstat()
-    assert await fence.commit(ids, []) == (5, [], [])
+    assert await fence.commit(ids, []) == Committed(5, [], [], name_taken=False)
     assert (await redis.info("commandstats"))["cmdstat_xpending"]["calls"] == 1
 
 
@@ -775,17 +777,16 @@ class Gate(_Proxy):
             self.writers.discard(end)
 
 
-class _CutWhenAhead(StreamConsumer):
-    """Cuts `gate` the first time it holds a batch read ahead, and drops its pooled connections:
-    its next turn finds Redis gone before it sends anything."""
+class _CutWhenAhead:
+    """A read hook that cuts `gate` the first time a batch was read ahead, and drops the pooled
+    connections: the next send finds Redis gone before anything goes out."""
 
-    gate: Gate
-    was_cut = False
+    def __init__(self, gate: Gate) -> None:
+        self.gate, self.redis, self.was_cut, self.holding = gate, cast(Redis, None), False, False
 
-    async def _commit_then_read(self) -> None:
-        await super()._commit_then_read()
-        if self.ahead is not None and not self.was_cut:
-            self.was_cut = True
+    async def __call__(self, batch: Batch) -> None:
+        if batch.ahead and not self.was_cut:
+            self.was_cut = self.holding = True
             await self.gate.cut()
             # Else a connection whose close the event loop has not seen yet takes the next send,
             # and the failure only shows after it: then the batch is handled, as any batch in
@@ -801,7 +802,7 @@ async def test_a_batch_read_ahead_is_not_handled_while_redis_is_away(
     would handle it sends anything: the batch is dropped, not run while Redis is away (its
     commit could not land, and its lease lapses meanwhile), and read again from the
     consumer's own pending entries once Redis is back; every order then runs exactly once.
-    From Redis 8.4 (XREADGROUP ... CLAIM) no batch is read ahead: Redis is never cut."""
+    On Redis 8.4+ (XREADGROUP ... CLAIM) too: the lease keeper keeps a batch read ahead fresh."""
     gate = Gate(own_server.port)
     port = await gate.start()
     settings = make_settings(
@@ -819,21 +820,21 @@ async def test_a_batch_read_ahead_is_not_handled_while_redis_is_away(
         await record(order)
 
     try:
-        reads_ahead = not (await detect(direct)).readgroup_claim
         await initialize(direct, settings)
         await publish_many(direct, STREAM, orders)
+        cut = _CutWhenAhead(gate)
         async with redis_connect(settings) as redis:
-            consumer = _CutWhenAhead(redis, settings, "email_group", "c", handler)
-            consumer.gate = gate
+            cut.redis = redis
+            consumer = StreamConsumer(redis, settings, "email_group", "c", handler, hooks=Hooks(read=cut))
             task = asyncio.create_task(consumer.run())
             try:
-                if reads_ahead:
-                    # Three failed turns (each doubles the back-off): it tried, and backed off, again.
-                    await wait_until(lambda: consumer.backoff >= 0.8, "three failed turns with Redis away")
-                    assert not gate.open
-                    assert consumer.ahead is None
-                    assert run_while_away == []
-                    gate.heal()
+                # Three failed turns (each doubles the back-off): it tried, and backed off, again.
+                await wait_until(
+                    lambda: consumer.recovery.backoff >= 0.8, "three failed turns with Redis away"
+                )
+                assert not gate.open
+                assert run_while_away == []
+                gate.heal()
                 await wait_until(lambda: caught_up(direct, STREAM, ["email_group"]), "every order acked")
             finally:
                 consumer.stop.set()
@@ -841,7 +842,7 @@ async def test_a_batch_read_ahead_is_not_handled_while_redis_is_away(
                     await task
         assert sorted(recorder.order_ids()) == sorted(o.order_id for o in orders)  # each exactly once
         assert task.result().reclaimed == 0  # read again from its own pending entries, not claimed
-        assert consumer.was_cut == reads_ahead
+        assert cut.was_cut
     finally:
         await direct.aclose()
         await gate.close()

@@ -86,7 +86,7 @@ async def test_staged_writes_apply_once_and_a_failed_run_applies_nothing(
 
 async def test_a_lost_commit_reply_applies_the_writes_once(own_server: LocalRedis) -> None:
     def commit_reply(name: bytes, reply: Any) -> bool:
-        return name == b"FCALL" and isinstance(reply, list) and len(reply) == 3 and isinstance(reply[1], list)
+        return name == b"FCALL" and isinstance(reply, list) and len(reply) == 4 and isinstance(reply[1], list)
 
     dropper = ReplyDropper(own_server.port, commit_reply)
     port = await dropper.start()

@@ -41,7 +41,7 @@ from maintenance import trim
 from orders import Item, Order, serialize
 from redisPool import is_cluster, redis_connect
 from status import caught_up
-from stream_consumer import StreamConsumer, serve
+from stream_consumer import Hooks, serve
 from tools.local_redis import start_local_redis
 from tx import Tx
 
@@ -448,44 +448,22 @@ async def bytes_per_order(
 # --- latency ------------------------------------------------------------------------
 
 
-class _TimedConsumer(StreamConsumer):
-    """Records publish-to-ack latency: the time its commit's reply is back, minus each order's
-    publish time, which the bench writes into the order's `created_at` as it publishes it."""
-
-    latencies: list[float]
-    published: list[str]
-
-    def _committed(
-        self,
-        retry: bool,
-        reply: tuple[int, list[bytes], list[str]],
-        acks: list[bytes],
-        uncommitted: list[library.Commit],
-    ) -> None:
-        done = len(acks) + len(uncommitted)  # the first `done` orders handled: every one is acked
-        super()._committed(retry, reply, acks, uncommitted)
-        now = time.time()
-        self.latencies.extend(
-            (now - datetime.fromisoformat(at).timestamp()) * 1000 for at in self.published[:done]
-        )
-        del self.published[:done]
-
-
 async def worker_timed(settings: Settings, group: str) -> dict[str, Any]:
     """This project's consumer with a no-op handler, in its own process as consumer1 and consumer2
-    run; reports each order's publish-to-ack time (ms)."""
+    run; reports each order's publish-to-ack time (ms): the time its commit's reply is back, minus
+    its publish time, which the bench writes into the order's `created_at` as it publishes it."""
     published: list[str] = []
     latencies: list[float] = []
 
     async def handle(order: Order) -> None:
         published.append(order.created_at or "")
 
-    def timed(*args: Any) -> StreamConsumer:
-        consumer = _TimedConsumer(*args)
-        consumer.latencies, consumer.published = latencies, published
-        return consumer
+    def committed(count: int) -> None:  # the first `count` orders handled: every one is acked
+        now = time.time()
+        latencies.extend((now - datetime.fromisoformat(at).timestamp()) * 1000 for at in published[:count])
+        del published[:count]
 
-    await serve(settings, group, handle, make=timed)
+    await serve(settings, group, handle, Hooks(committed=committed))
     return {"processed": len(latencies), "latencies_ms": latencies, "rss_mb": [rss_mb()]}
 
 

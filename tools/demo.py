@@ -25,6 +25,7 @@ import consumer1
 import consumer2
 from config import CliError, Settings, run_script
 from core.keys import hash_tag, partitions
+from core.recovery import honour_cancellation
 from initialization_stream import initialize
 from orders import Order
 from producer import publish, sample_orders
@@ -166,17 +167,6 @@ async def stop_all(tasks: list[asyncio.Task[object]], stop: asyncio.Event) -> No
             raise error
 
 
-def _honour_cancellation() -> None:
-    """Raise CancelledError if this task was cancelled and the cancellation got lost on the way.
-
-    On Python 3.11 `asyncio.wait_for` (redis-py connects with it) returns its result instead
-    of raising when a cancellation lands just as it finishes: a signal would go unnoticed.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
 async def run_pipeline(redis: Redis, settings: Settings, count: int) -> dict[str, dict[str, list[str]]]:
     """Publish `count` orders to three consumers; return group -> order_id -> consumers that handled it."""
     await initialize(redis, settings)
@@ -212,10 +202,10 @@ async def run_pipeline(redis: Redis, settings: Settings, count: int) -> dict[str
     ]
     try:
         for order in orders:
-            _honour_cancellation()
+            honour_cancellation()
             await publish(redis, settings.stream_key, order, partitions=settings.stream_partitions)
             await asyncio.sleep(PACE_S)
-        _honour_cancellation()
+        honour_cancellation()
         async with asyncio.timeout(WAIT_S):
             await all_seen.wait()
     except TimeoutError:
