@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from core.replies import text
 from redisPool import before_multi
 
 
@@ -18,6 +19,17 @@ async def ensure_groups(redis: Redis, stream: str, groups: Iterable[str], start:
     default: orders published before the groups existed are still delivered.
     """
     names = list(dict.fromkeys(groups))
+    try:
+        existing = {text(group["name"]) for group in await redis.xinfo_groups(stream)}
+    except ResponseError as error:
+        if "no such key" not in str(error):
+            raise
+        existing = set()
+    # Only what is missing is created: with every group there (the usual case) this writes
+    # nothing, so it works on a full Redis too (XGROUP CREATE is refused there; reading is not).
+    names = [name for name in names if name not in existing]
+    if not names:
+        return []
     await before_multi(redis)
     pipe = redis.pipeline(transaction=True)
     for group in names:

@@ -201,6 +201,8 @@ class Lease:
             try:
                 if await self._call(part.key, "refresh") == 0:
                     self._lost(part.key)
+                elif part.touch is not None:
+                    await self.redis.fcall(library.function("touch"), 1, *part.touch)
             except (redis.RedisError, OSError):
                 return
 

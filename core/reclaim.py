@@ -10,6 +10,7 @@ a read skips and would leave pending forever: XCLAIM drops them.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -41,6 +42,8 @@ class Reclaim:
         """One page of idle entries: those of consumers that are gone, claimed, as a batch."""
         idle = self.settings.claim_idle_ms
         keys = self.fence.keys
+        if self.cursor == "-":
+            await self._check_own()
         rows = pending_rows_of(
             await self.redis.xpending_range(
                 keys.stream,
@@ -54,9 +57,6 @@ class Reclaim:
         full = len(rows) == self.settings.batch_size
         self.cursor = "(" + text(rows[-1][0]) if full else "-"
         self.schedule.swept(full)
-        if any(owner == self.name and entry_id not in self.schedule.waiting for entry_id, owner, _ in rows):
-            # Ours, idle and not waiting for a retry: a delivery whose reply was lost. Read them again.
-            self.schedule.own_due = True
         owners = sorted({owner for _, owner, _ in rows if owner != self.name})
         alive = await self._alive(owners)
         orphans = {
@@ -78,6 +78,16 @@ class Reclaim:
             log.info("claimed %d entries idle over %d ms from consumers that are gone", len(claimed), idle)
             self.stats.reclaimed += len(claimed)
         return Batch(claimed, {entry_id: orphans[entry_id] + 1 for entry_id, _ in claimed})
+
+    async def _check_own(self) -> None:
+        """Read this consumer's own entries again if Redis holds more of them pending than it knows
+        of: a delivery whose reply was lost, or an ack a failover undid (the old master confirmed
+        it, its replica never had it). Everything else it holds waits for a retry: the sweep runs
+        between batches, after their commit."""
+        summary: Any = await self.redis.xpending(self.fence.keys.stream, self.fence.group)
+        mine = next((int(c["pending"]) for c in summary["consumers"] if c["name"] == self.name), 0)
+        if mine > len(self.schedule.waiting):
+            self.schedule.own_due = True
 
     async def _alive(self, owners: list[bytes]) -> set[bytes]:
         """Those of these consumers whose lease has not lapsed."""

@@ -19,7 +19,6 @@ from redis.exceptions import ResponseError
 from test_pipeline import Recorder, dead_letters, running
 
 from config import Settings
-from core.capabilities import detect
 from core.keys import keys_for
 from initialization_stream import initialize
 from orders import Order, serialize
@@ -218,15 +217,14 @@ async def test_a_batch_read_ahead_stays_with_its_live_owner(redis: Redis, settin
     """The batch read while the one before it waits past CLAIM_IDLE_MS is not claimed from its owner.
 
     Batches of five: the owner runs the first, reads the second with its commit, then sends
-    the read of the third and blocks in the second's first handler. On Redis before 8.4 the
-    third is then pending on the owner, unhandled and idle past the claim time, a second
-    consumer there: the owner's lease keeps it. From 8.4 (reads claim idle entries, and only
-    entries in hand are kept fresh) a consumer does not read ahead: it holds the second alone.
+    the read of the third and blocks in the second's first handler. The third is then pending
+    on the owner, unhandled and idle past the claim time, a second consumer there: the owner's
+    lease keeps it (from 8.4, where reads claim idle entries, the lease's keeper also keeps
+    every entry the owner holds fresh).
     """
     settings = dataclasses.replace(settings, claim_idle_ms=1000, batch_size=5)
     group = settings.fulfillment_group
     await initialize(redis, settings)
-    reads_ahead = not (await detect(redis)).readgroup_claim
     orders = sample_orders(15)
     runs: list[tuple[str, str]] = []
     started, release = asyncio.Event(), asyncio.Event()
@@ -244,7 +242,7 @@ async def test_a_batch_read_ahead_stays_with_its_live_owner(redis: Redis, settin
     async with running(redis, settings, (group, "owner", owner)):
         async with asyncio.timeout(10):
             await started.wait()
-        held = 10 if reads_ahead else 5
+        held = 10
         await wait_until(lambda: holds(redis, group, "owner", held), f"the owner to hold {held} entries")
         async with running(redis, settings, (group, "claimer", claimer)):
             await wait_until(lambda: held_over(redis, group, 2500), "claim passes over the idle entries")
@@ -252,8 +250,7 @@ async def test_a_batch_read_ahead_stays_with_its_live_owner(redis: Redis, settin
             release.set()
             await wait_until(lambda: caught_up(redis, STREAM, [group]), "every order acked")
     assert Counter(order_id for _, order_id in runs) == Counter({o.order_id: 1 for o in orders})
-    if reads_ahead:
-        assert {who for who, _ in runs} == {"owner"}
+    assert {who for who, _ in runs} == {"owner"}
 
 
 async def test_live_slow_work_is_not_dead_lettered(redis: Redis, settings: Settings) -> None:
