@@ -17,7 +17,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import pytest
@@ -31,8 +31,10 @@ from config import Settings
 from core.groups import ensure_groups
 from core.keys import keys_for, partition_of, partition_stream, partitions
 from core.replies import parse_id
+from orders import Order
+from producer import publish_many, sample_orders
 from redisPool import make_cluster, redis_connect
-from tools.local_redis import LocalCluster, LocalRedis, free_port
+from tools.local_redis import LocalCluster, LocalRedis, free_port, start_local_cluster
 
 Start = Callable[..., Script]
 PARTITIONS = 3
@@ -480,3 +482,43 @@ async def test_groups_are_made_when_a_failover_left_a_slot_map_refresh_due(clust
             if other is not None:
                 await other
             assert {g["name"].decode() for g in await redis.xinfo_groups(stream)} == set(GROUPS)
+
+
+@pytest.mark.slow
+async def test_live_work_stays_with_its_owner_when_every_node_restarts(scripts: Start) -> None:
+    """Every node SIGKILLed and started again (AOF) while the owner runs an order in each partition,
+    a second consumer waiting: the owner's lease outlives the restart (its keeper rides out any
+    cluster error), so no live order is run twice."""
+    need_cluster_tools()
+    local = start_local_cluster(masters=3)
+    client = await RedisCluster.from_url(local.url).initialize()
+    try:
+        env = cluster_env(local.url, CLAIM_IDLE_MS="1000", SOCKET_TIMEOUT_MS="1000", BLOCK_MS="200")
+        init(local.url)
+        owner = scripts("tests.slow_service", {**env, "CONSUMER_NAME": "owner", "HANDLER_MS": "6000"})
+        one_each: dict[int, Order] = {}
+        for order in sample_orders(60):
+            one_each.setdefault(partition_of(order.order_id, PARTITIONS), order)
+        await publish_many(cast(Redis, client), "orders", list(one_each.values()), partitions=PARTITIONS)
+
+        async def held_in_every_partition() -> bool:
+            for stream in STREAMS:
+                summary: Any = await client.xpending(stream, "fulfillment_group")
+                if not summary["pending"]:
+                    return False
+            return True
+
+        await wait_until(held_in_every_partition, "the owner to hold an order in every partition", 20)
+        for node in local.nodes:
+            node.kill()
+        for node in local.nodes:
+            node.start()
+        other = scripts("tests.slow_service", {**env, "CONSUMER_NAME": "other", "HANDLER_MS": "0"})
+        await wait_until(lambda: done(client, "fulfillment_group", PARTITIONS), "every order settled", 60)
+        ran = Counter(re.findall(r"ran order (\S+)", owner.output() + other.output()))
+        assert ran == Counter({order.order_id: 1 for order in one_each.values()})
+        assert "ran order" not in other.output()
+        assert owner.process.poll() is None
+    finally:
+        await client.aclose()
+        local.close()
