@@ -190,21 +190,19 @@ class Lease:
                 deaths += 1
                 level = logging.WARNING if deaths <= RESTARTS_WARNED else logging.DEBUG
                 log.log(level, "the lease keeper process ended (exit code %s); starting another", code)
-                await self._refresh_here()
                 await asyncio.sleep(min(0.1 * 2**deaths, self.ttl_ms / 3000))
                 await self._start_keeper()
 
     async def _refresh_here(self) -> None:
-        """Refresh every part from this process (while no keeper is alive); Redis failures are the
-        consumer's to report."""
-        for part in self.parts:
-            try:
-                if await self._call(part.key, "refresh") == 0:
-                    self._lost(part.key)
-                elif part.touch is not None:
-                    await self.redis.fcall(library.function("touch"), 1, *part.touch)
-            except (redis.RedisError, OSError):
-                return
+        """Refresh every part from this process (while no keeper is alive), within a third of the
+        TTL (a cluster client may retry for long); Redis failures are the consumer's to report."""
+        with contextlib.suppress(TimeoutError, redis.RedisError, redis.RedisClusterException, OSError):
+            async with asyncio.timeout(self.ttl_ms / 3000):
+                for part in self.parts:
+                    if await self._call(part.key, "refresh") == 0:
+                        self._lost(part.key)
+                    elif part.touch is not None:
+                        await self.redis.fcall(library.function("touch"), 1, *part.touch)
 
     def _lost(self, key: str) -> None:
         if self.lost.is_set():
@@ -256,13 +254,15 @@ def _settings_of(raw: dict[str, Any]) -> Settings:
 
 
 def _client(settings: Settings, ttl_ms: int) -> redis.Redis | redis.RedisCluster:
-    kind = redis.RedisCluster if settings.redis_cluster else redis.Redis
-    return kind.from_url(
-        settings.redis_url,
-        socket_timeout=ttl_ms / 3000 + 1,
-        socket_connect_timeout=2,
-        client_name=f"{settings.consumer_name}-lease",
-    )
+    """A client that fails fast: the keeper's own loop retries, every third of the TTL."""
+    options: dict[str, Any] = {
+        "socket_timeout": ttl_ms / 3000 + 1,
+        "socket_connect_timeout": 2,
+        "client_name": f"{settings.consumer_name}-lease",
+    }
+    if settings.redis_cluster:
+        return redis.RedisCluster.from_url(settings.redis_url, cluster_error_retry_attempts=1, **options)
+    return redis.Redis.from_url(settings.redis_url, **options)
 
 
 class Keeper:
@@ -273,13 +273,15 @@ class Keeper:
         self.token, self.ttl_ms = config["token"], int(config["ttl_ms"])
         self.parts = [Part(p["key"], tuple(p["touch"]) if p["touch"] else None) for p in config["parts"]]
         self.lease, self.touch = library.function("lease"), library.function("touch")
-        self.client = _client(self.settings, self.ttl_ms)
+        self.client: redis.Redis | redis.RedisCluster | None = None  # made at the first refresh
         self.failing = False
         self.lost: set[str] = set()
 
     def refresh(self) -> None:
         """Refresh every part still ours; say which another process took ("lost KEY") and that all is well."""
         try:
+            if self.client is None:
+                self.client = _client(self.settings, self.ttl_ms)
             for part in self.parts:
                 if part.key in self.lost:
                     continue
@@ -297,21 +299,25 @@ class Keeper:
             if not self.failing:
                 log.debug("lease refresh failed (%s); retrying", type(error).__name__)
             self.failing = True
-            with contextlib.suppress(Exception):
-                self.client.close()
-            self.client = _client(self.settings, self.ttl_ms)
+            if self.client is not None:
+                with contextlib.suppress(Exception):
+                    self.client.close()
+            self.client = None  # a new one at the next refresh: a cluster's nodes may have moved
 
     def release(self) -> int:
         """Delete the keys still ours: 0, or 1 when Redis could not be told (they lapse by themselves)."""
         try:
+            if self.client is None:
+                self.client = _client(self.settings, self.ttl_ms)
             for part in self.parts:
                 if part.key not in self.lost:
                     self.client.fcall(self.lease, 1, part.key, "release", self.token, self.ttl_ms, "")
         except Exception:
             return 1
         finally:
-            with contextlib.suppress(Exception):
-                self.client.close()
+            if self.client is not None:
+                with contextlib.suppress(Exception):
+                    self.client.close()
         return 0
 
 
@@ -323,7 +329,8 @@ def keep(config: dict[str, Any], commands: Any) -> int:
     while os.getppid() == parent:
         if not _parent_stopped(parent):
             keeper.refresh()
-        wait = min(keeper.ttl_ms / 3000, 1.0) if keeper.failing else keeper.ttl_ms / 3000
+        # Failing, it tries again soon: a lease that lapsed in an outage is taken back at once.
+        wait = min(keeper.ttl_ms / 3000, 0.25) if keeper.failing else keeper.ttl_ms / 3000
         ready, _, _ = select.select([commands], [], [], wait)
         if ready:
             line = commands.readline()

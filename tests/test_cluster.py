@@ -493,9 +493,9 @@ async def test_live_work_stays_with_its_owner_when_every_node_restarts(scripts: 
     local = start_local_cluster(masters=3)
     client = await RedisCluster.from_url(local.url).initialize()
     try:
-        env = cluster_env(local.url, CLAIM_IDLE_MS="1000", SOCKET_TIMEOUT_MS="1000", BLOCK_MS="200")
+        env = cluster_env(local.url, CLAIM_IDLE_MS="9000", SOCKET_TIMEOUT_MS="1000", BLOCK_MS="200")
         init(local.url)
-        owner = scripts("tests.slow_service", {**env, "CONSUMER_NAME": "owner", "HANDLER_MS": "6000"})
+        owner = scripts("tests.slow_service", {**env, "CONSUMER_NAME": "owner", "HANDLER_MS": "14000"})
         one_each: dict[int, Order] = {}
         for order in sample_orders(60):
             one_each.setdefault(partition_of(order.order_id, PARTITIONS), order)
@@ -511,6 +511,10 @@ async def test_live_work_stays_with_its_owner_when_every_node_restarts(scripts: 
         await wait_until(held_in_every_partition, "the owner to hold an order in every partition", 20)
         for node in local.nodes:
             node.kill()
+        # The outage is the condition forced: 3.5 s, longer than the lease's refresh interval (a third
+        # of CLAIM_IDLE_MS), so a refresh fails on what a cluster client raises with no node up, and
+        # shorter than the lease itself (an outage longer than CLAIM_IDLE_MS lapses every lease).
+        await asyncio.sleep(3.5)
         for node in local.nodes:
             node.start()
         other = scripts("tests.slow_service", {**env, "CONSUMER_NAME": "other", "HANDLER_MS": "0"})
