@@ -64,7 +64,8 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+settings.load_profile(PROFILE)
 
 STREAM = "orders"
 GROUP = "email_group"
@@ -150,6 +151,7 @@ def server() -> Iterator[LocalRedis]:
     seed=st.randoms(use_true_random=False),
 )
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.timeout(0 if PROFILE == "long" else 900)  # every example of the search in one test
 def test_generated_scenarios_keep_the_invariants(
     server: LocalRedis, orders: list[Behaviour], odd: list[Odd], state: str, batch_size: int, seed: Any
 ) -> None:

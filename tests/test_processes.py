@@ -236,3 +236,52 @@ def test_every_script_has_help() -> None:
         result = run_script(module, dict(os.environ), "--help")
         assert result.returncode == 0, module
         assert "usage: python -m " + module in result.stdout
+
+
+async def test_a_signal_during_an_outage_stops_without_saying_redis_is_back(
+    own_server: LocalRedis, scripts: Start
+) -> None:
+    """SIGINT while Redis is down: the consumer exits 0 and never claims Redis came back."""
+    env = script_env(own_server.url, CONSUMER_NAME="e1")
+    client = Redis.from_url(own_server.url)
+    try:
+        consumer = scripts("consumer2", env)
+        await wait_until(lambda: blocked_reader(client, "e1"), "the consumer to start")
+    finally:
+        await client.aclose()
+    own_server.kill()
+    await wait_until(lambda: "Redis unreachable" in consumer.output(), "the consumer to see the outage")
+    consumer.process.send_signal(signal.SIGINT)
+    assert consumer.wait(20) == 0
+    output = consumer.output()
+    assert "Redis is back" not in output
+    assert "stopped" in output.splitlines()[-1]
+    no_traceback(output)
+
+
+async def test_a_signal_while_redis_cannot_be_reached_at_start_exits_at_once(scripts: Start) -> None:
+    """Ctrl-C before Redis ever answered: no wait for REDIS_CONNECT_TIMEOUT_MS."""
+    env = script_env(f"redis://127.0.0.1:{free_port()}/0", REDIS_CONNECT_TIMEOUT_MS="30000")
+    consumer = scripts("consumer2", env)
+    await wait_until(lambda: "consumer2" in " ".join(_cmdline(consumer.process.pid)), "the consumer to run")
+    await wait_until(lambda: _has_lease_or_loop(consumer), "the consumer to try to connect", 10)
+    started = time.monotonic()
+    consumer.process.send_signal(signal.SIGINT)
+    assert consumer.wait(20) == 0
+    assert time.monotonic() - started < 3
+    assert "nothing was consumed" in consumer.output()
+    no_traceback(consumer.output())
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return []
+
+
+def _has_lease_or_loop(script: Script) -> bool:
+    """The consumer's event loop runs (its signal handlers are set from there on)."""
+    status = Path(f"/proc/{script.process.pid}/status").read_text()
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught & (1 << (signal.SIGINT - 1)) and caught & (1 << (signal.SIGTERM - 1)))
