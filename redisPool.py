@@ -75,8 +75,8 @@ class _SendOnClosed(AbstractConnection):
     another task may just have taken one of them (ClusterNode.disconnect_free_connections
     against acquire_connection). That task's send, or the handshake of its reconnect, then
     hits the closed writer: `AttributeError: 'NoneType' object has no attribute 'writelines'`,
-    which none of redis-py's retries catch. A consumer died of it in the failover test. On one
-    Redis nothing closes a connection in use, so there it changes nothing.
+    which none of redis-py's retries catch. On one Redis nothing closes a connection in use, so
+    there it changes nothing.
     """
 
     async def send_packed_command(
@@ -93,11 +93,10 @@ class _SendOnClosed(AbstractConnection):
 class _HiredisPacking(AbstractConnection):
     """Pack commands with hiredis, as redis-py's sync client does.
 
-    redis.asyncio packs in pure Python (redis-py issue #4176), about 2 us per argument: the
-    largest cost of publishing a batch. Arguments go to hiredis as they are; the sync client's
-    own serializer takes what hiredis refuses (a bytearray) and multi-word command names
-    ("CLIENT SETNAME"), which it splits. Its per-argument copy was a tenth of a consumer's time.
-    Without hiredis installed, redis-py's own packer.
+    redis.asyncio packs in pure Python (redis-py issue #4176): the largest cost of publishing a
+    batch (docs/speed.md). Arguments go to hiredis as they are; the sync client's own serializer
+    takes what hiredis refuses (a bytearray) and multi-word command names ("CLIENT SETNAME"),
+    which it splits. Without hiredis installed, redis-py's own packer.
     """
 
     _packer = cast(Any, HiredisRespSerializer)()  # typed in some redis-py releases, not in others
@@ -284,8 +283,8 @@ async def before_multi(redis: Redis) -> None:
 
     redis-py 8.1 queues each command of a cluster MULTI from a thread with an event loop of its
     own, and that thread makes a refresh it finds due, on this loop's lock and connections:
-    RuntimeError, "attached to a different loop". A consumer starting during a failover died
-    of it. Refreshed first, none is due while the commands are queued (queuing never awaits).
+    RuntimeError, "attached to a different loop". Refreshed first, none is due while the
+    commands are queued (queuing never awaits).
     """
     if is_cluster(redis):
         await cast(RedisCluster, redis).initialize()

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 
 from redis.typing import EncodableT
 
-from core.handlers import Reject
 from core.keys import hash_tag
 
 # Arguments of one staged write, command included: the commit applies it from inside a Redis
@@ -50,8 +49,9 @@ KEY_POSITIONS: dict[str, tuple[int, int, int]] = {
 _WITH_KEY_COUNT = frozenset(("ZUNIONSTORE", "ZINTERSTORE", "ZDIFFSTORE"))
 
 
-class UncommittableWrite(Reject, ValueError):
-    """A staged write the commit could not apply as one step with the order: never staged."""
+class UncommittableWrite(ValueError):
+    """A staged write the commit could not apply as one step with the order: never staged. Raised
+    from the handler, it dead-letters the order at once, as Reject does: running it again cannot help."""
 
 
 class CrossSlotWrite(UncommittableWrite):

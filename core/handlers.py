@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from orders import Order
-
-if TYPE_CHECKING:  # tx.py imports this module for Reject
-    from tx import Tx
+from tx import Tx, UncommittableWrite
 
 Handler = Callable[[Order], Awaitable[None]]
-TxHandler = Callable[[Order, "Tx"], Awaitable[None]]  # stages Redis writes that commit with the order
+TxHandler = Callable[[Order, Tx], Awaitable[None]]  # stages Redis writes that commit with the order
 AnyHandler = Handler | TxHandler
 
 
 class Reject(Exception):
     """Raised by a handler for an order that can never succeed: dead-lettered at once, not retried."""
+
+
+# What dead-letters an order at once when its handler raises it: running it again cannot help.
+NEVER_RETRIED = (Reject, UncommittableWrite)
 
 
 def plain_of(handler: AnyHandler) -> Handler | None:

@@ -17,7 +17,7 @@ from redis.typing import EncodableT
 from config import Settings
 from core import tracing
 from core.dead_letters import dead_letter_fields
-from core.handlers import AnyHandler, Reject, plain_of, with_tx
+from core.handlers import NEVER_RETRIED, AnyHandler, plain_of, with_tx
 from core.ledger import NO_WRITES, Ledger
 from core.library import DONE, RUN, Fence
 from core.reading import Batch
@@ -180,7 +180,7 @@ class Handling:
         self.stats.failed += 1
         max_deliveries = self.settings.max_deliveries
         where = f"order {order.order_id} (entry {text(entry_id)}, delivery {delivery} of {max_deliveries})"
-        if isinstance(error, Reject):
+        if isinstance(error, NEVER_RETRIED):
             log.warning("handler rejected %s: %s", where, error)
             self.dead_letter(entry_id, fields, delivery, f"rejected: {error}", order.order_id)
             return
