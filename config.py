@@ -34,8 +34,9 @@ DEFAULTS: dict[str, str] = {
     "SOCKET_TIMEOUT_MS": "5000",
     "CLAIM_IDLE_MS": "60000",
     "MAX_DELIVERIES": "5",
-    "RETRY_DELAY_MS": "1000",  # the first retry's wait; each failure doubles it
-    "RETRY_MAX_DELAY_MS": "60000",  # ... up to this (also the longest between outage probes)
+    "RETRY_DELAY_MS": "1000",  # the first retry's wait
+    "RETRY_BACKOFF": "10",  # each retry waits this many times longer than the one before (1: fixed)
+    "RETRY_MAX_DELAY_MS": "600000",  # the longest wait before a retry
     "MAX_PAYLOAD_BYTES": "65536",
     "DEAD_LETTER_STREAM": "",  # empty: STREAM_KEY:dead-letter; partitioned: one per partition
     "LOG_LEVEL": "INFO",
@@ -105,6 +106,7 @@ class Settings:
     claim_idle_ms: int
     max_deliveries: int
     retry_delay_ms: int
+    retry_backoff: int
     retry_max_delay_ms: int
     max_payload_bytes: int
     dead_letter_stream: str
@@ -165,6 +167,7 @@ class Settings:
             claim_idle_ms=get.integer("CLAIM_IDLE_MS", low=1),
             max_deliveries=get.integer("MAX_DELIVERIES", low=1),
             retry_delay_ms=get.integer("RETRY_DELAY_MS", low=0),
+            retry_backoff=get.integer("RETRY_BACKOFF", low=1, high=1000),
             retry_max_delay_ms=get.integer("RETRY_MAX_DELAY_MS", low=0),
             max_payload_bytes=get.integer("MAX_PAYLOAD_BYTES", low=64),
             dead_letter_stream=get.text("DEAD_LETTER_STREAM", empty_ok=True) or f"{stream_key}:dead-letter",

@@ -366,7 +366,7 @@ def run_service(
         prog=f"python -m {prog}",
         description=f"{description} Runs until SIGINT/SIGTERM: the first finishes the batch in hand, "
         "a second exits at once. Settings come from the environment and .env (see .env.example).",
-        epilog="Retries (RETRY_DELAY_MS, RETRY_MAX_DELAY_MS, MAX_DELIVERIES; with the defaults): "
+        epilog="Retries (RETRY_DELAY_MS, RETRY_BACKOFF, RETRY_MAX_DELAY_MS, MAX_DELIVERIES; defaults): "
         + schedule_text(Settings.from_env({}))
         + ".",
     ).parse_args()

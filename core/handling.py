@@ -65,7 +65,7 @@ class Handling:
     async def handle(self, batch: Batch) -> None:
         """Screen, admit and run one batch."""
         if batch.entries:
-            await self.run(await self.admit(self.screen(batch)))
+            await self.run(await self.admit(self.screen(batch)), probe=batch.probe)
         # Said after the batch's handlers ran, so a copy's line never comes before its order's run.
         for order_id, state in self.skipped:
             log.info("order %s %s in this group: acked, not run again", order_id, state)
@@ -129,17 +129,20 @@ class Handling:
                 self.stats.duplicates_skipped += 1
         return [item for item in runnable if item[0] not in refused]
 
-    async def run(self, runnable: list[Runnable]) -> None:
-        """Run the handler on each order; a success goes to the ledger, a failure waits for its retry."""
+    async def run(self, runnable: list[Runnable], probe: bool = False) -> None:
+        """Run the handler on each order; a success goes to the ledger, a failure waits for its retry.
+
+        During a downstream outage only a probe's order runs; the others wait, uncounted."""
         ledger, schedule, plain = self.ledger, self.schedule, self.plain
         acks = ledger.done.plain
         guard = self.settings.dedupe_window_ms
         spans = tracing.processing(self.fence.keys.stream, self.fence.group, self.fence.consumer)
         processed = 0
         for entry_id, fields, order, delivery in runnable:
-            if schedule.in_outage:  # probing with one order at a time: the rest wait, uncounted
-                schedule.hold(entry_id)
+            if schedule.in_outage and not probe:
+                schedule.hold(entry_id, delivery)
                 continue
+            probe = False  # one order per probe
             writes = NO_WRITES
             try:
                 if spans is not None:

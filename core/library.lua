@@ -327,19 +327,20 @@ local function touch(keys, args)
 end
 
 -- Deliver again entries due for a retry, those still pending on this consumer: XCLAIM to
--- itself; one another consumer took over is left alone, a deleted one leaves the pending list.
--- KEYS: the stream; ARGV: group, consumer, '1' if this delivery counts toward MAX_DELIVERIES
--- ('0' during a downstream outage: the count stays), entry ids.
--- Returns per entry still there {id, fields, its delivery count now}.
+-- itself, with the delivery count the consumer gives (the deliveries that ran: a re-read
+-- after a failure, or an entry held back during a downstream outage, adds nothing); one
+-- another consumer took over is left alone, a deleted one leaves the pending list.
+-- KEYS: the stream; ARGV: group, consumer, then per entry its id and delivery count.
+-- Returns per entry still there {id, fields, its delivery count}.
 local function redeliver(keys, args)
-  local stream, group, consumer, counts = keys[1], args[1], args[2], args[3] == '1'
+  local stream, group, consumer = keys[1], args[1], args[2]
   local out = {}
-  for i = 4, #args do
-    local row = redis.call('XPENDING', stream, group, args[i], args[i], 1)[1]
+  for i = 3, #args, 2 do
+    local id, count = args[i], args[i + 1]
+    local row = redis.call('XPENDING', stream, group, id, id, 1)[1]
     if row and row[2] == consumer then
-      local count = counts and row[4] + 1 or row[4]
-      local claimed = redis.call('XCLAIM', stream, group, consumer, 0, args[i], 'RETRYCOUNT', count)
-      if claimed[1] then out[#out + 1] = {claimed[1][1], claimed[1][2], count} end
+      local claimed = redis.call('XCLAIM', stream, group, consumer, 0, id, 'RETRYCOUNT', count)
+      if claimed[1] then out[#out + 1] = {claimed[1][1], claimed[1][2], tonumber(count)} end
     end
   end
   return out

@@ -175,21 +175,14 @@ class Fence:
         return args
 
     async def redeliver(
-        self, entry_ids: Sequence[bytes], counts: bool = True
+        self, entries: Sequence[tuple[bytes, int]]
     ) -> list[tuple[bytes, dict[bytes, bytes], int]]:
-        """Those of these entries still pending on us, delivered again: (id, fields, delivery count).
-
-        `counts` False (a downstream outage): the delivery count stays as it was.
-        """
-        reply = await self.redis.fcall(
-            function("redeliver"),
-            1,
-            self.keys.stream,
-            self.group,
-            self.consumer,
-            "1" if counts else "0",
-            *entry_ids,
-        )
+        """Those of these (entry id, delivery count) still pending on us, delivered again with that
+        count: (id, fields, delivery count)."""
+        args: list[EncodableT] = [self.group, self.consumer]
+        for entry_id, delivery in entries:
+            args += [entry_id, delivery]
+        reply = await self.redis.fcall(function("redeliver"), 1, self.keys.stream, *args)
         return redelivered_of(reply)
 
     def _guard_keys(self) -> tuple[str, str, str]:

@@ -12,6 +12,7 @@ again by the library's `redeliver`, only while still this consumer's.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class Batch:
     deliveries: dict[bytes, int] = field(default_factory=dict)
     full: bool = False  # as many as BATCH_SIZE: a backlog, likely
     ahead: bool = False  # read while the batch before it ran
+    probe: bool = False  # one order to try during a downstream outage: run, though the rest wait
 
 
 EMPTY = Batch()
@@ -160,7 +162,10 @@ class Reader:
         self.ledger.answered(commit_of(reply))
 
     async def own(self) -> Batch:
-        """The next page of this consumer's own pending entries; empty once they are all read."""
+        """The next page of this consumer's own pending entries; empty once they are all read.
+
+        Those waiting for a retry stay waiting: only deliveries whose reply was lost run now.
+        """
         reply = await self.redis.execute_command(*self.command(self.own_cursor), raw_reply=True)  # type: ignore[no-untyped-call]
         self.answered()
         entries = raw_entries_of(reply)
@@ -168,7 +173,9 @@ class Reader:
             self.own_cursor, self.schedule.own_due = b"0", False
             return EMPTY
         self.own_cursor = entries[-1][0]  # past what was read: an entry that keeps failing cannot spin
-        self.schedule.forget(entry_id for entry_id, _ in entries)  # read again now: none waits
+        entries = [entry for entry in entries if entry[0] not in self.schedule.waiting]
+        if not entries:
+            return EMPTY
         rows = await self.redis.xpending_range(
             self.fence.keys.stream,
             self.fence.group,
@@ -180,17 +187,14 @@ class Reader:
         counts = {entry_id: times for entry_id, _, times in pending_rows_of(rows)}
         return Batch(entries, counts)
 
-    async def retries(self, due: list[tuple[bytes, bool]]) -> Batch:
-        """Deliver again the entries due for a retry that are still this consumer's."""
-        counted = [entry_id for entry_id, counts in due if counts]
-        held = [entry_id for entry_id, counts in due if not counts]
+    async def retries(self, due: list[tuple[bytes, int]]) -> Batch:
+        """Deliver again the entries due for a retry that are still this consumer's, each with the
+        delivery count given (the deliveries that ran: a re-read or an outage adds nothing)."""
         entries: list[Entry] = []
         deliveries: dict[bytes, int] = {}
-        for ids, counts in ((counted, True), (held, False)):
-            if ids:
-                for entry_id, fields, delivery in await self.fence.redeliver(ids, counts):
-                    entries.append((entry_id, fields))
-                    deliveries[entry_id] = delivery
+        for entry_id, fields, delivery in await self.fence.redeliver(due):
+            entries.append((entry_id, fields))
+            deliveries[entry_id] = delivery
         self.answered()
         gone = len(due) - len(entries)  # taken over by another consumer, or deleted
         if gone:
@@ -201,15 +205,16 @@ class Reader:
         return Batch(entries, deliveries)
 
     async def probe(self) -> Batch:
-        """One order to probe a downstream outage with: a new one if there is one, else the one
-        waiting longest."""
-        reply = await self.redis.execute_command(*self._one_new(), raw_reply=True)  # type: ignore[no-untyped-call]
-        self.answered()
-        batch = self._batch_of(reply)
-        if batch.entries:
-            return batch
+        """One order to probe a downstream outage with: the one waiting longest, else a new one (new
+        orders wait in the stream meanwhile, as lag, rather than burn their deliveries)."""
+        self.schedule.probing()
         longest = self.schedule.longest_waiting()
-        return EMPTY if longest is None else await self.retries([longest])
+        batch = EMPTY if longest is None else await self.retries([longest])
+        if not batch.entries:  # nothing waits (or it was taken over): a new order
+            reply = await self.redis.execute_command(*self._one_new(), raw_reply=True)  # type: ignore[no-untyped-call]
+            self.answered()
+            batch = self._batch_of(reply)
+        return dataclasses.replace(batch, probe=True)
 
     def _one_new(self) -> tuple[EncodableT, ...]:
         options: tuple[EncodableT, ...] = ("CLAIM", self.settings.claim_idle_ms) if self.claim_on_read else ()

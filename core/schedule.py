@@ -1,17 +1,19 @@
 """What one consumer has due, decided in one place: its own entries, retries, an outage probe,
 the reclaim sweep, maintenance, or new entries; and how long a read of new entries may block.
 
-A failed entry waits for its retry here: RETRY_DELAY_MS after its first failure, doubling at
-each one up to RETRY_MAX_DELAY_MS, give or take a fifth (so a batch's retries spread out). It
-stays pending on this consumer meanwhile (its lease covers it) and holds up nothing else.
+A failed entry waits for its retry here: RETRY_DELAY_MS after its first failure, RETRY_BACKOFF
+times longer after each next one, at most RETRY_MAX_DELAY_MS, each wait up to a quarter longer
+(so a batch's retries spread out). With the defaults the waits are 1 s, 10 s, 100 s and 600 s:
+an order is dead-lettered only after nearly 12 minutes of failing. It stays pending on this
+consumer meanwhile (its lease covers it) and holds up nothing else.
 
 A downstream outage is when the handler fails for OUTAGE_AFTER different entries in a row,
 none succeeding between. Then the consumer takes no new work (new orders wait in the stream,
-as lag), runs nothing else it holds, and probes instead: one order per probe interval (a new
-one if there is one, else the one waiting longest), the interval doubling from RETRY_DELAY_MS
-up to RETRY_MAX_DELAY_MS. Probes and entries held meanwhile do not count toward
-MAX_DELIVERIES: an outage of any length dead-letters nothing. The first success ends it, and
-every entry waiting is retried at once.
+as lag), runs nothing else it holds, and probes instead: one order per probe interval (the one
+waiting longest, a new one only when none waits), the interval doubling from RETRY_DELAY_MS
+up to PROBE_MAX_S. Probes and entries held meanwhile do not count toward MAX_DELIVERIES: an
+outage of any length dead-letters nothing. The first success ends it, and every entry waiting
+is retried at once.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from core.recovery import pause
 log = logging.getLogger("stream_consumer")
 
 OUTAGE_AFTER = 5  # entries in a row whose handler failed, none succeeding between: an outage
-JITTER = 0.2
+JITTER = 0.25  # each wait is lengthened by up to this much, so a batch's retries spread out
+PROBE_MAX_S = 30.0  # the longest wait between two probes of an outage: its end is seen this soon
 
 
 class Work(enum.Enum):
@@ -44,24 +47,33 @@ class Work(enum.Enum):
     WAIT = "wait"  # an outage, and nothing due before the next probe
 
 
-def backoff_s(settings: Settings, attempt: int) -> float:
-    """The wait after the `attempt`-th failure (1, 2, ...): doubling from RETRY_DELAY_MS, capped."""
-    base = settings.retry_delay_ms << min(max(attempt - 1, 0), 40)
-    return min(base, settings.retry_max_delay_ms) / 1000 * random.uniform(1 - JITTER, 1 + JITTER)
+def retry_wait_s(settings: Settings, failures: int) -> float:
+    """The wait before the retry that follows the `failures`-th failure (1, 2, ...), without jitter:
+    RETRY_DELAY_MS, then RETRY_BACKOFF times longer each time, at most RETRY_MAX_DELAY_MS."""
+    growth: int = settings.retry_backoff ** min(max(failures - 1, 0), 40)
+    return min(settings.retry_delay_ms * growth, settings.retry_max_delay_ms) / 1000
+
+
+def probe_wait_s(settings: Settings, probes: int) -> float:
+    """The wait after the `probes`-th probe of an outage: RETRY_DELAY_MS, doubling, at most PROBE_MAX_S."""
+    growth: int = 2 ** min(max(probes - 1, 0), 40)
+    return min(settings.retry_delay_ms / 1000 * growth, PROBE_MAX_S)
+
+
+def jittered(seconds: float) -> float:
+    return seconds * random.uniform(1, 1 + JITTER)
 
 
 def schedule_text(settings: Settings) -> str:
     """The retry schedule in words, for --help and status."""
-    delays = [
-        min(settings.retry_delay_ms << n, settings.retry_max_delay_ms) / 1000
-        for n in range(settings.max_deliveries - 1)
-    ]
-    shown = ", ".join(_seconds(delay) for delay in delays) or "no retry"
+    waits = [retry_wait_s(settings, n) for n in range(1, settings.max_deliveries)]
+    shown = ", ".join(_seconds(wait) for wait in waits) or "no retry"
     return (
-        f"a failed order is retried after {shown} (each give or take {JITTER:.0%}) and dead-lettered "
-        f"when delivery {settings.max_deliveries} fails too; during a downstream outage (every handler "
-        f"call failing) nothing counts and nothing is dead-lettered: one order is tried every "
-        f"{_seconds(settings.retry_delay_ms / 1000)} to {_seconds(settings.retry_max_delay_ms / 1000)}"
+        f"a failed order is retried after {shown} (each up to {JITTER:.0%} longer), {_seconds(sum(waits))} "
+        f"in all, and dead-lettered when delivery {settings.max_deliveries} fails too; during a "
+        f"downstream outage (the handler failing for {OUTAGE_AFTER} orders in a row) nothing counts and "
+        f"nothing is dead-lettered: one order is tried every {_seconds(probe_wait_s(settings, 1))} to "
+        f"{_seconds(probe_wait_s(settings, 100))} until one succeeds"
     )
 
 
@@ -78,7 +90,13 @@ class Waiting:
     """An entry pending on this consumer, waiting for its retry."""
 
     due: float  # loop time; inf while an outage holds it
-    counts: bool  # whether its next delivery counts toward MAX_DELIVERIES (not if held in an outage)
+    delivery: int  # its delivery that failed, or that an outage held back without running it
+    counts: bool  # whether that delivery counts toward MAX_DELIVERIES (not if held in an outage)
+
+    @property
+    def next_delivery(self) -> int:
+        """The delivery count its retry carries: deliveries that ran, never re-reads or outages."""
+        return self.delivery + 1 if self.counts else self.delivery
 
 
 class Schedule:
@@ -145,19 +163,19 @@ class Schedule:
     def maintained(self) -> None:
         self.next_maintenance = time.monotonic() + self.maintain_every
 
-    def due_retries(self, limit: int) -> list[tuple[bytes, bool]]:
-        """Up to `limit` entries whose retry is due, longest due first, each with whether its delivery
-        counts; they leave the queue (a failure puts them back)."""
+    def due_retries(self, limit: int) -> list[tuple[bytes, int]]:
+        """Up to `limit` entries whose retry is due, longest due first, each with the delivery count
+        its retry carries; they leave the queue (a failure puts them back)."""
         now = time.monotonic()
         due = sorted((w.due, entry_id) for entry_id, w in self.waiting.items() if w.due <= now)[:limit]
-        return [(entry_id, self.waiting.pop(entry_id).counts) for _, entry_id in due]
+        return [(entry_id, self.waiting.pop(entry_id).next_delivery) for _, entry_id in due]
 
-    def longest_waiting(self) -> tuple[bytes, bool] | None:
-        """The entry waiting longest (for a probe); it leaves the queue."""
+    def longest_waiting(self) -> tuple[bytes, int] | None:
+        """The entry waiting longest (for a probe), with the delivery count it carries; it leaves."""
         if not self.waiting:
             return None
         entry_id = min(self.waiting, key=lambda key: (self.waiting[key].due, key))
-        return entry_id, self.waiting.pop(entry_id).counts
+        return entry_id, self.waiting.pop(entry_id).next_delivery
 
     def forget(self, entry_ids: Iterable[bytes]) -> None:
         """These entries are settled or gone from this consumer: no retry waits for them."""
@@ -165,25 +183,29 @@ class Schedule:
             self.waiting.pop(entry_id, None)
             self.since.pop(entry_id, None)
 
-    def hold(self, entry_id: bytes) -> None:
-        """An outage: this entry is not run now, and its next delivery does not count."""
-        self.waiting[entry_id] = Waiting(math.inf, counts=False)
+    def hold(self, entry_id: bytes, delivery: int) -> None:
+        """An outage: this entry is not run now, and its `delivery` does not count."""
+        self.waiting[entry_id] = Waiting(math.inf, delivery, counts=False)
         self.since.setdefault(entry_id, time.monotonic())
+
+    def probing(self) -> None:
+        """A probe starts now: the next one is due after a longer wait, whatever this one finds."""
+        self.probes += 1
+        self.next_probe = time.monotonic() + jittered(probe_wait_s(self.settings, self.probes))
 
     def failed(self, entry_id: bytes, delivery: int, error: BaseException) -> None:
         """The handler failed on this entry's `delivery`-th delivery."""
-        if self.outage_since is not None:  # a probe failed: the next one waits longer
-            self.hold(entry_id)
-            self.probes += 1
-            self.next_probe = time.monotonic() + backoff_s(self.settings, self.probes)
+        if self.outage_since is not None:  # a probe failed: it waits with the rest
+            self.hold(entry_id, delivery)
             return
-        self.waiting[entry_id] = Waiting(time.monotonic() + backoff_s(self.settings, delivery), True)
+        due = time.monotonic() + jittered(retry_wait_s(self.settings, delivery))
+        self.waiting[entry_id] = Waiting(due, delivery, counts=True)
         self.since.setdefault(entry_id, time.monotonic())
         self.failing.add(entry_id)
         if len(self.failing) >= OUTAGE_AFTER:
             self.outage_since = time.monotonic()
-            self.probes = 1
-            self.next_probe = time.monotonic() + backoff_s(self.settings, 1)
+            self.probes = 0
+            self.next_probe = time.monotonic() + jittered(probe_wait_s(self.settings, 1))
             for waiting in self.waiting.values():
                 waiting.due = math.inf
             log.warning(
