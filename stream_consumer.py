@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -82,6 +83,7 @@ class StreamConsumer:
     hooks: Hooks = field(default_factory=Hooks)
     lease: Lease | None = None  # taken by consume() for every partition; else run() takes its own
     maintenance_refused: bool = field(default=False, init=False)  # said once: trimming is the admin's
+    reported: tuple[int, bool] | None = field(default=None, init=False)  # the state last said in Redis
 
     def __post_init__(self) -> None:
         keys = keys_for(self.settings)
@@ -151,12 +153,28 @@ class StreamConsumer:
                 await self._maintain()
             else:  # Work.WAIT: a downstream outage, nothing due before the next probe
                 await self.schedule.wait(self.stop)
-        self.stats.waiting, self.stats.oldest_wait_s = (
-            len(self.schedule.waiting),
-            self.schedule.oldest_wait_s(),
-        )
+        report = (len(self.schedule.waiting), self.schedule.in_outage)
+        self.stats.waits[self.fence.keys.stream] = (report[0], self.schedule.oldest_wait_s())
+        if report != self.reported or work is Work.SWEEP:
+            await self._report(report)
         if self.hooks.turned is not None:
             self.hooks.turned()
+
+    async def _report(self, report: tuple[int, bool]) -> None:
+        """Say in Redis what status and the dashboard show of this consumer: entries waiting for a
+        retry, the oldest one's wait, an outage. Refused (a full Redis), it says it later."""
+        state = {
+            "waiting": report[0],
+            "oldest_wait_s": round(self.schedule.oldest_wait_s(), 1),
+            "outage_s": round(self.schedule.outage_s(), 1) if report[1] else None,
+            "schedule": schedule_text(self.settings),
+        }
+        ttl_ms = max(self.settings.claim_idle_ms * 2, 10_000)
+        try:
+            await self.redis.set(self.fence.keys.state(self.group, self.name), json.dumps(state), px=ttl_ms)
+        except ResponseError:
+            return
+        self.reported = report
 
     async def _new(self) -> None:
         """New entries; under a backlog the next batch is read while this one's handlers run."""

@@ -9,6 +9,7 @@ stream, the stream key stays exactly as configured and `redis-cli XADD orders ..
 | --- | --- | --- |
 | `orders` | stream | the orders |
 | `{orders}:lease:<group>:<consumer>` | string with a TTL | a running consumer's sign of life |
+| `{orders}:state:<group>:<consumer>` | string with a TTL | its report: retries waiting, an outage (JSON) |
 | `{orders}:done:<group>` | sorted set | order_id -> server time it was done, for DEDUPE_WINDOW_MS |
 | `{orders}:running:<group>` | hash | order_id -> "consumer entry_id" while a consumer runs it |
 | `{orders}:producer:<id>:ids` / `:recent` | hash / list | a producer's last order ids (Redis 7.x only) |
@@ -53,6 +54,9 @@ class Keys:
 
     def lease(self, group: str, consumer: str) -> str:
         return self.lease_prefix(group) + consumer
+
+    def state(self, group: str, consumer: str) -> str:
+        return f"{self.tag}:state:{group}:{consumer}"
 
     def done(self, group: str) -> str:
         return f"{self.tag}:done:{group}"

@@ -239,6 +239,10 @@ class Schedule:
     def in_outage(self) -> bool:
         return self.outage_since is not None
 
+    def outage_s(self) -> float:
+        """How long the downstream outage has lasted; 0 without one."""
+        return 0.0 if self.outage_since is None else time.monotonic() - self.outage_since
+
     def oldest_wait_s(self) -> float:
         """How long the entry waiting longest for its retry has waited since its first failure."""
         return max(0.0, time.monotonic() - min(self.since.values())) if self.since else 0.0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -17,8 +17,17 @@ class Stats:
     redrives_for_other_groups: int = 0
     duplicates_skipped: int = 0
     taken_over: int = 0  # commits dropped: another consumer had taken the entry over
-    waiting: int = 0  # entries waiting for a retry now
-    oldest_wait_s: float = 0.0  # how long the one waiting longest has waited
+    # Per stream (partition): entries waiting for a retry now, and how long the oldest has waited.
+    waits: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+    @property
+    def waiting(self) -> int:
+        return sum(count for count, _ in self.waits.values())
+
+    @property
+    def oldest_wait_s(self) -> float:
+        return max((oldest for _, oldest in self.waits.values()), default=0.0)
 
     def __str__(self) -> str:
-        return ", ".join(f"{name}={value}" for name, value in vars(self).items() if name != "oldest_wait_s")
+        counters = [f"{name}={value}" for name, value in vars(self).items() if name != "waits"]
+        return ", ".join([*counters, f"waiting={self.waiting}"])

@@ -6,6 +6,7 @@ doubles nothing."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,15 @@ async def _calls(redis: Redis) -> Counter[str]:
     )
 
 
+async def _reported_outage(redis: Redis, consumer: str, over: bool = False) -> bool:
+    """What the consumer says of itself in Redis (status and the dashboard show it)."""
+    raw = await redis.get(f"{{orders}}:state:{GROUP}:{consumer}")
+    state = json.loads(raw) if raw else {}
+    if over:
+        return state.get("outage_s", 1) is None and state.get("waiting") == 0
+    return bool(state.get("outage_s") is not None and state.get("waiting", 0) > 0)
+
+
 async def _lag(redis: Redis) -> int:
     groups: Any = await redis.xinfo_groups(STREAM)
     return int(next(g for g in groups if g["name"] == GROUP.encode())["lag"] or 0)
@@ -54,6 +64,7 @@ async def test_an_outage_longer_than_every_retry_dead_letters_nothing(
         orders = sample_orders(50)
         await publish_many(redis, STREAM, orders)
         await wait_until(lambda: "downstream outage?" in consumer.output(), "the outage to be noticed")
+        await wait_until(lambda: _reported_outage(redis, "e1"), "the consumer to report the outage")
         before_calls, before_lines = await _calls(redis), len(consumer.output().splitlines())
         lag = await _lag(redis)
         await asyncio.sleep(4)  # the outage goes on: what the consumer does meanwhile is measured
@@ -68,6 +79,7 @@ async def test_an_outage_longer_than_every_retry_dead_letters_nothing(
         assert await redis.xlen("orders:dead-letter") == 0
         assert consumer.output().count("succeeded again") == 1
         assert consumer.output().count("downstream outage?") == 1
+        await wait_until(lambda: _reported_outage(redis, "e1", over=True), "the consumer to report its end")
     finally:
         await redis.aclose()
 
