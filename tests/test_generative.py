@@ -14,7 +14,7 @@ memory, FLUSHALL between two halves, a restart with AOF). Then:
 - Redis's work per entry is bounded (no loop re-reading or re-committing the same entries).
 
 CI runs the `ci` profile: derandomized, a fixed number of examples. A longer search:
-`HYPOTHESIS_PROFILE=long .venv/bin/python -m pytest tests/test_generative.py` (see docs/development.md).
+`HYPOTHESIS_PROFILE=long ./dev.sh test -k generative` (see docs/guarantees.md).
 """
 
 from __future__ import annotations
