@@ -19,16 +19,20 @@ from redisPool import redis_connect
 log = logging.getLogger("initialization_stream")
 
 
-async def initialize(redis: Redis, settings: Settings, start: str = "0") -> list[str]:
+async def initialize(redis: Redis, settings: Settings, start: str | None = None) -> list[str]:
     """Load the function library and make sure every partition's stream and every configured group
-    exist; return the groups created on some partition."""
+    exist; return the groups created on some partition.
+
+    `start` None: groups start at 0 on a stream no group reads yet; a group missing from a stream
+    in use needs a start given (GroupWouldReplay, core/groups.py).
+    """
     await library.load(redis)
     created: dict[str, None] = {}
     for part in partitions(settings):
         made = await ensure_groups(redis, part.stream_key, settings.groups, start)
         await configure_idmp(redis, part.stream_key)
         for group in settings.groups:
-            state = f"created from {start}" if group in made else "already there"
+            state = f"created from {start or '0'}" if group in made else "already there"
             log.info("group %s on stream %s: %s", group, part.stream_key, state)
         created.update(dict.fromkeys(made))
     return list(created)
@@ -92,10 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--start",
-        default="0",
         metavar="0|new|ID",
         help="where groups created now start: 0 = every order still in the stream, new = only orders "
-        "published from now on, or an entry id (default: 0)",
+        "published from now on, or an entry id (default: 0 on a stream no group reads yet; a group "
+        "missing from a stream other groups read needs --start, so nothing is replayed by accident)",
     )
     parser.add_argument(
         "--retire",
@@ -108,6 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     parser = build_parser()
     arguments = parser.parse_args()
-    if arguments.start not in ("0", "new") and not re.fullmatch(r"\d+(-\d+)?", arguments.start):
+    if arguments.start not in (None, "0", "new") and not re.fullmatch(r"\d+(-\d+)?", arguments.start):
         parser.error(f"--start must be 0, new or an entry id, got {arguments.start!r}")
     run_script("initialization_stream", lambda settings: main(settings, arguments))

@@ -26,7 +26,7 @@ from redis.exceptions import ResponseError
 from config import CliError, ConfigError, Settings, run_script
 from core import library, metrics
 from core.capabilities import detect
-from core.groups import ensure_groups
+from core.groups import GroupWouldReplay, ensure_groups
 from core.handlers import AnyHandler, Handler, Reject, TxHandler, plain_of, with_tx
 from core.handling import Handling
 from core.keys import keys_for, partitions
@@ -84,6 +84,7 @@ class StreamConsumer:
     lease: Lease | None = None  # taken by consume() for every partition; else run() takes its own
     maintenance_refused: bool = field(default=False, init=False)  # said once: trimming is the admin's
     reported: tuple[int, bool] | None = field(default=None, init=False)  # the state last said in Redis
+    peers_missing_said: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         keys = keys_for(self.settings)
@@ -206,9 +207,24 @@ class StreamConsumer:
         await self._make_groups()
 
     async def _make_groups(self) -> None:
-        """Every configured group exists before anything here could let trimming pass it."""
+        """Every configured group exists on a new (or flushed) stream; on a stream in use, a missing
+        group is the operator's to create with a start (core/groups.py): this consumer stops if its
+        own is missing there (GroupWouldReplay, exit 2), and leaves its peers' to them."""
         stream = self.fence.keys.stream
-        created = await ensure_groups(self.redis, stream, (*self.settings.groups, self.group))
+        try:
+            created = await ensure_groups(self.redis, stream, (*self.settings.groups, self.group))
+        except GroupWouldReplay as error:
+            if self.group in error.missing:
+                raise
+            if not self.peers_missing_said:
+                log.warning(
+                    "configured groups %s are missing on stream %s, which is in use; trimming waits "
+                    "for them (create them with python3 -m initialization_stream --start new or 0)",
+                    ", ".join(error.missing),
+                    stream,
+                )
+                self.peers_missing_said = True
+            return
         if created:
             log.info("created missing groups %s on stream %s from id 0", ", ".join(created), stream)
 

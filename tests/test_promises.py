@@ -454,3 +454,44 @@ async def test_a_copy_is_reported_after_its_order_ran(
     ran_at = lines.index(f"ran order {order.order_id}")
     skipped_at = next(i for i, line in enumerate(lines) if "acked, not run again" in line)
     assert ran_at < skipped_at
+
+
+async def test_a_typo_in_a_group_name_replays_nothing(own_server: LocalRedis, scripts: Start) -> None:
+    """EMAIL_GROUP=emial_group on a stream in use: the service stops with one line saying how to
+    create the group, instead of creating it from 0 and sending every retained order's e-mail
+    again; a peer configured with it starts and leaves it alone; created with --start new, the
+    service handles new orders only."""
+    env = script_env(own_server.url, MAINTENANCE_INTERVAL_MS="0")
+    redis = Redis.from_url(own_server.url)
+    try:
+        assert run_script("initialization_stream", env).returncode == 0
+        history = sample_orders(20)
+        await publish_many(redis, STREAM, history)
+        scripts("consumer2", {**env, "CONSUMER_NAME": "e1"})
+        await wait_until(lambda: caught_up(redis, STREAM, ["email_group"]), "the e-mails of the history")
+        typo = {**env, "EMAIL_GROUP": "emial_group", "CONSUMER_NAME": "e2"}
+        stopped = run_script("consumer2", typo)
+        assert stopped.returncode == 2
+        errors = [line for line in stopped.stderr.splitlines() if "error" in line]
+        assert len(errors) == 1
+        assert "group emial_group does not exist on stream orders" in errors[0]
+        assert "20 entries" in errors[0]
+        assert "--start new" in errors[0]
+        assert "sending confirmation" not in stopped.stderr
+        peer = scripts("consumer1", {**typo, "CONSUMER_NAME": "f1"})  # GROUPS names emial_group too
+        await wait_until(lambda: caught_up(redis, STREAM, ["fulfillment_group"]), "the peer to run")
+        await wait_until(lambda: "emial_group are missing" in peer.output(), "the peer's warning")
+        assert b"emial_group" not in {g["name"] for g in await redis.xinfo_groups(STREAM)}
+        created = run_script("initialization_stream", typo, "--start", "new")
+        assert created.returncode == 0, created.stderr
+        refused = run_script("initialization_stream", {**env, "GROUPS": "email_group,audit_group"})
+        assert refused.returncode == 2
+        assert "audit_group does not exist" in refused.stderr
+        service = scripts("consumer2", typo)
+        await wait_until(lambda: registered(redis, "emial_group", "e2"), "the service to start")
+        later = sample_orders(3)
+        await publish_many(redis, STREAM, later)
+        await wait_until(lambda: caught_up(redis, STREAM, ["emial_group"]), "the new orders")
+        assert set(ran([service.output()], EMAILED)) == {o.order_id for o in later}
+    finally:
+        await redis.aclose()

@@ -31,7 +31,7 @@ from orders import Order
 from producer import publish, sample_orders
 from redisPool import RedisRefused, RedisUnavailable, redis_connect
 from redisPool import log as pool_log
-from stream_consumer import AnyHandler, TxHandler, consume, with_tx
+from stream_consumer import AnyHandler, Hooks, TxHandler, consume, with_tx
 from tools.local_redis import HOW_TO_GET_REDIS, start_local_cluster, start_local_redis
 from tx import Tx
 
@@ -196,11 +196,24 @@ async def run_pipeline(redis: Redis, settings: Settings, count: int) -> dict[str
         (settings.email_group, "email-1", consumer2.handle),
     ]
     stop = asyncio.Event()
+    ready = {name: asyncio.Event() for _, name, _ in team}  # a first turn done: it reads next
     tasks: list[asyncio.Task[object]] = [
-        asyncio.create_task(consume(redis, settings, group, name, recording(group, name, handler), stop))
+        asyncio.create_task(
+            consume(
+                redis,
+                settings,
+                group,
+                name,
+                recording(group, name, handler),
+                stop,
+                Hooks(turned=ready[name].set),
+            )
+        )
         for group, name, handler in team
     ]
     try:
+        async with asyncio.timeout(WAIT_S):
+            await asyncio.gather(*(event.wait() for event in ready.values()))
         for order in orders:
             honour_cancellation()
             await publish(redis, settings.stream_key, order, partitions=settings.stream_partitions)
