@@ -46,6 +46,9 @@ DEFAULTS: dict[str, str] = {
     "STALE_CONSUMER_MS": "86400000",  # 0: never remove idle consumers
     "METRICS_PORT": "0",  # 0: no Prometheus endpoint
     "METRICS_HOST": "127.0.0.1",  # the address metrics listen on; 0.0.0.0 for every interface
+    "HEALTH_PORT": "0",  # 0: no /livez and /readyz for probes
+    "HEALTH_HOST": "127.0.0.1",  # the address probes listen on; 0.0.0.0 in a pod (the kubelet calls its IP)
+    "HEALTH_STUCK_MS": "300000",  # /livez fails once the loop has not turned this long while Redis answers
     "DEDUPE_WINDOW_MS": "3600000",  # run a group's handler once per order_id within this; 0: off
     "DASHBOARD_TOKEN": "",  # empty: the dashboard's writes (redrive, purge) are off
 }
@@ -117,6 +120,9 @@ class Settings:
     stale_consumer_ms: int
     metrics_port: int
     metrics_host: str
+    health_port: int
+    health_host: str
+    health_stuck_ms: int
     dedupe_window_ms: int
     dashboard_token: str = field(repr=False)
 
@@ -131,7 +137,7 @@ class Settings:
         return redact_url(self.redis_url)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> Settings:
+    def from_env(cls, env: Mapping[str, str]) -> Settings:  # noqa: PLR0912 - a flat list of checks
         """Build settings from a mapping of variables; raise ConfigError naming a bad one."""
         get = _Reader({**DEFAULTS, **{k: v for k, v in env.items() if k in DEFAULTS}})
         url = get.text("REDIS_URL")
@@ -178,6 +184,9 @@ class Settings:
             stale_consumer_ms=get.integer("STALE_CONSUMER_MS", low=0),
             metrics_port=get.integer("METRICS_PORT", low=0, high=65535),
             metrics_host=get.text("METRICS_HOST"),
+            health_port=get.integer("HEALTH_PORT", low=0, high=65535),
+            health_host=get.text("HEALTH_HOST"),
+            health_stuck_ms=get.integer("HEALTH_STUCK_MS", low=1),
             dedupe_window_ms=get.integer("DEDUPE_WINDOW_MS", low=0),
             dashboard_token=get.text("DASHBOARD_TOKEN", empty_ok=True),
         )
@@ -189,6 +198,13 @@ class Settings:
             raise ConfigError(
                 f"BLOCK_MS ({settings.block_ms}) must be below SOCKET_TIMEOUT_MS "
                 f"({settings.socket_timeout_ms}), or every idle blocking read times out"
+            )
+        if settings.health_port and settings.health_stuck_ms <= max(
+            settings.retry_max_delay_ms, settings.block_ms
+        ):
+            raise ConfigError(
+                f"HEALTH_STUCK_MS ({settings.health_stuck_ms}) must be above RETRY_MAX_DELAY_MS and "
+                "BLOCK_MS: a loop waiting that long between turns is not stuck"
             )
         if settings.fulfillment_group == settings.email_group:
             raise ConfigError("FULFILLMENT_GROUP and EMAIL_GROUP must differ, or they share the orders")

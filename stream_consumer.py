@@ -18,13 +18,13 @@ import json
 import logging
 import signal
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from config import CliError, ConfigError, Settings, run_script
-from core import library, metrics
+from core import health, library, metrics
 from core.capabilities import detect
 from core.groups import GroupWouldReplay, ensure_groups
 from core.handlers import AnyHandler, Handler, Reject, TxHandler, plain_of, with_tx
@@ -349,7 +349,9 @@ async def serve(settings: Settings, group: str, handler: AnyHandler, hooks: Hook
     hooks, stats = hooks or Hooks(), Stats()
     collector = _start_metrics(settings, group, stats)
     try:
-        async with redis_connect(settings, stop=stop) as redis:
+        async with redis_connect(settings, stop=stop) as redis, health.serving(settings, redis) as probes:
+            if probes is not None:  # HEALTH_PORT: the loop's turns and Redis's replies feed the probes
+                hooks = replace(hooks, turned=probes.turned, answered=probes.answered)
             # What exists by now (modules, the client, the handler's own state) lives as long as
             # the process: frozen, the garbage collector stops walking it again and again.
             gc.collect()
