@@ -59,6 +59,10 @@ URL_OPTIONS = {
     "ssl_cert_reqs", "ssl_check_hostname", "ssl_min_version", "ssl_password",
 }  # fmt: skip
 
+# Probes of a downstream outage come at most this far apart (or RETRY_MAX_DELAY_MS, if shorter),
+# up to a quarter later (core/schedule.py): the longest a healthy consumer's loop waits between turns.
+PROBE_MAX_MS = 30_000
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -199,12 +203,11 @@ class Settings:
                 f"BLOCK_MS ({settings.block_ms}) must be below SOCKET_TIMEOUT_MS "
                 f"({settings.socket_timeout_ms}), or every idle blocking read times out"
             )
-        if settings.health_port and settings.health_stuck_ms <= max(
-            settings.retry_max_delay_ms, settings.block_ms
-        ):
+        longest_wait = max(min(PROBE_MAX_MS, settings.retry_max_delay_ms) * 5 // 4, settings.block_ms)
+        if settings.health_port and settings.health_stuck_ms <= longest_wait:
             raise ConfigError(
-                f"HEALTH_STUCK_MS ({settings.health_stuck_ms}) must be above RETRY_MAX_DELAY_MS and "
-                "BLOCK_MS: a loop waiting that long between turns is not stuck"
+                f"HEALTH_STUCK_MS ({settings.health_stuck_ms}) must be above {longest_wait}: a loop waiting "
+                "that long between turns (BLOCK_MS, or probes of a downstream outage) is not stuck"
             )
         if settings.fulfillment_group == settings.email_group:
             raise ConfigError("FULFILLMENT_GROUP and EMAIL_GROUP must differ, or they share the orders")

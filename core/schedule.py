@@ -11,7 +11,7 @@ A downstream outage is when the handler fails for OUTAGE_AFTER different entries
 none succeeding between. Then the consumer takes no new work (new orders wait in the stream,
 as lag), runs nothing else it holds, and probes instead: one order per probe interval (the one
 waiting longest, a new one only when none waits), the interval doubling from RETRY_DELAY_MS
-up to PROBE_MAX_S. Probes and entries held meanwhile do not count toward MAX_DELIVERIES: an
+up to 30 s (PROBE_MAX_MS). Probes and entries held meanwhile do not count toward MAX_DELIVERIES: an
 outage of any length dead-letters nothing. The first success ends it, and every entry waiting
 is retried at once.
 """
@@ -27,14 +27,13 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from config import Settings
+from config import PROBE_MAX_MS, Settings
 from core.recovery import pause
 
 log = logging.getLogger("stream_consumer")
 
 OUTAGE_AFTER = 5  # entries in a row whose handler failed, none succeeding between: an outage
 JITTER = 0.25  # each wait is lengthened by up to this much, so a batch's retries spread out
-PROBE_MAX_S = 30.0  # the longest wait between two probes of an outage: its end is seen this soon
 
 
 class Work(enum.Enum):
@@ -55,9 +54,10 @@ def retry_wait_s(settings: Settings, failures: int) -> float:
 
 
 def probe_wait_s(settings: Settings, probes: int) -> float:
-    """The wait after the `probes`-th probe of an outage: RETRY_DELAY_MS, doubling, at most PROBE_MAX_S."""
+    """The wait after the `probes`-th probe of an outage: RETRY_DELAY_MS, doubling, at most
+    PROBE_MAX_MS (or RETRY_MAX_DELAY_MS, if shorter): the outage's end is seen that soon."""
     growth: int = 2 ** min(max(probes - 1, 0), 40)
-    return min(settings.retry_delay_ms / 1000 * growth, PROBE_MAX_S)
+    return min(settings.retry_delay_ms * growth, settings.retry_max_delay_ms, PROBE_MAX_MS) / 1000
 
 
 def jittered(seconds: float) -> float:
