@@ -19,6 +19,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -33,12 +34,14 @@ from core.keys import keys_for, partitions
 from core.lease import Lease, Part
 from core.ledger import Ledger
 from core.library import Fence, LibraryMissing
+from core.messages import Schema
 from core.reading import Batch, Reader
 from core.reclaim import Reclaim
 from core.recovery import Recovery
 from core.schedule import Schedule, Work, schedule_text
 from core.stats import Stats
 from maintenance import run_once
+from orders import ORDERS
 from redisPool import StoppedBeforeStart, is_cluster, raw_xreadgroup, redis_connect
 
 __all__ = [
@@ -82,6 +85,7 @@ class StreamConsumer:
     stats: Stats = field(default_factory=Stats)
     hooks: Hooks = field(default_factory=Hooks)
     lease: Lease | None = None  # taken by consume() for every partition; else run() takes its own
+    schema: Schema[Any] = ORDERS  # the message type the handler takes (core/messages.py)
     maintenance_refused: bool = field(default=False, init=False)  # said once: trimming is the admin's
     reported: tuple[int, bool] | None = field(default=None, init=False)  # the state last said in Redis
     peers_missing_said: bool = field(default=False, init=False)
@@ -104,7 +108,7 @@ class StreamConsumer:
         self.reader.one_trip = not is_cluster(self.redis)  # on a cluster one command at a time: failovers
         self.reclaim = Reclaim(self.redis, self.settings, self.fence, self.schedule, self.stats)
         self.handling = Handling(
-            self.settings, self.fence, self.handler, self.ledger, self.schedule, self.stats
+            self.settings, self.fence, self.handler, self.ledger, self.schedule, self.stats, self.schema
         )
 
     async def run(self) -> Stats:
@@ -279,11 +283,13 @@ async def consume(
     handler: AnyHandler,
     stop: asyncio.Event,
     hooks: Hooks | None = None,
+    schema: Schema[Any] = ORDERS,
 ) -> Stats:
     """Consume every partition of `settings.stream_key` as `name` in `group` until `stop` is set."""
     stats, hooks = Stats(), hooks or Hooks()
     consumers = [
-        StreamConsumer(redis, part, group, name, handler, stop, stats, hooks) for part in partitions(settings)
+        StreamConsumer(redis, part, group, name, handler, stop, stats, hooks, schema=schema)
+        for part in partitions(settings)
     ]
     await run_all(redis, settings, consumers)
     return stats
@@ -321,7 +327,13 @@ async def run_all(redis: Redis, settings: Settings, consumers: list[StreamConsum
         raise CliError("another process took over this consumer's name; stopped (see the log above)")
 
 
-async def serve(settings: Settings, group: str, handler: AnyHandler, hooks: Hooks | None = None) -> int:
+async def serve(
+    settings: Settings,
+    group: str,
+    handler: AnyHandler,
+    hooks: Hooks | None = None,
+    schema: Schema[Any] = ORDERS,
+) -> int:
     """Run one consumer until SIGINT/SIGTERM: the first drains, a second exits at once."""
     if group not in settings.groups:
         raise ConfigError(
@@ -357,7 +369,9 @@ async def serve(settings: Settings, group: str, handler: AnyHandler, hooks: Hook
             gc.collect()
             gc.freeze()
             consumers = [
-                StreamConsumer(redis, part, group, settings.consumer_name, handler, stop, stats, hooks)
+                StreamConsumer(
+                    redis, part, group, settings.consumer_name, handler, stop, stats, hooks, schema=schema
+                )
                 for part in partitions(settings)
             ]
             if collector is None:
@@ -395,9 +409,14 @@ def _start_metrics(settings: Settings, group: str, stats: Stats) -> metrics.Cons
 
 
 def run_service(
-    prog: str, description: str, group_of: Callable[[Settings], str], handler: AnyHandler
+    prog: str,
+    description: str,
+    group_of: Callable[[Settings], str],
+    handler: AnyHandler,
+    schema: Schema[Any] = ORDERS,
 ) -> None:
-    """The whole `main` of a consumer script: pick its group from the settings and serve."""
+    """The whole `main` of a consumer script: pick its group from the settings and serve messages of
+    `schema`'s type (orders by default) to `handler`."""
     argparse.ArgumentParser(
         prog=f"python -m {prog}",
         description=f"{description} Runs until SIGINT/SIGTERM: the first finishes the batch in hand, "
@@ -406,4 +425,4 @@ def run_service(
         + schedule_text(Settings.from_env({}))
         + ".",
     ).parse_args()
-    run_script(prog, lambda settings: serve(settings, group_of(settings), handler))
+    run_script(prog, lambda settings: serve(settings, group_of(settings), handler, schema=schema))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Any, cast
 
-from orders import Order
 from tx import Tx, UncommittableWrite
 
-Handler = Callable[[Order], Awaitable[None]]
-TxHandler = Callable[[Order, Tx], Awaitable[None]]  # stages Redis writes that commit with the order
+# A handler takes one message of the service's type (an Order by default: core/messages.py).
+Handler = Callable[[Any], Awaitable[None]]
+TxHandler = Callable[[Any, Tx], Awaitable[None]]  # stages Redis writes that commit with the message
 AnyHandler = Handler | TxHandler
 
 
@@ -43,7 +43,7 @@ def with_tx(handler: AnyHandler) -> TxHandler:
     if plain is None:
         return cast(TxHandler, handler)
 
-    async def run(order: Order, tx: Tx) -> None:
-        await plain(order)
+    async def run(message: Any, tx: Tx) -> None:
+        await plain(message)
 
     return run

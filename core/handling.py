@@ -11,6 +11,7 @@ group run an order at a time, once per window; entries from this project's produ
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from redis.typing import EncodableT
 
@@ -20,16 +21,18 @@ from core.dead_letters import dead_letter_fields
 from core.handlers import NEVER_RETRIED, AnyHandler, plain_of, with_tx
 from core.ledger import NO_WRITES, Ledger
 from core.library import DONE, RUN, Fence
+from core.messages import InvalidMessage, Schema
 from core.reading import Batch
 from core.replies import text
 from core.schedule import Schedule
 from core.stats import Stats
-from orders import InvalidOrder, Order, parse_order
+from orders import ORDERS
 from tx import Tx
 
 log = logging.getLogger("stream_consumer")
 
-Runnable = tuple[bytes, dict[bytes, bytes], Order, int]  # entry id, fields, order, delivery
+# entry id, fields, the message, its id (order_id), its delivery
+Runnable = tuple[bytes, dict[bytes, bytes], Any, str, int]
 
 
 class Handling:
@@ -43,14 +46,16 @@ class Handling:
         ledger: Ledger,
         schedule: Schedule,
         stats: Stats,
+        schema: Schema[Any] = ORDERS,
     ) -> None:
         self.settings = settings
+        self.schema = schema
         self.fence = fence
         self.ledger = ledger
         self.schedule = schedule
         self.stats = stats
         self.handler = handler
-        self.skipped: list[tuple[str, str]] = []  # (order id, why) of copies acked without a run
+        self.skipped: list[tuple[str, str]] = []  # (message id, why) of copies acked without a run
 
     @property
     def handler(self) -> AnyHandler:
@@ -68,12 +73,12 @@ class Handling:
             await self.run(await self.admit(self.screen(batch)), probe=batch.probe)
         # Said after the batch's handlers ran, so a copy's line never comes before its order's run.
         for order_id, state in self.skipped:
-            log.info("order %s %s in this group: acked, not run again", order_id, state)
+            log.info("%s %s %s in this group: acked, not run again", self.schema.name, order_id, state)
         self.skipped.clear()
 
     def screen(self, batch: Batch) -> list[Runnable]:
         """Ack what needs no handler, dead-letter the poison; the orders to run."""
-        settings, ledger, group = self.settings, self.ledger, self.fence.group
+        settings, ledger, group, schema = self.settings, self.ledger, self.fence.group, self.schema
         max_deliveries, max_bytes = settings.max_deliveries, settings.max_payload_bytes
         deliveries = batch.deliveries
         runnable = []
@@ -94,18 +99,21 @@ class Handling:
                     )
                 continue
             payload = fields.get(b"data")
-            try:
-                if payload is None:
-                    raise InvalidOrder("entry has no 'data' field")
-                order = parse_order(payload, max_bytes)
-            except InvalidOrder as error:
-                self.dead_letter(entry_id, fields, delivery, f"invalid order: {error}", None)
+            if payload is None:
+                self.dead_letter(entry_id, fields, delivery, "entry has no 'data' field", None)
                 continue
+            try:
+                message = schema.parse(payload, max_bytes)  # tolerant: unknown fields are ignored
+            except InvalidMessage as error:
+                reason = f"invalid {schema.name}: {error}"
+                self.dead_letter(entry_id, fields, delivery, reason, schema.id_in(payload))
+                continue
+            message_id = schema.id_of(message)
             if delivery > max_deliveries:
                 reason = f"delivered {delivery} times without an ack (limit {max_deliveries})"
-                self.dead_letter(entry_id, fields, delivery, reason, order.order_id)
+                self.dead_letter(entry_id, fields, delivery, reason, message_id)
                 continue
-            runnable.append((entry_id, fields, order, delivery))
+            runnable.append((entry_id, fields, message, message_id, delivery))
         return runnable
 
     async def admit(self, runnable: list[Runnable]) -> list[Runnable]:
@@ -115,16 +123,16 @@ class Handling:
         guarded = [item for item in runnable if b"producer" not in item[1]]
         if not guarded:
             return runnable
-        decisions = await self.fence.admit([(item[0], item[2].order_id) for item in guarded])
+        decisions = await self.fence.admit([(item[0], item[3]) for item in guarded])
         refused = {
             item[0]: decision for item, decision in zip(guarded, decisions, strict=True) if decision != RUN
         }
         if not refused:
             return runnable
-        for entry_id, _, order, _ in runnable:
+        for entry_id, _, _, message_id, _ in runnable:
             if entry_id in refused:
                 state = "already handled" if refused[entry_id] == DONE else "being handled from another entry"
-                self.skipped.append((order.order_id, state))
+                self.skipped.append((message_id, state))
                 self.ledger.ack(entry_id)
                 self.stats.duplicates_skipped += 1
         return [item for item in runnable if item[0] not in refused]
@@ -138,7 +146,7 @@ class Handling:
         guard = self.settings.dedupe_window_ms
         spans = tracing.processing(self.fence.keys.stream, self.fence.group, self.fence.consumer)
         processed = 0
-        for entry_id, fields, order, delivery in runnable:
+        for entry_id, fields, message, message_id, delivery in runnable:
             if schedule.in_outage and not probe:
                 schedule.hold(entry_id, delivery)
                 continue
@@ -147,19 +155,19 @@ class Handling:
             try:
                 if spans is not None:
                     with spans.span(entry_id, fields):
-                        writes = await self._run(order)
-                elif plain is not None:  # _run's first case, inline: no coroutine of ours per order
-                    await plain(order)
+                        writes = await self._run(message)
+                elif plain is not None:  # _run's first case, inline: no coroutine of ours per message
+                    await plain(message)
                 else:
-                    writes = await self._run(order)
+                    writes = await self._run(message)
             except Exception as error:  # its staged writes are dropped with it
-                self.failed(entry_id, fields, order, delivery, error)
+                self.failed(entry_id, fields, message_id, delivery, error)
                 continue
             if schedule.failing:
                 schedule.succeeded()
             # Done marks only for entries the guard admitted (not from our own producer).
             if guard and b"producer" not in fields:
-                ledger.commit_with(entry_id, order.order_id, writes)
+                ledger.commit_with(entry_id, message_id, writes)
             elif writes:
                 ledger.commit_with(entry_id, "", writes)
             else:
@@ -167,25 +175,25 @@ class Handling:
             processed += 1
         self.stats.processed += processed
 
-    async def _run(self, order: Order) -> list[list[EncodableT]]:
-        """Run the handler on one order; the Redis writes it staged."""
+    async def _run(self, message: Any) -> list[list[EncodableT]]:
+        """Run the handler on one message; the Redis writes it staged."""
         if self.plain is not None:
-            await self.plain(order)
+            await self.plain(message)
             return NO_WRITES
         tx = Tx(self.fence.keys.stream)
-        await self.with_tx(order, tx)
+        await self.with_tx(message, tx)
         return tx.commands
 
     def failed(
-        self, entry_id: bytes, fields: dict[bytes, bytes], order: Order, delivery: int, error: Exception
+        self, entry_id: bytes, fields: dict[bytes, bytes], message_id: str, delivery: int, error: Exception
     ) -> None:
         """The handler raised: dead-letter (rejected, or out of deliveries) or wait for a retry."""
         self.stats.failed += 1
-        max_deliveries = self.settings.max_deliveries
-        where = f"order {order.order_id} (entry {text(entry_id)}, delivery {delivery} of {max_deliveries})"
+        max_deliveries, kind = self.settings.max_deliveries, self.schema.name
+        where = f"{kind} {message_id} (entry {text(entry_id)}, delivery {delivery} of {max_deliveries})"
         if isinstance(error, NEVER_RETRIED):
             log.warning("handler rejected %s: %s", where, error)
-            self.dead_letter(entry_id, fields, delivery, f"rejected: {error}", order.order_id)
+            self.dead_letter(entry_id, fields, delivery, f"rejected: {error}", message_id)
             return
         if self.schedule.in_outage:  # a probe: said once when the outage began and once when it ends
             log.debug("probe failed for %s: %s: %s", where, type(error).__name__, error)
@@ -193,7 +201,7 @@ class Handling:
             log.exception("handler failed for %s", where)
         if delivery >= max_deliveries and not self.schedule.in_outage:
             reason = f"handler failed {delivery} times, last: {type(error).__name__}: {error}"
-            self.dead_letter(entry_id, fields, delivery, reason, order.order_id)
+            self.dead_letter(entry_id, fields, delivery, reason, message_id)
             return
         self.schedule.failed(entry_id, delivery, error)
 
@@ -210,9 +218,10 @@ class Handling:
         }
         self.ledger.dead_letter(entry_id, order_id or "", dead_letter_fields(fields, meta))
         log.warning(
-            "dead-lettering entry %s (order %s) to %s: %s",
+            "dead-lettering entry %s (%s %s) to %s: %s",
             text(entry_id),
-            order_id or "unknown",
+            self.schema.name,
+            order_id or "id unknown",
             self.fence.keys.dead_letter,
             reason,
         )

@@ -7,10 +7,11 @@ import json
 import pytest
 
 import orders
+from core.messages import Schema
 from orders import InvalidOrder, Item, Order, parse_order, serialize
 
 CAP = 65536
-FAST_PATH = orders._canonical_order  # before the fixture below swaps it out
+FAST_PATH = Schema._canonical  # before the fixture below swaps it out
 GOOD = {
     "order_id": "ord-42",
     "customer_email": "ann@example.com",
@@ -68,7 +69,7 @@ BAD_PAYLOADS: dict[str, bytes] = {
 def parser_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run every test with the msgspec fast path and with the strict stdlib parser alone."""
     if request.param == "strict path only":
-        monkeypatch.setattr(orders, "_canonical_order", lambda raw: None)
+        monkeypatch.setattr(Schema, "_canonical", lambda self, raw: None)
 
 
 def test_valid_order_parses_and_round_trips() -> None:
@@ -94,12 +95,12 @@ def test_bad_payload_is_refused_without_echoing_it(name: str) -> None:
 
 def test_what_serialize_writes_takes_the_fast_path() -> None:
     order = Order("ord-42", "ann@example.com", (Item("A1", 2),), 42.5, "2026-11-25T10:00:00Z")
-    assert FAST_PATH(serialize(order)) == order
+    assert FAST_PATH(orders.ORDERS, serialize(order)) == order
 
 
 @pytest.mark.parametrize("name", [name for name in BAD_PAYLOADS if name.startswith("compact")])
 def test_the_fast_path_accepts_no_bad_compact_payload(name: str) -> None:
-    assert FAST_PATH(BAD_PAYLOADS[name]) is None
+    assert FAST_PATH(orders.ORDERS, BAD_PAYLOADS[name]) is None
 
 
 def test_valid_but_not_compact_json_is_accepted() -> None:
