@@ -84,6 +84,26 @@ def parse_order(payload: bytes | str, max_bytes: int) -> Order:
     return _strict_order(raw)
 
 
+def readable_order_id(payload: bytes | str, max_bytes: int) -> str | None:
+    """The `order_id` of a payload, valid order or not, when it can be read unambiguously; else None.
+
+    A payload within the cap that is a JSON object (no duplicate keys) whose `order_id` is a
+    valid order id: support finds an order by it even when another field made it invalid (a
+    bad e-mail address, an unknown field). Never raises.
+    """
+    raw = payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
+    raw = raw.removeprefix(_BOM)
+    if len(raw) > max_bytes:
+        return None
+    try:
+        # Whole numbers are read as floats (linear time, however many digits): only the id matters.
+        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_object_without_duplicates, parse_int=float)
+    except (ValueError, RecursionError):  # InvalidOrder and JSONDecodeError are ValueErrors too
+        return None
+    order_id = value.get("order_id") if type(value) is dict else None
+    return order_id if _is_text(order_id, 128) else None
+
+
 def _canonical_order(raw: bytes) -> Order | None:
     """The order, when `raw` is exactly what serialize() writes for a valid one; else None.
 

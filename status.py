@@ -61,8 +61,11 @@ def age_ms(entry_id: Any, now_ms: int) -> int | None:
     return None if entry_id is None else max(0, now_ms - parse_id(entry_id)[0])
 
 
-async def collect(redis: Redis, settings: Settings, newest_dead_letters: int = 5) -> dict[str, Any]:
-    """Everything the report shows, as plain data (also the --json output)."""
+async def collect(
+    redis: Redis, settings: Settings, newest_dead_letters: int = 5, partition: tuple[int, int] = (0, 1)
+) -> dict[str, Any]:
+    """Everything the report shows, as plain data (also the --json output); `partition` is this
+    stream's number and how many there are, for the dead letters' addresses."""
     now_ms = int(time.time() * 1000)
     stream = settings.stream_key
     capabilities = await detect(redis)
@@ -99,7 +102,9 @@ async def collect(redis: Redis, settings: Settings, newest_dead_letters: int = 5
     dead_letters: Any = await redis.xrevrange(settings.dead_letter_stream, count=newest_dead_letters)
     report["dead_letter_stream"] = settings.dead_letter_stream
     report["dead_letters"] = await redis.xlen(settings.dead_letter_stream)
-    report["newest_dead_letters"] = [describe(i, f, settings.max_payload_bytes) for i, f in dead_letters]
+    report["newest_dead_letters"] = [
+        describe(i, f, settings.max_payload_bytes, *partition) for i, f in dead_letters
+    ]
     return report
 
 
@@ -108,7 +113,8 @@ async def collect_all(redis: Redis, settings: Settings, newest_dead_letters: int
     parts = partitions(settings)
     if len(parts) == 1 and not settings.partitioned:
         return await collect(redis, settings, newest_dead_letters)
-    reports = [await collect(redis, part, newest_dead_letters) for part in parts]
+    count = len(parts)
+    reports = [await collect(redis, part, newest_dead_letters, (i, count)) for i, part in enumerate(parts)]
     if is_cluster(redis):  # where each partition lives: its slot's master
         for part, report in zip(parts, reports, strict=True):
             node = cast(RedisCluster, redis).get_node_from_key(part.stream_key)
@@ -127,7 +133,7 @@ async def collect_all(redis: Redis, settings: Settings, newest_dead_letters: int
     total["dead_letter_stream"] = reports[0]["dead_letter_stream"] if len(reports) == 1 else many
     total["dead_letters"] = sum(r["dead_letters"] for r in reports)
     newest = sorted(
-        (row for r in reports for row in r["newest_dead_letters"]), key=lambda row: parse_id(row["id"])
+        (row for r in reports for row in r["newest_dead_letters"]), key=lambda row: parse_id(row["entry_id"])
     )
     total["newest_dead_letters"] = newest[::-1][:newest_dead_letters]
     return total

@@ -24,7 +24,7 @@ from core.reading import Batch
 from core.replies import text
 from core.schedule import Schedule
 from core.stats import Stats
-from orders import InvalidOrder, Order, parse_order
+from orders import InvalidOrder, Order, parse_order, readable_order_id
 from tx import Tx
 
 log = logging.getLogger("stream_consumer")
@@ -99,7 +99,8 @@ class Handling:
                     raise InvalidOrder("entry has no 'data' field")
                 order = parse_order(payload, max_bytes)
             except InvalidOrder as error:
-                self.dead_letter(entry_id, fields, delivery, f"invalid order: {error}", None)
+                order_id = None if payload is None else readable_order_id(payload, max_bytes)
+                self.dead_letter(entry_id, fields, delivery, f"invalid order: {error}", order_id)
                 continue
             if delivery > max_deliveries:
                 reason = f"delivered {delivery} times without an ack (limit {max_deliveries})"
