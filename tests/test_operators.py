@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
@@ -15,17 +16,24 @@ from aiohttp import test_utils
 from conftest import Script, make_settings, run_script, script_env, wait_until
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from redis.asyncio.connection import parse_url
+from redis.exceptions import RedisError
 
 from config import ConfigError, Settings, redact_url
+from core.capabilities import detect
 from core.dead_letters import dead_letter_fields
 from core.keys import partition_of, partitions
-from core.replies import text
+from core.lag import COUNT_LIMIT, FIX_COUNT_LIMIT
+from core.replies import entries_of, parse_id, text
 from dashboard import Pipeline, build_parser, make_app
 from initialization_stream import initialize
+from maintenance import trim
 from orders import Order, readable_order_id, serialize
+from producer import publish_many, sample_orders
 from status import caught_up
+from tools.local_redis import LocalRedis, free_port
 
 STREAM = "orders"
 GROUPS = ["fulfillment_group", "email_group"]
@@ -286,3 +294,311 @@ async def test_the_dashboard_s_json_acts_on_the_one_dead_letter_its_address_name
         assert await purged.json() == {"id": f"0:{SAME_ID}", "outcome": "purged"}
     left = {a: o.order_id for a, o in made.items() if a != f"0:{SAME_ID}"}
     assert await dead_letter_orders(redis, settings) == left
+
+
+# --- Lag: right in status, the dashboard and the metrics, and in Redis once maintenance ran ------
+
+
+async def truth(redis: Redis, stream: str = STREAM) -> dict[str, tuple[int, int | None]]:
+    """Each group's true lag (the entries after its last-delivered id, counted here) and what XINFO
+    GROUPS says, read together in one MULTI."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.xinfo_groups(stream)
+        pipe.xrange(stream)
+        groups, entries = await pipe.execute()
+    ids = [parse_id(entry_id) for entry_id, _ in entries]
+    return {
+        text(g["name"]): (sum(i > parse_id(g["last-delivered-id"]) for i in ids), g["lag"]) for g in groups
+    }
+
+
+async def read(redis: Redis, group: str, count: int, ack: bool = True) -> None:
+    """Deliver `count` new entries to `group` (and ack them), as a consumer would."""
+    while count > 0:
+        reply: Any = await redis.xreadgroup(group, "c", {STREAM: ">"}, count=min(count, 500))
+        ids = [entry_id for entry_id, _ in entries_of(reply)]
+        if not ids:
+            return
+        if ack:
+            await redis.xack(STREAM, group, *ids)
+        count -= len(ids)
+
+
+def status_lags(env: dict[str, str], *args: str) -> tuple[int, dict[str, Any]]:
+    result = run_script("status", env, "--json", *args)
+    return result.returncode, {g["name"]: g for g in json.loads(result.stdout)["groups"]}
+
+
+async def assert_counted_and_corrected(redis: Redis, env: dict[str, str], wanted: dict[str, int]) -> None:
+    """status shows the `wanted` lag of each group; after maintenance, so does XINFO GROUPS."""
+    _, shown = status_lags(env)
+    assert {name: (g["lag"], g["lag_exact"]) for name, g in shown.items()} == {
+        name: (lag, True) for name, lag in wanted.items()
+    }
+    assert {name: lag for name, (lag, _) in (await truth(redis)).items()} == wanted  # the test's own count
+    done = run_script("maintenance", env)
+    assert done.returncode == 0, done.stderr
+    assert {name: said for name, (_, said) in (await truth(redis)).items()} == wanted
+
+
+async def aof_rewrite(redis: Redis) -> None:
+    """BGREWRITEAOF, waited for: the AOF's base holds the groups' read counters as they are now."""
+
+    async def idle() -> bool:
+        return bool((await redis.info("persistence"))["aof_rewrite_in_progress"] == 0)
+
+    await wait_until(idle, "an earlier AOF rewrite to finish")  # else ours would only be scheduled
+    await redis.bgrewriteaof()
+    await wait_until(idle, "the AOF rewrite to finish")
+
+
+async def test_lag_is_right_after_redis_reloads_its_aof(own_server: LocalRedis) -> None:
+    redis = Redis.from_url(own_server.url)
+    try:
+        settings = make_settings(own_server.url)
+        await initialize(redis, settings)
+        await publish_many(redis, STREAM, sample_orders(500))
+        for group in GROUPS:
+            await read(redis, group, 500)
+        await aof_rewrite(redis)  # Redis before 7.4: the counters reloaded are these
+        await publish_many(redis, STREAM, sample_orders(2500))
+        await read(redis, "fulfillment_group", 2500)
+        await read(redis, "email_group", 2460)  # 40 behind
+        await trim(redis, settings, await detect(redis))
+        await redis.aclose()
+        own_server.stop()
+        own_server.start()
+        redis = Redis.from_url(own_server.url)
+        env = script_env(own_server.url)
+        # What the issue saw: Redis 7.0 said 2,500 (and 2,540) with nothing to deliver.
+        code, shown = status_lags(env, "--max-lag", "1000")
+        assert code == 0, shown
+        await assert_counted_and_corrected(redis, env, {"fulfillment_group": 0, "email_group": 40})
+        await publish_many(redis, STREAM, sample_orders(10))  # and it stays right as orders flow
+        await read(redis, "fulfillment_group", 10)
+        await read(redis, "email_group", 45)
+        assert await truth(redis) == {"fulfillment_group": (0, 0), "email_group": (5, 5)}
+    finally:
+        await redis.aclose()
+
+
+async def test_lag_is_right_after_an_undelivered_entry_is_trimmed(redis: Redis, redis_url: str) -> None:
+    await initialize(redis, make_settings(redis_url))
+    await publish_many(redis, STREAM, sample_orders(300))
+    await read(redis, "fulfillment_group", 300)
+    await read(redis, "email_group", 100)
+    await redis.xtrim(STREAM, maxlen=50, approximate=False)  # another client: 150 the email group never got
+    env = script_env(redis_url)
+    await assert_counted_and_corrected(redis, env, {"fulfillment_group": 0, "email_group": 50})
+    await read(redis, "email_group", 20)  # Redis 7.0 counts on from the corrected counter
+    assert (await truth(redis))["email_group"] == (30, 30)
+
+
+async def test_lag_is_right_after_an_undelivered_entry_is_deleted(redis: Redis, redis_url: str) -> None:
+    await initialize(redis, make_settings(redis_url))
+    ids = await publish_many(redis, STREAM, sample_orders(100))
+    await read(redis, "email_group", 40)
+    await redis.xdel(STREAM, ids[70])  # Redis says NULL until the group reads past it
+    env = script_env(redis_url, NO_COLOR="1")
+    _, shown = status_lags(env)
+    assert (shown["email_group"]["lag"], shown["email_group"]["redis_lag"]) == (59, None)
+    assert (
+        "Redis says lag NULL (XINFO GROUPS, what a scaler reads): until the group reads past a deletion"
+        in (run_script("status", env).stdout)
+    )
+    assert run_script("maintenance", env).returncode == 0
+    assert (await truth(redis))["email_group"] == (59, None)  # nothing to set: Redis ignores the counter
+    await read(redis, "email_group", 40)  # past the deleted entry
+    assert run_script("maintenance", env).returncode == 0
+    assert (await truth(redis))["email_group"] == (19, 19)
+    assert status_lags(env)[1]["email_group"]["lag"] == 19
+
+
+async def test_lag_is_right_after_a_group_is_set_to_an_arbitrary_id(redis: Redis, redis_url: str) -> None:
+    await initialize(redis, make_settings(redis_url))
+    ids = await publish_many(redis, STREAM, sample_orders(100))
+    await read(redis, "email_group", 100)
+    await redis.xgroup_setid(STREAM, "email_group", ids[29])  # a replay from the 31st: Redis says NULL
+    assert (await truth(redis))["email_group"] == (70, None)
+    env = script_env(redis_url)
+    await assert_counted_and_corrected(redis, env, {"fulfillment_group": 100, "email_group": 70})
+    await read(redis, "email_group", 30)
+    assert (await truth(redis))["email_group"] == (40, 40)
+
+
+async def test_a_lag_too_long_to_count_is_bounded_and_judged_right(redis: Redis, redis_url: str) -> None:
+    await initialize(redis, make_settings(redis_url))
+    total = 2 * COUNT_LIMIT + 2000
+    ids = await publish_many(redis, STREAM, sample_orders(total))
+    middle = COUNT_LIMIT + 1000
+    await redis.xgroup_setid(STREAM, "email_group", ids[middle - 1])  # NULL, far from both ends
+    env = script_env(redis_url, NO_COLOR="1")
+    code, shown = status_lags(env, "--max-lag", "500")
+    assert code == 3  # unhealthy: it is more than 500, whatever its exact figure
+    email = shown["email_group"]
+    assert (email["lag"], email["lag_exact"]) == (COUNT_LIMIT + 1, False)  # the lower bound
+    assert f"~{COUNT_LIMIT + 1:,}" in run_script("status", env).stdout
+    assert total - middle <= FIX_COUNT_LIMIT
+    assert run_script("maintenance", env).returncode == 0  # maintenance counts further
+    assert (await truth(redis))["email_group"] == (total - middle, total - middle)
+    email = status_lags(env)[1]["email_group"]  # Redis's figure, now right, lies within the bounds
+    assert (email["lag"], email["lag_exact"], email["redis_lag"]) == (total - middle, False, total - middle)
+
+
+class LagSampler:
+    """Every 20 ms in the background: each group's true lag and XINFO GROUPS' (`truth`), tagged with
+    the phase of the test it was taken in."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self.phase = "running"
+        self.samples: list[tuple[str, dict[str, tuple[int, int | None]]]] = []
+        self.stop = asyncio.Event()
+        self.task = asyncio.create_task(self.run())
+
+    async def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.samples.append((self.phase, await truth(self.redis)))
+            except RedisError:  # restarting, or loading its AOF
+                await self.redis.connection_pool.disconnect()
+            await asyncio.sleep(0.02)
+
+    async def close(self) -> None:
+        self.stop.set()
+        await self.task
+
+    def right_now(self) -> bool:
+        """The newest sample is of this phase, and Redis's lag is right in it."""
+        return bool(self.samples) and self.samples[-1][0] == self.phase and right(self.samples[-1][1])
+
+
+def right(state: dict[str, tuple[int, int | None]]) -> bool:
+    return all(lag == said for lag, said in state.values())
+
+
+async def test_xinfo_lag_stays_a_number_and_right_through_the_project_s_own_operations(
+    own_server: LocalRedis, scripts: Start
+) -> None:
+    """What a scaler reads (XINFO GROUPS lag) through trimming, dead-lettering, redrive and a restart
+    of Redis, sampled all along: a number every time, and right (the entries after the group's
+    last-delivered id) every time but between the restart and the next maintenance pass, which on
+    Redis before 7.4 corrects the counters the AOF reload left behind."""
+    env = script_env(own_server.url, MAINTENANCE_INTERVAL_MS="300", NO_COLOR="1")
+    assert run_script("initialization_stream", env).returncode == 0
+    redis = Redis.from_url(own_server.url)
+    sampler = LagSampler(redis)
+    try:
+        fulfillment = scripts("consumer1", env)
+        email = scripts("consumer2", env)
+        await publish_many(redis, STREAM, sample_orders(300))
+        for poison in (b"{not json", b"[]"):
+            await redis.xadd(STREAM, {"data": poison})  # dead-lettered by each group
+        await wait_until(lambda: caught_up(redis, STREAM, GROUPS), "both services to finish", 30)
+        await wait_until(lambda: dead_letters_are(redis, 4), "the dead letters")
+        await wait_until(lambda: trimmed_below(redis, 100), "the consumers' maintenance to trim", 15)
+        email.process.terminate()
+        assert await asyncio.to_thread(email.wait) == 0
+        await publish_many(redis, STREAM, sample_orders(100))  # the email group lags by 100
+        redriven = await asyncio.to_thread(run_script, "deadletter", env, "redrive", "--all")
+        assert "redrive: 4 of 4 entries" in redriven.stdout, redriven.stderr
+        await aof_rewrite(redis)
+        await publish_many(redis, STREAM, sample_orders(50))
+        await wait_until(lambda: caught_up(redis, STREAM, GROUPS[:1]), "fulfillment to catch up", 30)
+        sampler.phase = "restarting"
+        own_server.stop()
+        own_server.start()
+        await wait_until(sampler.right_now, "a maintenance pass to set the lag right in Redis", 20)
+        sampler.phase = "restarted"
+        shown = json.loads((await asyncio.to_thread(run_script, "status", env, "--json")).stdout)
+        lags = {g["name"]: g["lag"] for g in shown["groups"]}
+        assert lags == {"fulfillment_group": 0, "email_group": 154}  # 100, 4 redriven, 50
+        scripts("consumer2", env)
+        await publish_many(redis, STREAM, sample_orders(20))
+        await wait_until(lambda: caught_up(redis, STREAM, GROUPS), "both services to finish", 30)
+        await wait_until(lambda: dead_letters_are(redis, 4), "the redriven poison, dead again")
+        assert fulfillment.process.poll() is None
+    finally:
+        await sampler.close()
+        await redis.aclose()
+    samples = sampler.samples
+    assert {phase: sum(when == phase for when, _ in samples) > 10 for phase in ("running", "restarted")} == {
+        "running": True,
+        "restarted": True,
+    }
+    assert all(said is not None for _, state in samples for _, said in state.values())  # always a number
+    assert [when for when, state in samples if not right(state) and when != "restarting"] == []
+    assert samples[-1][1] == {"fulfillment_group": (0, 0), "email_group": (0, 0)}
+
+
+async def trimmed_below(redis: Redis, length: int) -> bool:
+    return bool(await redis.xlen(STREAM) < length)
+
+
+async def dead_letters_are(redis: Redis, count: int) -> bool:
+    return bool(await redis.xlen("orders:dead-letter") == count)
+
+
+def scrape(port: int) -> dict[tuple[str, ...], float]:
+    """(sample name, its label values...) -> value, from the consumer's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        body = response.read().decode()
+    return {
+        (sample.name, *sample.labels.values()): sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+    }
+
+
+@pytest.mark.parametrize("count", ["1", "3"], ids=["one-stream", "partitioned"])
+async def test_status_deadletter_the_dashboard_and_metrics_agree(
+    redis: Redis, redis_url: str, scripts: Start, count: str
+) -> None:
+    settings = make_settings(redis_url, STREAM_PARTITIONS=count)
+    await initialize(redis, settings)
+    parts = partitions(settings)
+    await publish_many(redis, STREAM, sample_orders(90), partitions=len(parts))
+    for part in parts:
+        await redis.xadd(part.stream_key, {"data": b'{"order_id": "' + part.stream_key.encode() + b'"}'})
+    first: Any = await redis.xrange(parts[0].stream_key, count=10)
+    await redis.xgroup_setid(parts[0].stream_key, "email_group", first[-1][0])  # Redis: NULL
+    port = free_port()
+    env = script_env(redis_url, STREAM_PARTITIONS=count, METRICS_PORT=str(port), MAINTENANCE_INTERVAL_MS="0")
+    scripts("consumer1", env)  # the email group has no consumer: it lags
+
+    async def fulfilled() -> bool:
+        return all([await caught_up(redis, part.stream_key, GROUPS[:1]) for part in parts])
+
+    await wait_until(fulfilled, "the fulfillment service to finish", 30)
+    truths = [await truth(redis, part.stream_key) for part in parts]
+    wanted = {group: sum(t[group][0] for t in truths) for group in GROUPS}
+    assert wanted["email_group"] > 0
+    assert truths[0]["email_group"][1] is None  # what Redis itself says
+
+    report = json.loads(run_script("status", env, "--json").stdout)
+    listed = json.loads(run_script("deadletter", env, "list", "--json").stdout)
+    pipeline = Pipeline(redis, settings, build_parser().parse_args([]))
+    await pipeline.refresh()
+    async with test_utils.TestClient(test_utils.TestServer(make_app(pipeline, "127.0.0.1"))) as client:
+        page = (await (await client.get("/api/status")).json())["report"]
+
+    async def metrics_agree() -> bool:
+        seen = await asyncio.to_thread(scrape, port)
+        return {g: seen.get(("orders_group_lag", g)) for g in GROUPS} == wanted and seen.get(
+            ("orders_dead_letter_length",)
+        ) == len(parts)
+
+    await wait_until(metrics_agree, "the metrics to show the lag and the dead letters", 20)
+    seen = await asyncio.to_thread(scrape, port)
+    for shown in (report, page):
+        assert {g["name"]: g["lag"] for g in shown["groups"]} == wanted
+        assert shown["dead_letters"] == len(parts)
+        assert [row["id"] for row in shown["newest_dead_letters"]] == [row["id"] for row in listed[::-1]]
+        if len(parts) > 1:
+            per_partition = {
+                (g["name"], p["stream"]): g["lag"] for p in shown["partitions"] for g in p["groups"]
+            }
+            assert per_partition == {
+                key[1:]: value for key, value in seen.items() if key[0] == "orders_partition_lag"
+            }
+    assert sorted(row["order_id"] for row in listed) == sorted(part.stream_key for part in parts)
