@@ -17,9 +17,9 @@ import aiohttp
 import pytest
 from aiohttp import test_utils
 from conftest import ROOT, Script, run_script, script_env, unavailable, wait_until
+from dead_letter_cases import SAME_ID, colliding_dead_letters, dead_letter_orders
 from playwright.async_api import Browser, Dialog, Page, async_playwright, expect
 from redis.asyncio import Redis
-from test_operators import SAME_ID, colliding_dead_letters, dead_letter_orders
 
 from config import Settings
 from core.dead_letters import dead_letter_fields

@@ -6,31 +6,35 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 from aiohttp import test_utils
-from conftest import Script, make_settings, run_script, script_env, wait_until
+from conftest import Script, make_settings, need_redis_server, run_script, script_env, wait_until
+from dead_letter_cases import SAME_ID, colliding_dead_letters, dead_letter_orders
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
+from test_dashboard import get, start_dashboard
+from test_security import make_certificates
 
 from config import ConfigError, Settings, redact_url
 from core.capabilities import detect
-from core.dead_letters import dead_letter_fields
-from core.keys import partition_of, partitions
+from core.keys import partitions
 from core.lag import COUNT_LIMIT, FIX_COUNT_LIMIT
 from core.replies import entries_of, parse_id, text
 from dashboard import Pipeline, build_parser, make_app
 from initialization_stream import initialize
 from maintenance import trim
-from orders import Order, readable_order_id, serialize
+from orders import readable_order_id
 from producer import publish_many, sample_orders
 from status import caught_up
 from tools.local_redis import LocalRedis, free_port
@@ -185,49 +189,6 @@ async def test_an_invalid_order_s_readable_id_is_shown_in_every_tool(
 
 
 # --- Partitioned dead letters: one address names one dead letter -----------------------------
-
-SAME_ID = "1764000000000-0"  # the id two partitions' dead-letter streams both made
-
-
-def order_in(partition: int, count: int, name: str) -> Order:
-    """An order whose id routes it to `partition` of `count`."""
-    return next(
-        Order(f"{name}-{n}", f"{name}@example.com")
-        for n in range(1000)
-        if partition_of(f"{name}-{n}", count) == partition
-    )
-
-
-async def colliding_dead_letters(redis: Redis, settings: Settings) -> dict[str, Order]:
-    """Dead letters of different orders under the same entry id in partitions 0 and 2 (and one in 1);
-    their addresses and orders."""
-    await initialize(redis, settings)
-    parts = partitions(settings)
-    made = {}
-    for index, entry_id in ((0, SAME_ID), (2, SAME_ID), (1, "1764000000000-1")):
-        order = order_in(index, len(parts), f"ord-p{index}")
-        meta: dict[str, str | int] = {
-            "group": "email_group",
-            "consumer": "gone-pod",
-            "source_id": f"1-{index}",
-            "deliveries": 3,
-            "error": "handler failed",
-            "dead_lettered_at": "2026-11-29T10:00:00.000+00:00",
-        }
-        record: Any = dead_letter_fields({b"data": serialize(order)}, meta)
-        await redis.xadd(parts[index].dead_letter_stream, record, id=entry_id)
-        made[f"{index}:{entry_id}"] = order
-    return made
-
-
-async def dead_letter_orders(redis: Redis, settings: Settings) -> dict[str, str]:
-    """Every dead letter's address -> its order id, read from Redis itself."""
-    found = {}
-    for index, part in enumerate(partitions(settings)):
-        entries: Any = await redis.xrange(part.dead_letter_stream)
-        for entry_id, fields in entries:
-            found[f"{index}:{text(entry_id)}"] = readable_order_id(fields[b"data"], 65536) or ""
-    return found
 
 
 async def test_deadletter_acts_on_the_one_dead_letter_its_address_names(redis: Redis, redis_url: str) -> None:
@@ -602,3 +563,81 @@ async def test_status_deadletter_the_dashboard_and_metrics_agree(
                 key[1:]: value for key, value in seen.items() if key[0] == "orders_partition_lag"
             }
     assert sorted(row["order_id"] for row in listed) == sorted(part.stream_key for part in parts)
+
+
+# --- Every secret a URL carries is masked on every surface -------------------------------------
+
+PASSPHRASE = "Key-Pass phrase&9"  # the TLS client key's: in REDIS_URL as ssl_password
+
+
+def client_certificate(certs: dict[str, Path], passphrase: str) -> tuple[Path, Path]:
+    """A client certificate signed by the test CA, its key encrypted with `passphrase`."""
+    directory = certs["ca.crt"].parent
+    key, request, cert = directory / "client.key", directory / "client.csr", directory / "client.crt"
+    secret = f"pass:{passphrase}"
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    openssl("genrsa", "-aes256", "-passout", secret, "-out", str(key), "2048")
+    openssl("req", "-new", "-key", str(key), "-passin", secret, "-subj", "/CN=client", "-out", str(request))
+    openssl("x509", "-req", "-in", str(request), "-CA", str(certs["ca.crt"]), "-CAkey", str(certs["ca.key"]),
+            "-CAcreateserial", "-days", "1", "-out", str(cert))  # fmt: skip
+    return cert, key
+
+
+async def test_a_tls_key_passphrase_is_masked_wherever_the_url_is_shown(
+    tmp_path: Path, scripts: Start
+) -> None:
+    need_redis_server()
+    certs = make_certificates(tmp_path)
+    cert, key = client_certificate(certs, PASSPHRASE)
+    port = free_port()
+    tls_only = ["--port", "0", "--tls-port", str(port), "--tls-auth-clients", "yes"]
+    tls_only += ["--tls-cert-file", str(certs["server.crt"]), "--tls-key-file", str(certs["server.key"])]
+    tls_only += ["--tls-ca-cert-file", str(certs["ca.crt"])]
+    server = LocalRedis(port, tmp_path, tls_only, tls=True)
+    server.start()
+    files = f"ssl_ca_certs={certs['ca.crt']}&ssl_certfile={cert}&ssl_keyfile={key}"
+
+    def url(passphrase: str, at: int = port) -> str:
+        return f"rediss://127.0.0.1:{at}/0?{files}&ssl_password={quote(passphrase, safe='')}"
+
+    try:
+        env = script_env(url(PASSPHRASE), MAINTENANCE_INTERVAL_MS="0", REDIS_CONNECT_TIMEOUT_MS="2000")
+        outputs = []
+        for module, args in (
+            ("initialization_stream", ()),
+            ("producer", ("--count", "3")),
+            ("status", ()),
+            ("deadletter", ("list",)),
+            ("maintenance", ()),
+        ):
+            done = run_script(module, env, *args)
+            assert done.returncode == 0, (module, done.stderr)  # the passphrase opened the key
+            outputs.append(done.stdout + done.stderr)
+        consumer = scripts("consumer2", env)
+        dashboard, base = await start_dashboard(scripts, env)
+        _, body = await get(f"{base}/api/status")
+        assert body["redis"] == redact_url(url(PASSPHRASE))
+        assert body["redis"].endswith("&ssl_password=***")
+        for process in (consumer, dashboard):
+            process.process.terminate()
+            assert await asyncio.to_thread(process.wait) == 0
+            outputs.append(process.output())
+        assert "ssl_password=***" in dashboard.output()  # its start line names the Redis, masked
+        wrong = run_script("status", script_env(url("not-" + PASSPHRASE)))
+        unreachable = run_script(
+            "status", script_env(url(PASSPHRASE, free_port()), REDIS_CONNECT_TIMEOUT_MS="500")
+        )
+    finally:
+        server.stop()
+    for failed in (wrong, unreachable):
+        assert failed.returncode == 1
+        [line] = failed.stderr.strip().splitlines()
+        assert line.startswith("status: error: "), line
+        outputs.append(failed.stdout + failed.stderr)
+    assert "ssl_password=***" in unreachable.stderr
+    everything = "\n".join(outputs) + json.dumps(body)
+    assert PASSPHRASE not in everything
+    assert quote(PASSPHRASE, safe="") not in everything
