@@ -220,7 +220,9 @@ if __name__ == "__main__":
     argparse.ArgumentParser(
         prog="python -m maintenance",
         description="Trim entries every group has acked (respecting RETENTION_KEEP_MS and "
-        "RETENTION_KEEP_ENTRIES) and remove consumers idle longer than STALE_CONSUMER_MS that hold "
-        "nothing. Consumers do this every MAINTENANCE_INTERVAL_MS; safe to run any time.",
+        "RETENTION_KEEP_ENTRIES), remove consumers idle longer than STALE_CONSUMER_MS that hold "
+        "nothing, and set each group's lag in Redis (XINFO GROUPS, what autoscalers read) to the "
+        "counted one where Redis's own count went wrong. Consumers do this every "
+        "MAINTENANCE_INTERVAL_MS; safe to run any time.",
     ).parse_args()
     run_script("maintenance", main)
