@@ -93,5 +93,6 @@ def parse_address(text: str, partitions: int) -> tuple[int, str]:
             )
         return 0, entry_id
     if int(partition) >= partitions:
-        raise ValueError(f"{text}: there is no partition {partition} (partitions 0 to {partitions - 1})")
+        have = "only partition 0" if partitions == 1 else f"partitions 0 to {partitions - 1}"
+        raise ValueError(f"{text}: there is no partition {int(partition)} (there are {have})")
     return int(partition), entry_id
