@@ -14,10 +14,10 @@ The library's `lags` counts instead, in one atomic call: exact at no cost when a
 everything or is behind the first entry, else by counting the entries after its last-delivered id
 (or the stream's length less those up to it) while there are at most COUNT_LIMIT of them
 (FIX_COUNT_LIMIT for maintenance). Past that it knows bounds only, and takes Redis's figure when
-it lies between them. `status`, the
-dashboard and the metrics show this lag; `maintenance` writes it back into Redis (`fix_lags`:
-`XGROUP SETID` to the same id, with `ENTRIESREAD`), so what a scaler reads is right too, except
-while a deleted entry lies ahead of the group, where Redis ignores that counter.
+it lies between them. `status`, the dashboard and the metrics show this lag; `maintenance` writes
+it back into Redis (`fix_lags`: `XGROUP SETID` to the same id, with `ENTRIESREAD`), so what a
+scaler reads is right too, except while a deleted entry lies ahead of the group, where Redis
+ignores that counter.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import urllib.request
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from test_security import make_certificates
 
 from config import ConfigError, Settings, redact_url
 from core.capabilities import detect
+from core.dead_letters import ADDRESS, address, parse_address
 from core.keys import partitions
 from core.lag import COUNT_LIMIT, FIX_COUNT_LIMIT
 from core.replies import entries_of, parse_id, text
@@ -189,6 +191,25 @@ async def test_an_invalid_order_s_readable_id_is_shown_in_every_tool(
 
 
 # --- Partitioned dead letters: one address names one dead letter -----------------------------
+
+
+@given(
+    count=st.integers(1, 1024),
+    data=st.data(),
+    ms=st.integers(0, 2**64 - 1),
+    seq=st.integers(0, 2**64 - 1),
+)
+def test_an_address_names_one_partition_and_one_entry(count: int, data: Any, ms: int, seq: int) -> None:
+    partition = data.draw(st.integers(0, count - 1))
+    entry_id = f"{ms}-{seq}"
+    named = address(partition, entry_id, count)
+    assert parse_address(named, count) == (partition, entry_id)
+    assert re.fullmatch(ADDRESS, named)
+    if count > 1:  # an id alone may name a dead letter in each partition
+        with pytest.raises(ValueError, match="entry id alone"):
+            parse_address(entry_id, count)
+    with pytest.raises(ValueError, match="no partition"):
+        parse_address(f"{count}:{entry_id}", count)
 
 
 async def test_deadletter_acts_on_the_one_dead_letter_its_address_names(redis: Redis, redis_url: str) -> None:
