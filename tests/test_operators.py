@@ -188,6 +188,13 @@ async def test_an_invalid_order_s_readable_id_is_shown_in_every_tool(
     report = json.loads(run_script("status", env, "--json").stdout)
     newest = {row["id"]: row["order_id"] for row in report["newest_dead_letters"]}
     assert newest == {row["id"]: row["order_id"] for row in rows[-5:]}
+    pipeline = Pipeline(redis, settings, build_parser().parse_args([]))
+    await pipeline.refresh()
+    async with test_utils.TestClient(test_utils.TestServer(make_app(pipeline, "127.0.0.1"))) as client:
+        page = (await (await client.get("/api/status")).json())["report"]
+    assert {row["id"]: row["order_id"] for row in page["newest_dead_letters"]} == {
+        row["id"]: row["order_id"] for row in rows
+    }  # the dashboard shows its newest 50
 
 
 # --- Partitioned dead letters: one address names one dead letter -----------------------------
