@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from dotenv import dotenv_values
 from redis.exceptions import RedisError
@@ -62,6 +64,10 @@ URL_OPTIONS = {
 # Probes of a downstream outage come at most this far apart (or RETRY_MAX_DELAY_MS, if shorter),
 # up to a quarter later (core/schedule.py): the longest a healthy consumer's loop waits between turns.
 PROBE_MAX_MS = 30_000
+# ssl_min_version as redis-py reads it: the number of an ssl.TLSVersion (771 is TLS 1.2).
+TLS_VERSIONS = tuple(
+    str(int(v)) for v in ssl.TLSVersion if ssl.TLSVersion.TLSv1 <= v <= ssl.TLSVersion.TLSv1_3
+)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -78,16 +84,96 @@ class ConfigError(CliError):
     exit_code = 2
 
 
+# A query option whose name says password (ssl_password: the TLS key's passphrase), and its value.
+_SECRET_OPTION = re.compile(r"([?&][^=&?]*password[^=&?]*=)[^&]*", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """Return `url` with any password replaced by `***`, safe to log."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """Return `url` with every secret it can carry replaced by `***`: the password, and the value of
+    any option named like a password (`ssl_password=`, the TLS key's passphrase). Safe to show.
+
+    Works on the text alone, so it never fails, and masks even a password holding an unescaped
+    `/`, `?` or `@`: everything from the first `:` to the last `@` goes (with an `@` in an option's
+    value, more than the password).
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        scheme, rest = "", url
+    colon, at = rest.find(":"), rest.rfind("@")
+    if -1 < colon < at:
+        rest = f"{rest[:colon]}:***{rest[at:]}"
+    return scheme + separator + _SECRET_OPTION.sub(r"\1***", rest)
+
+
+def check_url(url: str) -> None:
+    """Raise ConfigError naming what is wrong with REDIS_URL, in words that never repeat a secret.
+
+    What redis-py would refuse with a traceback, or silently read another way (`/abc` as
+    database 0), stops here, at start.
+    """
+    problem = _address_problem(url)
+    if problem is None:
+        problem = _options_problem(urlsplit(url))
+    if problem is not None:
+        raise ConfigError(f"REDIS_URL {problem}")
+
+
+def _address_problem(url: str) -> str | None:  # noqa: PLR0911 - one return per problem, in reading order
+    """What is wrong with the URL's scheme, host, port or path, if anything."""
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme not in ("redis", "rediss", "unix"):
+        return f"must start with redis://, rediss:// or unix://, got {scheme or 'no'} scheme"
+    encode = "percent-encode a password's special characters (@ : / ? # as %40 %3A %2F %3F %23)"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as error:
+        # Named, never quoted: with an unescaped / or ? in a password, the "port" is part of it.
+        if "IPv6" in str(error):
+            return "has an unclosed [ (an IPv6 address goes in brackets: redis://[::1]:6379/0)"
+        return f"has a port that is not a number from 1 to 65535; {encode}"
+    if port == 0:
+        return "has a port that is not a number from 1 to 65535: 0"
+    if "#" in url:
+        return f"must not contain #; {encode}"
+    if scheme == "unix":
+        return None if parts.path.strip("/") else "must name the socket's path: unix:///path/to/redis.sock"
+    if not re.fullmatch(r"(/\d+)?/?", parts.path):
+        return f"must end in a database number, like redis://HOST:PORT/0; {encode}"
+    return None
+
+
+def _options_problem(parts: SplitResult) -> str | None:
+    """What is wrong with the URL's query options, if anything."""
+    options = parse_qs(parts.query, keep_blank_values=True)
+    unknown = set(options) - URL_OPTIONS
+    if unknown:
+        return f"has unknown options {sorted(unknown)}; known: {sorted(URL_OPTIONS)}"
+    twice = sorted(name for name, values in options.items() if len(values) > 1)
+    if twice:
+        return f"gives options {twice} more than once"
+    value = {name: values[0] for name, values in options.items()}
+    tls = sorted(name for name in value if name.startswith("ssl_"))
+    if tls and parts.scheme != "rediss":
+        return f"has TLS options {tls}: they need a rediss:// URL"
+    allowed = {
+        "db": "a database number, like db=0",
+        "protocol": "2 or 3",
+        "ssl_cert_reqs": "none, optional or required",
+        "ssl_check_hostname": "true or false",
+        "ssl_min_version": f"one of {', '.join(TLS_VERSIONS)} (the number of Python's ssl.TLSVersion)",
+    }
+    valid = {
+        "db": str.isdigit,
+        "protocol": ("2", "3").__contains__,
+        "ssl_cert_reqs": ("none", "optional", "required").__contains__,
+        "ssl_check_hostname": ("true", "false", "yes", "no", "1", "0").__contains__,
+        "ssl_min_version": TLS_VERSIONS.__contains__,
+    }
+    for name, ok in valid.items():
+        if name in value and not ok(value[name]):
+            return f"option {name} must be {allowed[name]}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -141,20 +227,11 @@ class Settings:
         return redact_url(self.redis_url)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> Settings:  # noqa: PLR0912 - a flat list of checks
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
         """Build settings from a mapping of variables; raise ConfigError naming a bad one."""
         get = _Reader({**DEFAULTS, **{k: v for k, v in env.items() if k in DEFAULTS}})
         url = get.text("REDIS_URL")
-        parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError(
-                f"REDIS_URL must start with redis://, rediss:// or unix://, got {parts.scheme or 'no'} scheme"
-            )
-        unknown = set(parse_qs(parts.query)) - URL_OPTIONS
-        if unknown:
-            raise ConfigError(
-                f"REDIS_URL has unknown options {sorted(unknown)}; known: {sorted(URL_OPTIONS)}"
-            )
+        check_url(url)
         fulfillment_group, email_group = get.text("FULFILLMENT_GROUP"), get.text("EMAIL_GROUP")
         stream_key = get.text("STREAM_KEY")
         settings = cls(

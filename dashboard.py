@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 
 import status
 from config import CliError, Settings, run_script
+from core.dead_letters import ADDRESS, parse_address
 from core.keys import partitions
 from core.replies import text
 from deadletter import move
@@ -119,6 +120,18 @@ def refusal(request: web.Request, token: str) -> web.Response | None:
     return None
 
 
+def locate(request: web.Request, settings: Settings) -> tuple[str, Settings, str] | web.Response:
+    """The address in the path, its partition and its entry id; or the answer to an address that
+    names no dead letter for sure (partitioned, an entry id alone)."""
+    named = request.match_info["address"]
+    parts = partitions(settings)
+    try:
+        index, entry_id = parse_address(named, len(parts))
+    except ValueError as error:
+        return web.json_response({"error": str(error)}, status=400)
+    return named, parts[index], entry_id
+
+
 def make_app(pipeline: Pipeline, host: str) -> web.Application:
     """The page, its JSON and the two writes."""
     settings = pipeline.settings
@@ -159,40 +172,44 @@ def make_app(pipeline: Pipeline, host: str) -> web.Application:
         )
 
     async def show(request: web.Request) -> web.Response:
-        entry_id = request.match_info["id"]
-        for part in partitions(settings):  # partitioned: each partition's dead letters
-            found: Any = await pipeline.redis.xrange(part.dead_letter_stream, min=entry_id, max=entry_id)
-            if found:
-                return web.json_response({text(k): text(v) for k, v in found[0][1].items()})
-        return web.json_response({"error": f"no dead letter {entry_id}"}, status=404)
+        located = locate(request, settings)
+        if isinstance(located, web.Response):
+            return located
+        named, part, entry_id = located
+        found: Any = await pipeline.redis.xrange(part.dead_letter_stream, min=entry_id, max=entry_id)
+        if not found:
+            return web.json_response({"error": f"no dead letter {named}"}, status=404)
+        return web.json_response({text(k): text(v) for k, v in found[0][1].items()})
 
     async def write(request: web.Request) -> web.Response:
         refused = refusal(request, settings.dashboard_token)
-        entry_id, action = request.match_info["id"], request.match_info["action"]
+        action = request.match_info["action"]
         if refused is not None:
-            log.warning("refused to %s dead letter %s: HTTP %d", action, entry_id, refused.status)
+            log.warning(
+                "refused to %s dead letter %s: HTTP %d", action, request.match_info["address"], refused.status
+            )
             return refused
-        outcome = None
+        located = locate(request, settings)
+        if isinstance(located, web.Response):
+            return located
+        named, part, entry_id = located
         try:
-            for part in partitions(settings):  # the first partition holding the id
-                outcome = await move(pipeline.redis, part, action, entry_id)
-                if outcome is not None:
-                    break
+            outcome = await move(pipeline.redis, part, action, entry_id)
         except CliError as error:  # the dead-letter stream kept changing
             return web.json_response({"error": str(error)}, status=409)
         if outcome is None:
-            return web.json_response({"error": f"no dead letter {entry_id} (gone already?)"}, status=404)
-        log.info("dead letter %s %s", entry_id, outcome)
+            return web.json_response({"error": f"no dead letter {named} (gone already?)"}, status=404)
+        log.info("dead letter %s %s", named, outcome)
         with contextlib.suppress(RedisError):  # done either way; the page reloads its data next
             await pipeline.refresh()
-        return web.json_response({"id": entry_id, "outcome": outcome})
+        return web.json_response({"id": named, "outcome": outcome})
 
     app = web.Application(middlewares=[guard])
     app.router.add_get("/", page)
     app.router.add_get("/favicon.ico", no_icon)
     app.router.add_get("/api/status", report)
-    app.router.add_get(r"/api/dead-letters/{id:\d+-\d+}", show)
-    app.router.add_post(r"/api/dead-letters/{id:\d+-\d+}/{action:redrive|purge}", write)
+    app.router.add_get(f"/api/dead-letters/{{address:{ADDRESS}}}", show)
+    app.router.add_post(f"/api/dead-letters/{{address:{ADDRESS}}}/{{action:redrive|purge}}", write)
     app.router.add_static("/static", STATIC)
     return app
 

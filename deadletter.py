@@ -8,6 +8,9 @@ the other group acks and skips it, so it does not process the order twice.
 A dead letter keeps every field of the original entry: a field whose name is also a metadata
 name (`group`, ...), or starts with `original.`, is stored as `original.<name>`, so the record
 holds both and `original_fields` gives back exactly what was dead-lettered.
+
+Each dead letter is named by its address (core/dead_letters.py): its entry id, led by its
+partition's number when there are several partitions (`2:1732530000000-0`).
 """
 
 from __future__ import annotations
@@ -25,24 +28,34 @@ from redis.exceptions import WatchError
 from redis.typing import EncodableT, FieldT
 
 from config import CliError, ConfigError, Settings, run_script
-from core.dead_letters import META, original_fields
+from core.dead_letters import ADDRESS, META, address, original_fields, parse_address
 from core.keys import partitions
 from core.replies import parse_id, text
-from orders import InvalidOrder, parse_order
+from orders import readable_order_id
 from redisPool import before_multi, redis_connect
 
 PAGE = 100
 
 
-def describe(entry_id: bytes, fields: dict[bytes, bytes], max_bytes: int) -> dict[str, str]:
-    """The metadata of one dead letter, with the order id when the payload is an order (never the payload)."""
-    row = {"id": text(entry_id)}
+def describe(
+    entry_id: bytes, fields: dict[bytes, bytes], max_bytes: int, partition: int = 0, count: int = 1
+) -> dict[str, str]:
+    """The metadata of one dead letter of partition `partition` of `count`: its address (`id`), its
+    entry id, and the order id whenever the payload has a readable one (never the payload)."""
+    row = {"id": address(partition, text(entry_id), count), "entry_id": text(entry_id)}
     row.update({name: text(fields.get(name.encode(), b"")) for name in META})
-    try:
-        row["order_id"] = parse_order(fields.get(b"data", b""), max_bytes).order_id
-    except InvalidOrder:
-        row["order_id"] = ""
+    row["order_id"] = readable_order_id(fields.get(b"data", b""), max_bytes) or ""
     return row
+
+
+def locate(settings: Settings, named: str) -> tuple[Settings, str]:
+    """The partition (its settings) and entry id of the dead letter at address `named`, or ConfigError."""
+    parts = partitions(settings)
+    try:
+        index, entry_id = parse_address(named, len(parts))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return parts[index], entry_id
 
 
 async def entries(redis: Redis, settings: Settings, group: str | None) -> AsyncIterator[tuple[bytes, Any]]:
@@ -85,20 +98,21 @@ async def redrive(redis: Redis, settings: Settings, entry_id: str) -> str | None
 
 async def list_command(redis: Redis, settings: Settings, args: argparse.Namespace) -> None:
     max_bytes = settings.max_payload_bytes
+    parts = partitions(settings)
     rows = []
-    for part in partitions(settings):
+    for index, part in enumerate(parts):
         async for entry_id, fields in entries(redis, part, args.group):
-            row = describe(entry_id, fields, max_bytes)
+            row = describe(entry_id, fields, max_bytes, index, len(parts))
             if settings.partitioned:
                 row["partition"] = part.stream_key
             rows.append(row)
-    rows.sort(key=lambda row: parse_id(row["id"]))
+    rows.sort(key=lambda row: parse_id(row["entry_id"]))
     rows = rows[-args.limit :] if args.limit is not None else rows
     if args.json:
         print(json.dumps(rows, indent=2))
         return
     if not rows:
-        total = sum([await redis.xlen(part.dead_letter_stream) for part in partitions(settings)])
+        total = sum([await redis.xlen(part.dead_letter_stream) for part in parts])
         if args.group is not None and total:
             print(f"no dead letters of group {args.group} ({total} in the stream)")
         else:
@@ -122,44 +136,41 @@ def _where(settings: Settings) -> str:
     )
 
 
-async def show_command(redis: Redis, settings: Settings, entry_id: str) -> None:
-    for part in partitions(settings):
-        found: Any = await redis.xrange(part.dead_letter_stream, min=entry_id, max=entry_id)
-        if found:
-            print(
-                json.dumps({text(k): text(v) for k, v in found[0][1].items()}, indent=2, ensure_ascii=False)
-            )
-            return
-    raise ConfigError(f"no dead letter with id {entry_id}")
+async def show_command(redis: Redis, settings: Settings, named: str) -> None:
+    part, entry_id = locate(settings, named)
+    found: Any = await redis.xrange(part.dead_letter_stream, min=entry_id, max=entry_id)
+    if not found:
+        raise ConfigError(f"no dead letter {named}")
+    print(json.dumps({text(k): text(v) for k, v in found[0][1].items()}, indent=2, ensure_ascii=False))
 
 
 async def move_command(redis: Redis, settings: Settings, args: argparse.Namespace) -> None:
-    """Redrive or purge the chosen entries, one at a time, reporting each.
+    """Redrive or purge the chosen entries, one at a time, reporting each by its address.
 
-    Partitioned, an entry id is looked for in every partition's dead-letter stream, and each
-    entry goes back to its own partition's stream, where its order id routes it anyway.
+    Partitioned, each entry goes back to its own partition's stream, where its order id routes it anyway.
     """
     parts = partitions(settings)
-    chosen: list[tuple[str, list[Settings]]]
+    chosen: list[tuple[str, Settings, str]]  # address, partition, entry id
     if args.ids:
-        chosen = [(entry_id, parts) for entry_id in args.ids]
+        chosen = [(named, *locate(settings, named)) for named in args.ids]
     else:
-        chosen = [(text(i), [part]) for part in parts async for i, _ in entries(redis, part, args.group)]
+        chosen = [
+            (address(index, text(i), len(parts)), part, text(i))
+            for index, part in enumerate(parts)
+            async for i, _ in entries(redis, part, args.group)
+        ]
     if args.command == "purge" and not args.ids and chosen and not args.yes:
         of_group = f" of group {args.group}" if args.group is not None else ""
         await confirm(f"purge {len(chosen)} dead letters{of_group} from {_where(settings)} for good?")
     done = 0
-    for entry_id, where in chosen:
-        found = 0
-        for part in where:
-            outcome = await move(redis, part, args.command, entry_id)
-            if outcome is not None:
-                found += 1
-                print(f"{entry_id}: {outcome}" + (f" in {part.stream_key}" if settings.partitioned else ""))
-        if not found:
+    for named, part, entry_id in chosen:
+        outcome = await move(redis, part, args.command, entry_id)
+        if outcome is None:
             missing = " (already redriven or purged?)" if args.command == "redrive" else ""
-            print(f"{entry_id}: not found{missing}")
-        done += bool(found)
+            print(f"{named}: not found{missing}")
+            continue
+        print(f"{named}: {outcome}" + (f" in {part.stream_key}" if settings.partitioned else ""))
+        done += 1
     print(f"{args.command}: {done} of {len(chosen)} entries")
 
 
@@ -186,12 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
         "atomic per entry, idempotent, and safe to interrupt.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    entry_id = "like 1732530000000-0 (from list)"
+    entry_id = "like 1732530000000-0, or partitioned 2:1732530000000-0 (from list)"
     listing = commands.add_parser(
         "list",
-        help="one line per dead letter: id, time, group, reason",
-        description="One line per dead letter, oldest first: id, time, group, deliveries, "
-        "source entry, order id and error.",
+        help="one line per dead letter: address, time, group, reason",
+        description="One line per dead letter, oldest first: its address (the entry id, led by its "
+        "partition's number when there are several), time, group, deliveries, source entry, order id "
+        "and error.",
     )
     listing.add_argument("--group", help="only this group's dead letters (default: every group)")
     listing.add_argument(
@@ -204,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Every field of one dead letter as JSON, the payload included (it may hold "
         "personal data).",
     )
-    show.add_argument("id", metavar="ID", help=f"the dead letter's entry id, {entry_id}")
+    show.add_argument("id", metavar="ADDRESS", help=f"the dead letter's address, {entry_id}")
     for name, summary in (
         ("redrive", "send back to the stream for their own group only"),
         ("purge", "delete for good"),
@@ -213,11 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=summary, description=f"{name.capitalize()} dead letters: {summary}."
         )
         sub.add_argument(
-            "ids", nargs="*", metavar="ID", help=f"dead letters' entry ids, {entry_id} (default: none)"
+            "ids", nargs="*", metavar="ADDRESS", help=f"dead letters' addresses, {entry_id} (default: none)"
         )
         which = sub.add_mutually_exclusive_group()
-        which.add_argument("--all", action="store_true", help="every dead letter (default: only the IDs)")
-        which.add_argument("--group", help="every dead letter of this group (default: only the IDs)")
+        which.add_argument(
+            "--all", action="store_true", help="every dead letter (default: only the ADDRESSes)"
+        )
+        which.add_argument("--group", help="every dead letter of this group (default: only the ADDRESSes)")
         if name == "purge":
             sub.add_argument(
                 "--yes",
@@ -232,12 +246,14 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.command in ("redrive", "purge"):
         chosen = bool(args.ids) + args.all + (args.group is not None)
         if chosen != 1:
-            parser.error(f"{args.command} needs IDs, --all or --group (exactly one of them)")
+            parser.error(f"{args.command} needs ADDRESSes, --all or --group (exactly one of them)")
     if args.command == "list" and args.limit is not None and args.limit < 1:
         parser.error("--limit must be 1 or more (leave it out for all)")
-    for entry_id in getattr(args, "ids", None) or [getattr(args, "id", None) or "0-0"]:
-        if not re.fullmatch(r"\d+-\d+", entry_id):
-            parser.error(f"{entry_id!r} is not a stream entry id (like 1732530000000-0)")
+    for named in getattr(args, "ids", None) or [getattr(args, "id", None) or "0-0"]:
+        if not re.fullmatch(ADDRESS, named):
+            parser.error(
+                f"{named!r} is not a dead letter's address (like 1732530000000-0, or 2:1732530000000-0)"
+            )
 
 
 async def main(settings: Settings, args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""Housekeeping that never loses an order: lossless trimming and removal of stale consumers.
+"""Housekeeping that never loses an order: lossless trimming, removal of stale consumers, and each
+group's lag in Redis set right where Redis's own count went wrong (core/lag.py).
 
 Consumers run it every MAINTENANCE_INTERVAL_MS; `python -m maintenance` runs it by hand.
 """
@@ -18,6 +19,7 @@ from config import Settings, run_script
 from core import library
 from core.capabilities import Capabilities, detect
 from core.keys import keys_for, partitions
+from core.lag import group_lags
 from core.replies import StreamId, format_id, next_id, parse_id, text
 from redisPool import redis_connect
 
@@ -165,19 +167,52 @@ async def remove_stale_consumers(redis: Redis, settings: Settings) -> list[str]:
     return removed
 
 
+async def correct_lags(redis: Redis, settings: Settings) -> list[str]:
+    """Set each group's lag in Redis (XINFO GROUPS, what autoscalers read) to the counted one where it
+    differs and Redis can take it; the groups corrected. Run after trimming, which may move it."""
+    await library.ensure_loaded(redis)
+    try:
+        lags = await group_lags(redis, settings.stream_key, fix=True)
+    except ResponseError as error:  # refused by the ACL (XGROUP SETID), at the call or inside it
+        if not isinstance(error, NoPermissionError) and "no permissions" not in str(error).lower():
+            raise
+        log.warning("not allowed to correct groups' lag (the admin's job); skipping")
+        return []
+    corrected = []
+    for group, lag in lags.items():
+        if lag.corrected:
+            said = "NULL" if lag.redis_lag_before is None else lag.redis_lag_before
+            log.info(
+                "corrected group %s's lag on %s: Redis said %s, it is %d",
+                group,
+                settings.stream_key,
+                said,
+                lag.lag,
+            )
+            corrected.append(group)
+    return corrected
+
+
 async def run_once(redis: Redis, settings: Settings, capabilities: Capabilities) -> tuple[int, list[str]]:
-    """One round of housekeeping: trim, then remove stale consumers."""
-    return await trim(redis, settings, capabilities), await remove_stale_consumers(redis, settings)
+    """One round of housekeeping: trim, remove stale consumers, correct the groups' lag in Redis."""
+    trimmed = await trim(redis, settings, capabilities)
+    removed = await remove_stale_consumers(redis, settings)
+    await correct_lags(redis, settings)
+    return trimmed, removed
 
 
 async def main(settings: Settings) -> int:
     async with redis_connect(settings) as redis:
         capabilities = await detect(redis)
-        trimmed, removed = 0, list[str]()
+        trimmed, removed, corrected = 0, list[str](), list[str]()
         for part in partitions(settings):
-            some, gone = await run_once(redis, part, capabilities)
-            trimmed, removed = trimmed + some, removed + gone
-    print(f"trimmed {trimmed} entries; removed {len(removed)} stale consumers {' '.join(removed)}".rstrip())
+            trimmed += await trim(redis, part, capabilities)
+            removed += await remove_stale_consumers(redis, part)
+            corrected += [f"{group}@{part.stream_key}" for group in await correct_lags(redis, part)]
+    print(
+        f"trimmed {trimmed} entries; removed {len(removed)} stale consumers {' '.join(removed)}".rstrip()
+        + f"; corrected the lag of {len(corrected)} groups {' '.join(corrected)}".rstrip()
+    )
     return 0
 
 
@@ -185,7 +220,9 @@ if __name__ == "__main__":
     argparse.ArgumentParser(
         prog="python -m maintenance",
         description="Trim entries every group has acked (respecting RETENTION_KEEP_MS and "
-        "RETENTION_KEEP_ENTRIES) and remove consumers idle longer than STALE_CONSUMER_MS that hold "
-        "nothing. Consumers do this every MAINTENANCE_INTERVAL_MS; safe to run any time.",
+        "RETENTION_KEEP_ENTRIES), remove consumers idle longer than STALE_CONSUMER_MS that hold "
+        "nothing, and set each group's lag in Redis (XINFO GROUPS, what autoscalers read) to the "
+        "counted one where Redis's own count went wrong. Consumers do this every "
+        "MAINTENANCE_INTERVAL_MS; safe to run any time.",
     ).parse_args()
     run_script("maintenance", main)

@@ -89,3 +89,9 @@ def parse_order(payload: bytes | str, max_bytes: int, *, strict: bool = True) ->
     pass False and ignore it.
     """
     return ORDERS.parse(payload, max_bytes, strict=strict)
+
+
+def readable_order_id(payload: bytes | str, max_bytes: int) -> str | None:
+    """The `order_id` of a payload, valid order or not, when it can be read unambiguously; else None
+    (support finds an order by it even when another field made it invalid). Never raises."""
+    return ORDERS.id_in(payload, max_bytes)

@@ -22,6 +22,7 @@ from config import Settings, run_script
 from core import library
 from core.capabilities import Capabilities, detect
 from core.keys import partitions
+from core.lag import GroupLag, group_lags
 from core.replies import parse_id, text
 from deadletter import describe
 from redisPool import is_cluster, redis_connect
@@ -61,8 +62,11 @@ def age_ms(entry_id: Any, now_ms: int) -> int | None:
     return None if entry_id is None else max(0, now_ms - parse_id(entry_id)[0])
 
 
-async def collect(redis: Redis, settings: Settings, newest_dead_letters: int = 5) -> dict[str, Any]:
-    """Everything the report shows, as plain data (also the --json output)."""
+async def collect(
+    redis: Redis, settings: Settings, newest_dead_letters: int = 5, partition: tuple[int, int] = (0, 1)
+) -> dict[str, Any]:
+    """Everything the report shows, as plain data (also the --json output); `partition` is this
+    stream's number and how many there are, for the dead letters' addresses."""
     now_ms = int(time.time() * 1000)
     stream = settings.stream_key
     capabilities = await detect(redis)
@@ -92,14 +96,18 @@ async def collect(redis: Redis, settings: Settings, newest_dead_letters: int = 5
             last_age_ms=age_ms(last[0], now_ms) if last else None,
             memory_bytes=await _memory(redis, stream),
         )
+        await library.ensure_loaded(redis)
+        lags = await group_lags(redis, stream)
         for group in await redis.xinfo_groups(stream):
-            report["groups"].append(await _group(redis, stream, group, now_ms))
+            report["groups"].append(await _group(redis, stream, group, lags.get(text(group["name"])), now_ms))
     present = {group["name"] for group in report["groups"]}
     report["groups"] += [_missing_group(name) for name in settings.groups if name not in present]
     dead_letters: Any = await redis.xrevrange(settings.dead_letter_stream, count=newest_dead_letters)
     report["dead_letter_stream"] = settings.dead_letter_stream
     report["dead_letters"] = await redis.xlen(settings.dead_letter_stream)
-    report["newest_dead_letters"] = [describe(i, f, settings.max_payload_bytes) for i, f in dead_letters]
+    report["newest_dead_letters"] = [
+        describe(i, f, settings.max_payload_bytes, *partition) for i, f in dead_letters
+    ]
     return report
 
 
@@ -108,7 +116,8 @@ async def collect_all(redis: Redis, settings: Settings, newest_dead_letters: int
     parts = partitions(settings)
     if len(parts) == 1 and not settings.partitioned:
         return await collect(redis, settings, newest_dead_letters)
-    reports = [await collect(redis, part, newest_dead_letters) for part in parts]
+    count = len(parts)
+    reports = [await collect(redis, part, newest_dead_letters, (i, count)) for i, part in enumerate(parts)]
     if is_cluster(redis):  # where each partition lives: its slot's master
         for part, report in zip(parts, reports, strict=True):
             node = cast(RedisCluster, redis).get_node_from_key(part.stream_key)
@@ -127,7 +136,7 @@ async def collect_all(redis: Redis, settings: Settings, newest_dead_letters: int
     total["dead_letter_stream"] = reports[0]["dead_letter_stream"] if len(reports) == 1 else many
     total["dead_letters"] = sum(r["dead_letters"] for r in reports)
     newest = sorted(
-        (row for r in reports for row in r["newest_dead_letters"]), key=lambda row: parse_id(row["id"])
+        (row for r in reports for row in r["newest_dead_letters"]), key=lambda row: parse_id(row["entry_id"])
     )
     total["newest_dead_letters"] = newest[::-1][:newest_dead_letters]
     return total
@@ -153,6 +162,7 @@ def _sum_groups(per_partition: list[list[dict[str, Any]]], name: str) -> dict[st
     ages = [g["oldest_pending_age_ms"] for g in rows if g["oldest_pending_age_ms"] is not None]
     idles = [g["oldest_pending_idle_ms"] for g in rows if g["oldest_pending_idle_ms"] is not None]
     lags = [g["lag"] for g in rows]
+    said = [g["redis_lag"] for g in rows]
     reads = [g.get("entries_read") for g in rows]
     return {
         "name": name,
@@ -160,6 +170,9 @@ def _sum_groups(per_partition: list[list[dict[str, Any]]], name: str) -> dict[st
         "consumers": len(consumers),
         "pending": sum(g["pending"] for g in rows),
         "lag": None if None in lags else sum(lags),
+        "lag_exact": all(g["lag_exact"] for g in rows),
+        "redis_lag": None if None in said else sum(said),
+        "redis_lag_fixable": all(g["redis_lag_fixable"] for g in rows),
         "entries_read": None if None in reads else sum(reads),
         "last_delivered_id": "(per partition)",
         "oldest_pending_age_ms": max(ages) if ages else None,
@@ -176,7 +189,9 @@ async def _memory(redis: Redis, key: str) -> int | None:
     return int(usage) if usage is not None else None
 
 
-async def _group(redis: Redis, stream: str, group: dict[str, Any], now_ms: int) -> dict[str, Any]:
+async def _group(
+    redis: Redis, stream: str, group: dict[str, Any], lag: GroupLag | None, now_ms: int
+) -> dict[str, Any]:
     name = group["name"]
     oldest: Any = await redis.xpending_range(stream, name, "-", "+", 1) if group["pending"] else []
     consumers = await redis.xinfo_consumers(stream, name)
@@ -185,8 +200,12 @@ async def _group(redis: Redis, stream: str, group: dict[str, Any], now_ms: int) 
         "exists": True,
         "consumers": len(consumers),
         "pending": group["pending"],
-        "lag": group.get("lag"),  # None when Redis cannot tell (after deletions)
-        "entries_read": group.get("entries-read"),  # None likewise; delivered entries, for a rate
+        # Counted (core/lag.py); None only for a group made since it was counted.
+        "lag": None if lag is None else lag.lag,
+        "lag_exact": lag is not None and lag.exact,
+        "redis_lag": group.get("lag"),  # what XINFO GROUPS says (a scaler reads it); None: NULL
+        "redis_lag_fixable": lag is None or not lag.deleted_ahead,  # by maintenance, when wrong
+        "entries_read": group.get("entries-read"),  # None when Redis cannot tell; for a rate
         "last_delivered_id": text(group["last-delivered-id"]),
         "oldest_pending_age_ms": age_ms(oldest[0]["message_id"], now_ms) if oldest else None,
         "oldest_pending_idle_ms": oldest[0]["time_since_delivered"] if oldest else None,
@@ -204,6 +223,9 @@ def _missing_group(name: str) -> dict[str, Any]:
         "consumers": 0,
         "pending": 0,
         "lag": None,
+        "lag_exact": False,
+        "redis_lag": None,
+        "redis_lag_fixable": True,
         "entries_read": None,
         "last_delivered_id": None,
         "oldest_pending_age_ms": None,
@@ -288,12 +310,20 @@ def render(report: dict[str, Any], found: list[str], color: bool) -> str:
                 mark(f"  {g['name']:<22}{'missing':>10}  (run python -m initialization_stream)", True)
             )
             continue
-        lag = "?" if g["lag"] is None else f"{g['lag']:,}"
+        lag = "?" if g["lag"] is None else f"{'' if g['lag_exact'] else '~'}{g['lag']:,}"
         row = (
             f"  {g['name']:<22}{g['consumers']:>10}{g['pending']:>10,}{lag:>10}  "
             f"{duration(g['oldest_pending_age_ms']):<16}{g['last_delivered_id']}"
         )
         lines.append(mark(row, g["name"] in bad_groups))
+        if g["lag"] is not None and g["redis_lag"] != g["lag"]:
+            said = "NULL" if g["redis_lag"] is None else f"{g['redis_lag']:,}"
+            until = (
+                "maintenance corrects it"
+                if g["redis_lag_fixable"]
+                else "until the group reads past a deletion"
+            )
+            lines.append(f"      Redis says lag {said} (XINFO GROUPS, what a scaler reads): {until}")
         for c in g["consumer_list"]:
             lines.append(
                 f"      consumer {c['name']:<30} pending {c['pending']:>8,}  idle {duration(c['idle_ms'])}"

@@ -106,7 +106,7 @@ class Handling:
                 message = schema.parse(payload, max_bytes)  # tolerant: unknown fields are ignored
             except InvalidMessage as error:
                 reason = f"invalid {schema.name}: {error}"
-                self.dead_letter(entry_id, fields, delivery, reason, schema.id_in(payload))
+                self.dead_letter(entry_id, fields, delivery, reason, schema.id_in(payload, max_bytes))
                 continue
             message_id = schema.id_of(message)
             if delivery > max_deliveries:

@@ -304,6 +304,102 @@ local function remove_consumer(keys, args)
   return redis.call('XGROUP', 'DELCONSUMER', keys[1], args[1], args[2])
 end
 
+-- Stream ids compared by value, as text: Lua's numbers lose digits above 2^53. -1, 0 or 1.
+local function compare_ids(a, b)
+  local a_ms, a_seq = string.match(a, '^(%d+)-(%d+)$')
+  local b_ms, b_seq = string.match(b, '^(%d+)-(%d+)$')
+  for _, pair in ipairs({{a_ms, b_ms}, {a_seq, b_seq}}) do
+    local x, y = pair[1], pair[2]
+    if #x ~= #y then return #x < #y and -1 or 1 end
+    if x ~= y then return x < y and -1 or 1 end
+  end
+  return 0
+end
+
+-- How many entries lie in the XRANGE bounds `from` .. `to`, counting at most limit + 1 of them:
+-- the count, and whether it is all of them.
+local function count_range(stream, from, to, limit)
+  local n = 0
+  while n <= limit do
+    local ask = math.min(1000, limit + 1 - n)
+    local page = redis.call('XRANGE', stream, from, to, 'COUNT', ask)
+    n = n + #page
+    if #page < ask then return n, true end
+    from = '(' .. page[#page][1]
+  end
+  return n, false
+end
+
+local function fields_of(flat)
+  local map = {}
+  for i = 1, #flat, 2 do map[flat[i]] = flat[i + 1] end
+  return map
+end
+
+-- Each group's lag: the entries of the stream after its last-delivered id, counted, since
+-- Redis's own figure (XINFO GROUPS lag, kept from two counters) can be wrong or NULL: after an
+-- AOF reload or a failover on Redis before 7.4 (the read counter is not replicated), once an
+-- undelivered entry was trimmed or deleted, or once a group was set to an arbitrary id.
+-- Exact for free when the group has read everything or is behind the first entry; else the
+-- entries after it, or the stream's length less those up to it, whichever is done within
+-- `limit`; else only bounds. With `fix`, a group whose figure differs from an exact count gets
+-- it through XGROUP SETID (same id, ENTRIESREAD), where no deleted entry ahead makes Redis
+-- ignore that counter. KEYS: the stream. ARGV: limit.
+-- Returns per group {name, pending, lowest, highest, Redis's figure before, after (false for
+-- NULL), 1 if a deleted entry ahead makes Redis ignore the counter}.
+local function group_lags(stream, limit, fix)
+  local info = redis.pcall('XINFO', 'STREAM', stream)
+  if type(info) == 'table' and info.err then
+    if string.find(string.lower(info.err), 'no such key', 1, true) then return {} end
+    return redis.error_reply(info.err)
+  end
+  info = fields_of(info)
+  local length, added, deleted = info['length'], info['entries-added'], info['max-deleted-entry-id']
+  local out = {}
+  for _, flat in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local group = fields_of(flat)
+    local last = group['last-delivered-id']
+    local low, high
+    if length == 0 or compare_ids(last, info['last-entry'][1]) >= 0 then
+      low = 0
+    elseif compare_ids(last, info['first-entry'][1]) < 0 then
+      low = length
+    else
+      local after, all_after = count_range(stream, '(' .. last, '+', limit)
+      if all_after then
+        low = after
+      else
+        local before, all_before = count_range(stream, '-', last, limit)
+        low = all_before and length - before or after
+        high = all_before and low or length - before
+      end
+    end
+    high = high or low
+    -- A deleted entry after the group's id (and still inside the stream) makes Redis ignore the
+    -- group's counter: setting it would change nothing there.
+    local ignored = length > 0 and deleted ~= '0-0' and compare_ids(deleted, last) >= 0
+      and compare_ids(deleted, info['first-entry'][1]) >= 0
+    local before, now = group['lag'], group['lag']
+    if fix and low == high and before ~= low and not ignored then
+      redis.call('XGROUP', 'SETID', stream, group['name'], last, 'ENTRIESREAD', string.format('%d', added - low))
+      for _, again in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+        local seen = fields_of(again)
+        if seen['name'] == group['name'] then now = seen['lag'] end
+      end
+    end
+    out[#out + 1] = {group['name'], group['pending'], low, high, before, now, ignored and 1 or 0}
+  end
+  return out
+end
+
+local function lags(keys, args)
+  return group_lags(keys[1], tonumber(args[1]), false)
+end
+
+local function fix_lags(keys, args)
+  return group_lags(keys[1], tonumber(args[1]), true)
+end
+
 -- Keep every entry pending on this consumer fresh (Redis 8.4+, where reads claim by idle
 -- time with XREADGROUP ... CLAIM): XCLAIM ... JUSTID sets idle to 0 and leaves the delivery
 -- count alone. Its lease process calls it while the consumer lives, so whatever it holds (a
@@ -388,6 +484,8 @@ redis.register_function{function_name = 'orders___VERSION___version', callback =
 for_consumers('admit', admit)
 for_consumers('commit', commit)
 for_consumers('remove_consumer', remove_consumer)
+for_consumers('fix_lags', fix_lags)
+redis.register_function{function_name = 'orders___VERSION___lags', callback = lags, flags = {'no-writes'}}
 for_consumers('touch', touch)
 for_consumers('redeliver', redeliver)
 for_consumers('lease', lease)

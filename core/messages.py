@@ -92,12 +92,18 @@ class Schema(Generic[M]):
         except msgspec.ValidationError as error:
             raise InvalidMessage(str(error).replace(" - at `$`", "")) from None
 
-    def id_in(self, payload: bytes) -> str | None:
-        """The id field of a payload that is not a valid message, when it is plain text (support
-        looks messages up by it); None when there is none to show."""
+    def id_in(self, payload: bytes | str, max_bytes: int) -> str | None:
+        """The id field of a payload, valid or not, when it can be read unambiguously: a JSON object
+        within the cap, no duplicate keys, its id plain text. None otherwise; never raises."""
+        raw = payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
+        raw = raw.removeprefix(_BOM)
+        if len(raw) > max_bytes:
+            return None
         try:
-            value = json.loads(payload[: 1 << 20])
-        except (ValueError, RecursionError):
+            # Whole numbers read as floats (linear time, however many digits): only the id matters.
+            text = raw.decode("utf-8")
+            value = json.loads(text, object_pairs_hook=_object_without_duplicates, parse_int=float)
+        except (ValueError, RecursionError):  # InvalidMessage and JSONDecodeError are ValueErrors too
             return None
         found = value.get(self.id_field) if type(value) is dict else None
         if type(found) is str and 0 < len(found) <= 128 and found.isprintable() and not found.isspace():

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from config import DEFAULTS, Settings
 from core.handlers import TxHandler
 from core.keys import partitions
+from core.lag import group_lags
 from core.stats import Stats
 from orders import Order
 from tx import Tx
@@ -120,8 +121,9 @@ class ConsumerCollector(Collector):
         per_partition: dict[tuple[str, str], tuple[int, int]] = {}
         dead_letters = 0
         for part in partitions(settings):
-            for g in await redis.xinfo_groups(part.stream_key):
-                per_partition[g["name"].decode(), part.stream_key] = (int(g["lag"] or 0), int(g["pending"]))
+            # The lag status shows (core/lag.py), not XINFO GROUPS' own, which can be wrong or NULL.
+            for name, g in (await group_lags(redis, part.stream_key)).items():
+                per_partition[name, part.stream_key] = (g.lag, g.pending)
             dead_letters += int(await redis.xlen(part.dead_letter_stream))
         self.lag, self.pending = {}, {}
         for (group, _), (lag, pending) in per_partition.items():

@@ -145,7 +145,7 @@ function renderDeadLetters(report) {
         b.disabled = true;
         b.title = why;
       }
-      b.addEventListener("click", () => act(action, d.id));
+      b.addEventListener("click", () => act(action, d.id, d.order_id));
       return b;
     };
     return el("tr", { "data-id": d.id },
@@ -197,7 +197,9 @@ async function poll() {
   timer = setTimeout(poll, interval * 1000);
 }
 
-async function act(action, id) {
+// `id` is the dead letter's address (partitioned: its partition's number and its entry id), the
+// one the server acts on: never an entry id alone, which may name a dead letter in each partition.
+async function act(action, id, orderId) {
   const message = document.getElementById("message");
   if (action === "show") {
     const response = await fetch(`/api/dead-letters/${id}`);
@@ -206,7 +208,8 @@ async function act(action, id) {
     fields.textContent = `${id}\n${JSON.stringify(await response.json(), null, 2)}`;
     return;
   }
-  if (action === "purge" && !confirm(`Purge dead letter ${id} for good?`)) return;
+  const order = orderId ? ` (order ${orderId})` : "";
+  if (action === "purge" && !confirm(`Purge dead letter ${id}${order} for good?`)) return;
   const response = await fetch(`/api/dead-letters/${id}/${action}`, {
     method: "POST",
     headers: { Authorization: `Bearer ${document.getElementById("token").value}` },
@@ -214,8 +217,7 @@ async function act(action, id) {
   const body = await response.json();
   message.textContent = response.ok ? `${id}: ${body.outcome}` : `${action} refused: ${body.error}`;
   message.className = response.ok ? "good" : "bad";
-  await document.getElementById("token-form").addEventListener("submit", (event) => event.preventDefault());
-poll();
+  await poll();
 }
 
 document.getElementById("token-form").addEventListener("submit", (event) => event.preventDefault());

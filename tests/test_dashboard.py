@@ -17,7 +17,8 @@ import aiohttp
 import pytest
 from aiohttp import test_utils
 from conftest import ROOT, Script, run_script, script_env, unavailable, wait_until
-from playwright.async_api import Browser, Page, async_playwright, expect
+from dead_letter_cases import SAME_ID, colliding_dead_letters, dead_letter_orders
+from playwright.async_api import Browser, Dialog, Page, async_playwright, expect
 from redis.asyncio import Redis
 
 from config import Settings
@@ -375,3 +376,42 @@ async def test_the_json_is_redis_s_and_throughput_counts_acked_entries(
     assert fields["group"] == "fulfillment_group"
     assert "customer1@example.com" in fields["data"]  # on demand only
     assert missing.status == 404
+
+
+async def test_partitioned_each_row_s_buttons_act_on_that_row_s_dead_letter(
+    redis: Redis, redis_url: str, scripts: Start, browser: Browser
+) -> None:
+    settings = Settings.from_env({"REDIS_URL": redis_url, "STREAM_PARTITIONS": "3"})
+    made = await colliding_dead_letters(redis, settings)  # two of them under one entry id
+    env = script_env(redis_url, STREAM_PARTITIONS="3", DASHBOARD_TOKEN=TOKEN)
+    _, base = await start_dashboard(scripts, env)
+    page = await browser.new_page()
+    await page.goto(base)
+    rows = page.locator("#dead-letters tbody tr")
+    await expect(rows).to_have_count(3, timeout=15_000)
+    for address, order in made.items():  # each row: its address, its order
+        row = page.locator(f"#dead-letters tr[data-id='{address}']")
+        assert (await row.locator("td").nth(0).text_content()) == address
+        assert (await row.locator("td").nth(4).text_content()) == order.order_id
+
+    second = f"2:{SAME_ID}"
+    await page.locator(f"#dead-letters tr[data-id='{second}'] button[data-action=show]").click()
+    await expect(page.locator("#fields")).to_contain_text(made[second].customer_email, timeout=15_000)
+    assert made[f"0:{SAME_ID}"].customer_email not in (await page.text_content("#fields") or "")
+
+    first = f"0:{SAME_ID}"
+    await page.fill("#token", TOKEN)
+    questions: list[str] = []
+
+    async def accept(dialog: Dialog) -> None:
+        questions.append(dialog.message)
+        await dialog.accept()
+
+    page.once("dialog", accept)
+    await page.locator(f"#dead-letters tr[data-id='{first}'] button[data-action=purge]").click()
+    await page.locator(f"#dead-letters tr[data-id='{first}']").wait_for(state="detached")
+    assert questions == [f"Purge dead letter {first} (order {made[first].order_id}) for good?"]
+    assert await dead_letter_orders(redis, settings) == {
+        address: order.order_id for address, order in made.items() if address != first
+    }
+    await expect(page.locator("#message")).to_have_text(f"{first}: purged")

@@ -557,7 +557,7 @@ def test_every_deadletter_subcommand_shows_its_defaults(redis_url: str) -> None:
             if action.option_strings or action.nargs == "*":
                 assert "(default: " in action.help, (name, action.dest)
         positionals = [a.metavar for a in sub._actions if not a.option_strings]
-        assert positionals in ([], ["ID"]), name
+        assert positionals in ([], ["ADDRESS"]), name
     for name in commands.choices:
         shown = run_script("deadletter", script_env(redis_url), name, "--help")
         assert shown.returncode == 0
