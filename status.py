@@ -21,9 +21,10 @@ from redis.exceptions import ResponseError
 from config import Settings, run_script
 from core import library
 from core.capabilities import Capabilities, detect
-from core.keys import partitions
+from core.keys import partitions, stream_keys
 from core.lag import GroupLag, group_lags
 from core.replies import parse_id, text
+from core.schedule import schedule_text
 from deadletter import describe
 from redisPool import is_cluster, redis_connect
 
@@ -78,6 +79,7 @@ async def collect(
             "xadd_idmp": capabilities.xadd_idmp,
         },
         "paths": await paths(redis, settings, capabilities),
+        "retries": schedule_text(settings),
         "stream": stream,
         "exists": True,
         "groups": [],
@@ -155,10 +157,24 @@ def _sum_groups(per_partition: list[list[dict[str, Any]]], name: str) -> dict[st
     for g in rows:
         for c in g["consumer_list"]:
             known = consumers.setdefault(
-                c["name"], {"name": c["name"], "pending": 0, "idle_ms": c["idle_ms"]}
+                c["name"],
+                {
+                    "name": c["name"],
+                    "pending": 0,
+                    "idle_ms": c["idle_ms"],
+                    "alive": False,
+                    "retry_waiting": 0,
+                    "retry_oldest_s": 0.0,
+                    "outage_s": None,
+                },
             )
             known["pending"] += c["pending"]
             known["idle_ms"] = min(known["idle_ms"], c["idle_ms"])
+            known["alive"] = known["alive"] or c["alive"]
+            known["retry_waiting"] += c["retry_waiting"]
+            known["retry_oldest_s"] = max(known["retry_oldest_s"], c["retry_oldest_s"])
+            if c["outage_s"] is not None:
+                known["outage_s"] = max(known["outage_s"] or 0.0, c["outage_s"])
     ages = [g["oldest_pending_age_ms"] for g in rows if g["oldest_pending_age_ms"] is not None]
     idles = [g["oldest_pending_idle_ms"] for g in rows if g["oldest_pending_idle_ms"] is not None]
     lags = [g["lag"] for g in rows]
@@ -178,6 +194,8 @@ def _sum_groups(per_partition: list[list[dict[str, Any]]], name: str) -> dict[st
         "oldest_pending_age_ms": max(ages) if ages else None,
         "oldest_pending_idle_ms": max(idles) if idles else None,
         "consumer_list": list(consumers.values()),
+        "retry_waiting": sum(g["retry_waiting"] for g in rows),
+        "retry_oldest_s": max(g["retry_oldest_s"] for g in rows),
     }
 
 
@@ -195,6 +213,7 @@ async def _group(
     name = group["name"]
     oldest: Any = await redis.xpending_range(stream, name, "-", "+", 1) if group["pending"] else []
     consumers = await redis.xinfo_consumers(stream, name)
+    states = await _consumer_states(redis, stream, text(name), [text(c["name"]) for c in consumers])
     return {
         "name": text(name),
         "exists": True,
@@ -210,9 +229,38 @@ async def _group(
         "oldest_pending_age_ms": age_ms(oldest[0]["message_id"], now_ms) if oldest else None,
         "oldest_pending_idle_ms": oldest[0]["time_since_delivered"] if oldest else None,
         "consumer_list": [
-            {"name": text(c["name"]), "pending": c["pending"], "idle_ms": c["idle"]} for c in consumers
+            {"name": text(c["name"]), "pending": c["pending"], "idle_ms": c["idle"], **state}
+            for c, state in zip(consumers, states, strict=True)
         ],
+        "retry_waiting": sum(state["retry_waiting"] for state in states),
+        "retry_oldest_s": max((state["retry_oldest_s"] for state in states), default=0.0),
     }
+
+
+async def _consumer_states(redis: Redis, stream: str, group: str, names: list[str]) -> list[dict[str, Any]]:
+    """What each consumer's lease and report say (core/lease.py, stream_consumer._report): alive or
+    gone, entries waiting for a retry, the oldest one's wait, a downstream outage."""
+    keys = stream_keys(stream)
+    pipe = redis.pipeline(transaction=False)
+    for name in names:
+        pipe.exists(keys.lease(group, name))
+        pipe.get(keys.state(group, name))
+    replies = await pipe.execute() if names else []
+    states = []
+    for alive, raw in zip(replies[::2], replies[1::2], strict=True):
+        try:
+            said = json.loads(raw) if raw else {}
+        except ValueError:
+            said = {}
+        states.append(
+            {
+                "alive": bool(alive),
+                "retry_waiting": int(said.get("waiting") or 0) if alive else 0,
+                "retry_oldest_s": float(said.get("oldest_wait_s") or 0.0) if alive else 0.0,
+                "outage_s": said.get("outage_s") if alive else None,
+            }
+        )
+    return states
 
 
 def _missing_group(name: str) -> dict[str, Any]:
@@ -231,6 +279,8 @@ def _missing_group(name: str) -> dict[str, Any]:
         "oldest_pending_age_ms": None,
         "oldest_pending_idle_ms": None,
         "consumer_list": [],
+        "retry_waiting": 0,
+        "retry_oldest_s": 0.0,
     }
 
 
@@ -290,6 +340,7 @@ def render(report: dict[str, Any], found: list[str], color: bool) -> str:
     features = ", ".join(f"{name} {'yes' if on else 'no'}" for name, on in report["features"].items())
     lines = [f"redis {report['redis_version']} ({features})"]
     lines.append("in use: " + "; ".join(f"{name}: {how}" for name, how in report["paths"].items()))
+    lines.append(f"retries: {report['retries']}")
     if not report["exists"]:
         lines.append(
             mark(f"stream {report['stream']}: does not exist (run python -m initialization_stream)", True)
@@ -324,9 +375,18 @@ def render(report: dict[str, Any], found: list[str], color: bool) -> str:
                 else "until the group reads past a deletion"
             )
             lines.append(f"      Redis says lag {said} (XINFO GROUPS, what a scaler reads): {until}")
-        for c in g["consumer_list"]:
+        if g["retry_waiting"]:
             lines.append(
-                f"      consumer {c['name']:<30} pending {c['pending']:>8,}  idle {duration(c['idle_ms'])}"
+                f"      waiting for a retry: {g['retry_waiting']:,} "
+                f"(the oldest for {duration(int(g['retry_oldest_s'] * 1000))})"
+            )
+        for c in g["consumer_list"]:
+            said = "alive" if c["alive"] else "gone (its lease lapsed)"
+            if c["outage_s"] is not None:
+                said += f"; its downstream is down, for {duration(int(c['outage_s'] * 1000))}"
+            lines.append(
+                f"      consumer {c['name']:<30} pending {c['pending']:>8,}  idle {duration(c['idle_ms'])}  "
+                f"{said}"
             )
     dead = f"dead letters in {report['dead_letter_stream']}: {report['dead_letters']:,}"
     lines.append(mark(dead, any(line.startswith("dead letters") for line in found)))

@@ -68,9 +68,12 @@ function renderGroups(report, badGroups) {
       cell(g.lag === null ? "?" : number(g.lag), "number lag"), cell(duration(g.oldest_pending_age_ms), "oldest"),
       cell(""), cell(g.last_delivered_id)));
     for (const c of g.consumer_list) {
-      rows.push(el("tr", { class: "consumer", "data-consumer": c.name },
+      let state = c.alive ? "alive" : "gone (lease lapsed)";
+      if (c.retry_waiting) state += `, ${number(c.retry_waiting)} waiting for a retry (oldest ${duration(c.retry_oldest_s * 1000)})`;
+      if (c.outage_s !== null && c.outage_s !== undefined) state += `, downstream down for ${duration(c.outage_s * 1000)}`;
+      rows.push(el("tr", { class: `consumer ${c.alive ? "" : "gone"}`, "data-consumer": c.name },
         cell(c.name), cell(""), cell(number(c.pending), "number pending"), cell(""), cell(""),
-        cell(duration(c.idle_ms), "idle"), cell("")));
+        cell(duration(c.idle_ms), "idle"), cell(state, "state")));
     }
   }
   document.querySelector("#groups tbody").replaceChildren(...rows);

@@ -45,6 +45,11 @@ async def _reported_outage(redis: Redis, consumer: str, over: bool = False) -> b
     return bool(state.get("outage_s") is not None and state.get("waiting", 0) > 0)
 
 
+def _gone(status: str) -> str:
+    """The consumers `status` says are gone."""
+    return " ".join(line.split()[1] for line in status.splitlines() if "gone (its lease lapsed)" in line)
+
+
 async def _lag(redis: Redis) -> int:
     groups: Any = await redis.xinfo_groups(STREAM)
     return int(next(g for g in groups if g["name"] == GROUP.encode())["lag"] or 0)
@@ -73,6 +78,10 @@ async def test_an_outage_longer_than_every_retry_dead_letters_nothing(
         assert calls.total() < 4 * 40, f"Redis calls in 4 s of outage: {calls}"
         assert lines == [], lines  # nothing said while it goes on: once when it began, once when it ends
         assert await _lag(redis) == lag > 0  # new orders wait in the stream rather than burn deliveries
+        shown = run_script("status", env)
+        assert "its downstream is down, for" in shown.stdout, shown.stdout
+        assert "waiting for a retry:" in shown.stdout
+        assert "retries: a failed order is retried after 0.1s, 0.4s" in shown.stdout
         flag.unlink()
         await wait_until(lambda: caught_up(redis, STREAM, [GROUP]), "every order handled after it", 30)
         assert ran([consumer.output()]) == Counter({o.order_id: 1 for o in orders})
@@ -105,6 +114,9 @@ async def test_a_consumer_killed_mid_outage_loses_and_doubles_nothing(
         assert counts
         assert max(counts.values()) <= 3
         first.kill()
+        await wait_until(
+            lambda: "e1" in _gone(run_script("status", env).stdout), "status to say e1 is gone", 15
+        )
         flag.unlink()
         second = scripts("tests.flaky_service", {**env, "CONSUMER_NAME": "e2"})
         await wait_until(lambda: caught_up(redis, STREAM, [GROUP]), "the living consumer to finish", 30)
