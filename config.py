@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import logging
 import os
 import re
 import socket
 import ssl
 import sys
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 from urllib.parse import SplitResult, parse_qs, urlsplit
@@ -355,6 +356,16 @@ def load_settings(env: Mapping[str, str] | None = None, env_file: str = ".env") 
     return Settings.from_env({**file_values, **(os.environ if env is None else env)})
 
 
+def lookalikes(names: Iterable[str]) -> list[str]:
+    """One line for each of `names` that is not a setting but looks like one (`BACTH_SIZE`)."""
+    lines = []
+    for name in sorted(set(names) - DEFAULTS.keys()):
+        match = difflib.get_close_matches(name, DEFAULTS, n=1, cutoff=0.8)
+        if match:
+            lines.append(f"{name} is not a setting, so it is ignored; did you mean {match[0]}?")
+    return lines
+
+
 def configure_logging(level: str) -> None:
     """Send log lines to stderr in one plain format."""
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
@@ -369,6 +380,8 @@ def run_script(prog: str, main: Callable[[Settings], Coroutine[Any, Any, int]]) 
     try:
         settings = load_settings()
         configure_logging(settings.log_level)
+        for line in lookalikes([*dotenv_values(".env"), *os.environ]):
+            logging.getLogger(prog).warning("%s", line)
         code = asyncio.run(main(settings))
         sys.stdout.flush()  # a closed pipe shows up here rather than in the interpreter's last flush
     except BrokenPipeError:

@@ -15,13 +15,17 @@ from tx import Tx
 
 log = logging.getLogger("consumer1")
 
+# The outbox keeps about this many newest events: nothing here reads it. A service that does reads
+# it with a group of its own, as the services read orders, and trims what every group acked.
+SHIPMENTS_KEPT = 100_000
+
 
 async def handle(order: Order, tx: Tx) -> None:
     """Book stock per SKU and emit a shipment event; raising drops both and retries the order."""
     units = sum(item.qty for item in order.items)
     for item in order.items:
         tx.hincrby(tx.key("stock-booked"), item.sku, item.qty)
-    tx.xadd(tx.key("shipments"), {"order_id": order.order_id, "units": units})
+    tx.xadd(tx.key("shipments"), {"order_id": order.order_id, "units": units}, maxlen=SHIPMENTS_KEPT)
     log.info("fulfilling order %s: %d items, %d units", order.order_id, len(order.items), units)
 
 

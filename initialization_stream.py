@@ -33,7 +33,7 @@ async def initialize(redis: Redis, settings: Settings, start: str | None = None)
         await configure_idmp(redis, part.stream_key)
         for group in settings.groups:
             state = f"created from {start or '0'}" if group in made else "already there"
-            log.info("group %s on stream %s: %s", group, part.stream_key, state)
+            log.debug("group %s on stream %s: %s", group, part.stream_key, state)
         created.update(dict.fromkeys(made))
     return list(created)
 

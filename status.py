@@ -392,7 +392,7 @@ def render(report: dict[str, Any], found: list[str], color: bool) -> str:
     lines.append(mark(dead, any(line.startswith("dead letters") for line in found)))
     for row in report["newest_dead_letters"]:
         lines.append(
-            f"  {row['id']}  {row['group']:<18} deliveries {row['deliveries']:<3} {row['error'][:80]}"
+            f"  {row['id']}  {row['group']:<18} deliveries {row['deliveries']:<3} {row['error']}"
         )
     for part in report.get("partitions", []):
         pending = ", ".join(f"{g['name']} {g['pending']:,}" for g in part["groups"] if g["exists"])

@@ -108,9 +108,13 @@ class Tx:
     def sadd(self, key: str, *members: EncodableT) -> None:
         self.call("SADD", key, *members)
 
-    def xadd(self, stream: str, fields: Mapping[str, EncodableT]) -> None:
-        """Append an event to another stream (an outbox): the next service sees it once."""
-        self.call("XADD", stream, "*", *(part for pair in fields.items() for part in pair))
+    def xadd(self, stream: str, fields: Mapping[str, EncodableT], maxlen: int | None = None) -> None:
+        """Append an event to another stream (an outbox): the next service sees it once.
+
+        `maxlen`: keep about that many newest events (XADD MAXLEN ~), for an outbox nothing trims.
+        """
+        bound: tuple[EncodableT, ...] = () if maxlen is None else ("MAXLEN", "~", maxlen)
+        self.call("XADD", stream, *bound, "*", *(part for pair in fields.items() for part in pair))
 
     def call(self, command: str, *args: EncodableT) -> None:
         """Stage any write command whose keys this module knows (KEY_POSITIONS); every key is checked."""

@@ -19,7 +19,7 @@ from conftest import ROOT, Script, need_redis_server, run_script, script_env, wa
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from config import ConfigError, Settings
+from config import ConfigError, Settings, lookalikes
 from core import metrics
 from orders import InvalidOrder, parse_order
 from stream_consumer import Stats
@@ -354,3 +354,30 @@ def test_every_script_is_covered() -> None:
         "tools.demo",
         "producer",
     } | {"status"} <= set(SCRIPTS), SCRIPTS
+
+
+def test_a_misspelled_setting_is_named_with_the_closest_one(redis_url: str) -> None:
+    assert lookalikes(["BACTH_SIZE", "PATH", "HOME", "REDIS_ADMIN_PASSWORD", "BATCH_SIZE"]) == [
+        "BACTH_SIZE is not a setting, so it is ignored; did you mean BATCH_SIZE?"
+    ]
+    result = run_script("status", script_env(redis_url, BACTH_SIZE="10"))
+    warned = [line for line in result.stderr.splitlines() if "BACTH_SIZE" in line]
+    assert len(warned) == 1
+    assert "did you mean BATCH_SIZE?" in warned[0]
+
+
+async def test_initialization_says_each_group_once_and_status_shows_a_whole_reason(
+    redis: Redis, redis_url: str
+) -> None:
+    env = script_env(redis_url)
+    result = run_script("initialization_stream", env)
+    assert result.returncode == 0, result.stderr
+    for group in ("fulfillment_group", "email_group"):
+        assert (result.stdout + result.stderr).count(f"group {group}") == 1
+    reason = "invalid order: customer_email does not look like an e-mail address - " + "x" * 60 + " END"
+    await redis.xadd(
+        "orders:dead-letter",
+        {"group": "email_group", "consumer": "c", "source_id": "1-0", "deliveries": 1, "error": reason},
+    )
+    shown = run_script("status", env)
+    assert reason in shown.stdout

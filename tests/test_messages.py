@@ -38,7 +38,7 @@ async def test_the_fulfillment_handler_stages_its_stock_and_its_shipment() -> No
     assert outcome.acked
     assert outcome.writes == [
         ["HINCRBY", "{orders}:stock-booked", "A1", 2],
-        ["XADD", "{orders}:shipments", "*", "order_id", "ord-1", "units", 2],
+        ["XADD", "{orders}:shipments", "MAXLEN", "~", 100_000, "*", "order_id", "ord-1", "units", 2],
     ]
 
 
