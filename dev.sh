@@ -20,19 +20,27 @@ EOF
   exit 2
 }
 
-ensure_venv() {
+ensure_venv() {  # runtime (the scripts) | dev (the tests, linters and tools as well)
   if [ ! -x .venv/bin/python ]; then
     "${PYTHON:-python3}" -m venv .venv || {
       echo "dev.sh: cannot create a virtual environment; install python3-venv (Debian) or Python 3.11+" >&2
       exit 1
     }
   fi
-  local want
-  want=$(cat requirements*.txt | sha256sum | cut -d' ' -f1)
-  if [ "$(cat .venv/.installed 2>/dev/null)" != "$want" ]; then
-    echo "dev.sh: installing requirements into .venv" >&2
+  local runtime dev have
+  runtime=runtime:$(sha256sum < requirements.txt | cut -d' ' -f1)
+  dev=dev:$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+  have=$(cat .venv/.installed 2>/dev/null || true)
+  [ "$have" = "$dev" ] && return 0  # the development set holds the runtime one
+  [ "$1" = runtime ] && [ "$have" = "$runtime" ] && return 0
+  if [ "$1" = dev ]; then
+    echo "dev.sh: installing requirements-dev.txt into .venv" >&2
     .venv/bin/python -m pip install --disable-pip-version-check -q -r requirements-dev.txt
-    echo "$want" > .venv/.installed
+    echo "$dev" > .venv/.installed
+  else
+    echo "dev.sh: installing requirements.txt into .venv" >&2
+    .venv/bin/python -m pip install --disable-pip-version-check -q -r requirements.txt
+    echo "$runtime" > .venv/.installed
   fi
 }
 
@@ -74,7 +82,7 @@ cmd=${1:-}
 shift
 case "$cmd" in
   demo)
-    ensure_venv
+    ensure_venv runtime
     if [ -z "${REDIS_URL:-}" ]; then
       if docker info >/dev/null 2>&1; then
         compose_passwords
@@ -86,7 +94,7 @@ case "$cmd" in
     exec .venv/bin/python -m tools.demo "$@"
     ;;
   test)
-    ensure_venv
+    ensure_venv dev
     if [ -z "${TEST_REDIS_URL:-}" ]; then ensure_redis_server || no_redis TEST_REDIS_URL; fi
     .venv/bin/ruff format --check --diff .
     .venv/bin/ruff check .
@@ -109,13 +117,13 @@ case "$cmd" in
     scripts/redis-8.sh
     ;;
   bench)
-    ensure_venv
+    ensure_venv dev
     [ -n "${REDIS_URL:-}" ] || ensure_redis_server || no_redis REDIS_URL
     exec .venv/bin/python -m tools.bench "$@"
     ;;
   run)
     [ $# -ge 1 ] || usage
-    ensure_venv
+    ensure_venv runtime
     exec .venv/bin/python -m "$@"
     ;;
   *) usage ;;

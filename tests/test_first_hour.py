@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import os
 import re
 import signal
 import socket
@@ -381,3 +382,30 @@ async def test_initialization_says_each_group_once_and_status_shows_a_whole_reas
     )
     shown = run_script("status", env)
     assert reason in shown.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "installed"), [("demo", "requirements.txt"), ("test", "requirements-dev.txt")]
+)
+def test_dev_sh_installs_what_each_command_needs(tmp_path: Path, command: str, installed: str) -> None:
+    """`./dev.sh demo` installs the runtime requirements only (the development ones are ten times
+    larger); `./dev.sh test` the development ones. A stand-in .venv records what pip is asked."""
+    for name in ("dev.sh", "requirements.txt", "requirements-dev.txt"):
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    (tmp_path / "dev.sh").chmod(0o755)
+    venv = tmp_path / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    record = tmp_path / "pip.log"
+    (venv / "python").write_text(f'#!/bin/sh\necho "$@" >> {record}\nexit 3\n')  # stops after pip
+    (venv / "python").chmod(0o755)
+    (venv / "ruff").write_text("#!/bin/sh\nexit 3\n")
+    (venv / "ruff").chmod(0o755)
+    env = {
+        "PATH": os.environ["PATH"],
+        "REDIS_URL": "redis://127.0.0.1:1/0",
+        "TEST_REDIS_URL": "redis://127.0.0.1:1/9",
+    }
+    subprocess.run(["./dev.sh", command], cwd=tmp_path, env=env, capture_output=True, timeout=30, check=False)
+    asked = record.read_text()
+    assert f"-m pip install --disable-pip-version-check -q -r {installed}" in asked
+    assert asked.count("pip install") == 1
