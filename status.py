@@ -24,7 +24,7 @@ from core.capabilities import Capabilities, detect
 from core.keys import partitions
 from core.replies import parse_id, text
 from deadletter import describe
-from redisPool import is_cluster, redis_connect
+from redisPool import is_cluster, master_address, redis_connect
 
 UNHEALTHY = 3
 
@@ -78,6 +78,9 @@ async def collect(redis: Redis, settings: Settings, newest_dead_letters: int = 5
         "exists": True,
         "groups": [],
     }
+    master = await master_address(redis)
+    if master is not None:  # through Sentinel: the master it names now
+        report.update(master=master, master_name=settings.redis_sentinel_master)
     try:
         info: Any = await redis.xinfo_stream(stream)
     except ResponseError:  # no such key
@@ -268,6 +271,8 @@ def render(report: dict[str, Any], found: list[str], color: bool) -> str:
     features = ", ".join(f"{name} {'yes' if on else 'no'}" for name, on in report["features"].items())
     lines = [f"redis {report['redis_version']} ({features})"]
     lines.append("in use: " + "; ".join(f"{name}: {how}" for name, how in report["paths"].items()))
+    if report.get("master"):
+        lines.append(f"master {report['master_name']} at {report['master']} (as Redis Sentinel names it)")
     if not report["exists"]:
         lines.append(
             mark(f"stream {report['stream']}: does not exist (run python -m initialization_stream)", True)
