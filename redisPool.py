@@ -4,8 +4,7 @@ With REDIS_CLUSTER=true it is redis-py's cluster client instead: REDIS_URL (and
 REDIS_CLUSTER_NODES) name nodes to start from, it finds the others, routes each command by its
 key's slot and follows failovers (MOVED, topology refresh). It offers the same command methods,
 so the scripts take it where they take a Redis. With REDIS_SENTINELS it is redis-py's Sentinel
-pool: each new connection asks the sentinels for the master's address, so after a failover the
-connections lost with the old master are made again to the new one.
+pool, following the master the sentinels name through failovers (core/sentinel.py).
 """
 
 from __future__ import annotations
@@ -14,37 +13,30 @@ import asyncio
 import contextlib
 import logging
 import ssl
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar, cast
 
 from redis.asyncio import ConnectionPool, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
-from redis.asyncio.connection import (
-    AbstractConnection,
-    Connection,
-    SSLConnection,
-    UnixDomainSocketConnection,
-    parse_url,
-)
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import (
     MasterNotFoundError,
     Sentinel,
-    SentinelConnectionPool,
     SentinelManagedConnection,
     SentinelManagedSSLConnection,
 )
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.connection import HiredisRespSerializer
-from redis.exceptions import AuthenticationError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import AuthenticationError, RedisClusterException, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 from redis.utils import HIREDIS_AVAILABLE
 
 from config import CliError, Settings, host_and_port
+from core import sentinel
 
 if HIREDIS_AVAILABLE:
     import hiredis
@@ -54,8 +46,6 @@ T = TypeVar("T")
 
 # Each connection attempt gives up after this long (at most REDIS_CONNECT_TIMEOUT_MS at start).
 CONNECT_TIMEOUT_S = 2.0
-# Through Sentinel, how often at most a process asks the sentinels which master is in use.
-MASTER_CHECK_S = 1.0
 
 
 class RedisUnavailable(CliError):
@@ -192,70 +182,13 @@ def make_pool(settings: Settings) -> ConnectionPool:
     }
     pool: ConnectionPool
     if settings.redis_sentinels:
-        sentinels, to_sentinels, to_master = sentinel_options(settings)
-        sentinel = Sentinel(sentinels, sentinel_kwargs=to_sentinels)
-        pool = _SentinelPool(settings.redis_sentinel_master, sentinel, **to_master, **options)  # type: ignore[no-untyped-call]
+        sentinels, to_sentinels, to_master = sentinel.options(settings)
+        manager = Sentinel(sentinels, sentinel_kwargs=to_sentinels)
+        pool = sentinel.Pool(settings.redis_sentinel_master, manager, **to_master, **options)  # type: ignore[no-untyped-call]
     else:
         pool = ConnectionPool.from_url(settings.redis_url, **options)
     pool.connection_class = _FAST.get(pool.connection_class, pool.connection_class)
     return pool
-
-
-class _SentinelPool(SentinelConnectionPool):
-    """redis-py's pool of connections to the master the sentinels name; closing it closes those to
-    the sentinels as well.
-
-    At most every MASTER_CHECK_S, taking a connection asks the sentinels which master is in use, and
-    a connection to another one is made again. After a failover of a master that is still up
-    (SENTINEL FAILOVER, or one a slow master set off) the old master keeps taking writes until the
-    sentinels make it a replica, about ten seconds later, and then drops them: redis-py would keep
-    using a connection to it that was in use when the master changed (a blocking read) all that time.
-    """
-
-    checked_at = 0.0
-
-    async def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:
-        now = time.monotonic()
-        if now - self.checked_at >= MASTER_CHECK_S:
-            self.checked_at = now
-            with contextlib.suppress(RedisError, OSError):  # no master now: the connection says so
-                await self.get_master_address()  # type: ignore[no-untyped-call]
-        connection = await super().get_connection(command_name, *keys, **options)  # type: ignore[no-untyped-call]
-        if self.master_address is not None and (connection.host, connection.port) != self.master_address:
-            try:
-                await connection.disconnect()
-                await connection.connect()
-            except BaseException:
-                await self.release(connection)
-                raise
-        return connection
-
-    async def aclose(self) -> None:
-        try:
-            await super().aclose()
-        finally:
-            await self.sentinel_manager.aclose()
-
-
-def sentinel_options(settings: Settings) -> tuple[list[tuple[str, int]], dict[str, Any], dict[str, Any]]:
-    """Through Sentinel: the sentinels' addresses, what a connection to a sentinel takes (their own
-    user and password; REDIS_URL's TLS options), and what one to the master takes: REDIS_URL's user,
-    password, database and TLS options (`ssl`), not its host, which the sentinels give."""
-    to_master: dict[str, Any] = dict(parse_url(settings.redis_url))
-    tls = to_master.pop("connection_class", None) is SSLConnection
-    for name in ("host", "port"):
-        to_master.pop(name, None)
-    to_sentinels: dict[str, Any] = {
-        # A sentinel that does not answer soon is skipped for the next one.
-        "socket_timeout": CONNECT_TIMEOUT_S,
-        "socket_connect_timeout": CONNECT_TIMEOUT_S,
-        "username": settings.redis_sentinel_username or None,
-        "password": settings.redis_sentinel_password or None,
-    }
-    if tls:
-        to_sentinels.update(ssl=True, **{k: v for k, v in to_master.items() if k.startswith("ssl_")})
-    sentinels = [host_and_port(address) for address in settings.redis_sentinels]
-    return sentinels, to_sentinels, {**to_master, "ssl": tls}
 
 
 def where(settings: Settings) -> str:
@@ -267,15 +200,6 @@ def where(settings: Settings) -> str:
     if settings.redis_cluster_nodes:
         return f"{settings.safe_redis_url} (and {','.join(settings.redis_cluster_nodes)})"
     return settings.safe_redis_url
-
-
-async def master_address(redis: Redis) -> str | None:
-    """Through Sentinel, the master in use as host:port, as the sentinels name it now; else None."""
-    pool = getattr(redis, "connection_pool", None)  # a cluster client has none
-    if not isinstance(pool, SentinelConnectionPool):
-        return None
-    host, port = await pool.get_master_address()  # type: ignore[no-untyped-call]
-    return f"{host}:{port}"
 
 
 async def wait_until_reachable(redis: Redis, where: str, deadline_s: float) -> None:
@@ -298,7 +222,7 @@ async def wait_until_reachable(redis: Redis, where: str, deadline_s: float) -> N
         except (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError) as error:
             if isinstance(error.__cause__ or error.__context__, ssl.SSLError):
                 raise RedisRefused(f"TLS with Redis at {where} failed: {error}") from None
-            if isinstance(error, MasterNotFoundError) and _refused(str(error)):
+            if isinstance(error, MasterNotFoundError) and sentinel.refused(error):
                 raise RedisRefused(
                     f"the sentinels of {where} refused their user or password: set REDIS_SENTINEL_PASSWORD "
                     "(and REDIS_SENTINEL_USERNAME for a user other than default) to what they require"
@@ -308,44 +232,14 @@ async def wait_until_reachable(redis: Redis, where: str, deadline_s: float) -> N
                 no_master = isinstance(error, MasterNotFoundError)
             if loop.time() + delay >= give_up:
                 pool = getattr(redis, "connection_pool", None)
-                if isinstance(pool, _SentinelPool) and (no_master or reason == "no answer"):
-                    # MasterNotFoundError's text spells out each sentinel's client: say what each says
-                    reason = await _sentinels_say(pool)
+                if isinstance(pool, sentinel.Pool) and (no_master or reason == "no answer"):
+                    reason = await sentinel.what_each_says(pool)
                 raise RedisUnavailable(
                     f"cannot reach Redis at {where} after {deadline_s:g}s: {reason}"
                 ) from None
             log.debug("Redis at %s not reachable yet (%s); retrying", where, type(error).__name__)
         await asyncio.sleep(delay)
         delay = min(delay * 2, 2.0)
-
-
-async def _sentinels_say(pool: _SentinelPool) -> str:
-    """What each sentinel says of the master, in a few words: the error asking it, or the address
-    it names and whether that master is down."""
-    name = pool.service_name
-    said = []
-    for sentinel in pool.sentinel_manager.sentinels:
-        options = sentinel.connection_pool.connection_kwargs
-        try:
-            async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                state = (await sentinel.sentinel_masters()).get(name)
-        except (RedisError, OSError, TimeoutError) as error:
-            says = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        else:
-            down = state is not None and (state["is_sdown"] or state["is_odown"])
-            where = None if state is None else f"{state['ip']}:{state['port']}"
-            says = (
-                f"knows no master {name!r}" if where is None else f"names {where}{' (down)' if down else ''}"
-            )
-        said.append(f"sentinel {options['host']}:{options['port']} {says}")
-    return "; ".join(said)
-
-
-def _refused(text: str) -> bool:
-    return any(
-        sign in text
-        for sign in ("NOAUTH", "Authentication required", "WRONGPASS", "invalid username-password pair")
-    )
 
 
 def refusal(where: str, error: Exception) -> str:

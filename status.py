@@ -23,8 +23,9 @@ from core import library
 from core.capabilities import Capabilities, detect
 from core.keys import partitions
 from core.replies import parse_id, text
+from core.sentinel import master_address
 from deadletter import describe
-from redisPool import is_cluster, master_address, redis_connect
+from redisPool import is_cluster, redis_connect
 
 UNHEALTHY = 3
 

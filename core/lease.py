@@ -33,13 +33,12 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.cluster import ClusterNode
-from redis.sentinel import Sentinel, SentinelConnectionPool
+from redis.sentinel import Sentinel
 
 import redis
 from config import ConfigError, Settings, configure_logging, host_and_port
-from core import library
+from core import library, sentinel
 from core.recovery import pause
-from redisPool import sentinel_options
 
 log = logging.getLogger("lease")
 
@@ -256,25 +255,6 @@ def _settings_of(raw: dict[str, Any]) -> Settings:
     return Settings(**values)
 
 
-class _FollowingPool(SentinelConnectionPool):
-    """redis-py's Sentinel pool whose every connection taken goes to the master the sentinels name
-    now, as the consumer's own pool does (redisPool._SentinelPool): a lease refreshed on a master
-    being replaced, still up until the sentinels make it a replica, would lapse on the new one."""
-
-    def get_connection(self, *args: Any, **options: Any) -> Any:
-        with contextlib.suppress(redis.RedisError, OSError):  # no master now: the connection says so
-            self.get_master_address()  # type: ignore[no-untyped-call]
-        connection: Any = super().get_connection(*args, **options)
-        if self.master_address is not None and (connection.host, connection.port) != self.master_address:
-            try:
-                connection.disconnect()
-                connection.connect()
-            except BaseException:
-                self.release(connection)
-                raise
-        return connection
-
-
 def _client(settings: Settings, ttl_ms: int) -> redis.Redis | redis.RedisCluster:
     """A client of the Redis the consumer uses: one Redis, a cluster from any of its seed nodes, or
     the master the sentinels name (asked again whenever a new connection is made)."""
@@ -284,10 +264,10 @@ def _client(settings: Settings, ttl_ms: int) -> redis.Redis | redis.RedisCluster
         "client_name": f"{settings.consumer_name}-lease",
     }
     if settings.redis_sentinels:
-        sentinels, to_sentinels, to_master = sentinel_options(settings)
-        sentinel = Sentinel(sentinels, sentinel_kwargs=to_sentinels)
-        return sentinel.master_for(  # type: ignore[no-any-return]
-            settings.redis_sentinel_master, connection_pool_class=_FollowingPool, **to_master, **options
+        sentinels, to_sentinels, to_master = sentinel.options(settings)
+        manager = Sentinel(sentinels, sentinel_kwargs=to_sentinels)
+        return manager.master_for(  # type: ignore[no-any-return]
+            settings.redis_sentinel_master, connection_pool_class=sentinel.SyncPool, **to_master, **options
         )
     if settings.redis_cluster:
         seeds = [ClusterNode(*host_and_port(node)) for node in settings.redis_cluster_nodes]  # type: ignore[no-untyped-call]

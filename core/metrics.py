@@ -21,9 +21,9 @@ from redis.exceptions import RedisError
 from config import DEFAULTS, Settings
 from core.handlers import TxHandler
 from core.keys import partitions
+from core.sentinel import master_address
 from core.stats import Stats
 from orders import Order
-from redisPool import master_address
 from tx import Tx
 
 REFRESH_S = 5.0

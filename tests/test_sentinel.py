@@ -31,7 +31,8 @@ from config import Settings
 from core import library
 from core.keys import keys_for
 from core.replies import parse_id
-from redisPool import sentinel_options, where
+from core.sentinel import options
+from redisPool import where
 from status import caught_up
 from tools.local_redis import LocalSentinel, free_port, start_local_sentinel
 
@@ -118,7 +119,7 @@ def test_the_settings_take_the_sentinels_and_their_credentials() -> None:
     )
     assert settings.redis_sentinels == ("10.0.0.1:26379", "10.0.0.2:26379", "[::1]:26380")
     assert "s3cret-watch" not in repr(settings)
-    sentinels, to_sentinels, to_master = sentinel_options(settings)
+    sentinels, to_sentinels, to_master = options(settings)
     assert sentinels == [("10.0.0.1", 26379), ("10.0.0.2", 26379), ("::1", 26380)]
     assert (to_sentinels["username"], to_sentinels["password"]) == ("watcher", "s3cret-watch")
     assert to_sentinels["ssl"] is True
