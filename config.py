@@ -23,6 +23,14 @@ DEFAULTS: dict[str, str] = {
     "REDIS_MAX_CONNECTIONS": "5",
     "REDIS_CONNECT_TIMEOUT_MS": "10000",  # a script gives up on an unreachable Redis after this long
     "REDIS_CLUSTER": "false",  # true: REDIS_URL names any node of a Redis Cluster
+    # More nodes to start from, host:port,host:port: the cluster stays reachable when REDIS_URL's is down.
+    "REDIS_CLUSTER_NODES": "",
+    # Redis Sentinel: the sentinels (host:port,host:port) give the master's address; REDIS_URL then
+    # gives only the master's user, password, database and TLS options, not its host.
+    "REDIS_SENTINELS": "",
+    "REDIS_SENTINEL_MASTER": "mymaster",  # the name the sentinels monitor the master under
+    "REDIS_SENTINEL_USERNAME": "",  # the sentinels' own user and password, if they require one
+    "REDIS_SENTINEL_PASSWORD": "",
     "STREAM_PARTITIONS": "1",  # streams the orders are spread over, by order_id (keys.partition_of)
     "PUBLISH_MIN_REPLICAS": "0",  # confirm a chunk only once this many replicas have it (WAIT)
     "PUBLISH_WAIT_MS": "2000",  # how long the producer's WAIT waits for them
@@ -185,6 +193,11 @@ class Settings:
     redis_max_connections: int
     redis_connect_timeout_ms: int
     redis_cluster: bool
+    redis_cluster_nodes: tuple[str, ...]
+    redis_sentinels: tuple[str, ...]
+    redis_sentinel_master: str
+    redis_sentinel_username: str
+    redis_sentinel_password: str = field(repr=False)
     stream_partitions: int
     publish_min_replicas: int
     publish_wait_ms: int
@@ -240,6 +253,11 @@ class Settings:
             redis_max_connections=get.integer("REDIS_MAX_CONNECTIONS", low=1),
             redis_connect_timeout_ms=get.integer("REDIS_CONNECT_TIMEOUT_MS", low=100),
             redis_cluster=get.flag("REDIS_CLUSTER"),
+            redis_cluster_nodes=get.addresses("REDIS_CLUSTER_NODES"),
+            redis_sentinels=get.addresses("REDIS_SENTINELS"),
+            redis_sentinel_master=get.text("REDIS_SENTINEL_MASTER", empty_ok=True),
+            redis_sentinel_username=get.text("REDIS_SENTINEL_USERNAME", empty_ok=True),
+            redis_sentinel_password=get.text("REDIS_SENTINEL_PASSWORD", empty_ok=True),
             stream_partitions=get.integer("STREAM_PARTITIONS", low=1, high=1024),
             publish_min_replicas=get.integer("PUBLISH_MIN_REPLICAS", low=0),
             publish_wait_ms=get.integer("PUBLISH_WAIT_MS", low=1),
@@ -306,11 +324,39 @@ class Settings:
             raise ConfigError(
                 "REDIS_URL must name database 0 (or none) with REDIS_CLUSTER: a cluster has only 0"
             )
+        _check_topology(settings)
         if settings.log_level not in logging.getLevelNamesMapping():
             raise ConfigError(
                 f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, got {settings.log_level!r}"
             )
         return settings
+
+
+def _check_topology(settings: Settings) -> None:
+    """One Redis, a cluster (its seed nodes) or a master behind Sentinel: settings that fit together."""
+    if settings.redis_cluster_nodes and not settings.redis_cluster:
+        raise ConfigError("REDIS_CLUSTER_NODES names nodes of a Redis Cluster: set REDIS_CLUSTER=true too")
+    if not settings.redis_sentinels:
+        return
+    if settings.redis_cluster:
+        raise ConfigError(
+            "REDIS_SENTINELS and REDIS_CLUSTER=true exclude each other: a cluster fails over by itself"
+        )
+    if urlsplit(settings.redis_url).scheme == "unix":
+        raise ConfigError(
+            "REDIS_URL must be redis:// or rediss:// with REDIS_SENTINELS: the master is on TCP"
+        )
+    if not settings.redis_sentinel_master:
+        raise ConfigError("REDIS_SENTINEL_MASTER must not be empty with REDIS_SENTINELS")
+
+
+def host_and_port(address: str) -> tuple[str, int]:
+    """`host:port` (`[::1]:26379` for IPv6) as a pair; ValueError when it is not one."""
+    host, colon, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"not host:port: {address!r}")
+    return host, int(port)
 
 
 class _Reader:
@@ -337,6 +383,18 @@ class _Reader:
         if any(char.isspace() for part in names for char in part):
             raise ConfigError(f"{name} must be names separated by commas, without spaces inside a name")
         return names
+
+    def addresses(self, name: str) -> tuple[str, ...]:
+        """A comma-separated list of host:port; empty when the variable is empty."""
+        found = tuple(part.strip() for part in self.raw[name].split(",") if part.strip())
+        for address in found:
+            try:
+                host_and_port(address)
+            except ValueError:
+                raise ConfigError(
+                    f"{name} must be host:port addresses separated by commas, got {address!r}"
+                ) from None
+        return found
 
     def integer(self, name: str, *, low: int, high: int | None = None) -> int:
         value = self.raw[name].strip()

@@ -30,7 +30,7 @@ from core.dead_letters import ADDRESS, parse_address
 from core.keys import partitions
 from core.replies import text
 from deadletter import move
-from redisPool import redis_connect
+from redisPool import redis_connect, where
 
 log = logging.getLogger("dashboard")
 
@@ -162,7 +162,7 @@ def make_app(pipeline: Pipeline, host: str) -> web.Application:
     async def report(request: web.Request) -> web.Response:
         return web.json_response(
             {
-                "redis": settings.safe_redis_url,
+                "redis": where(settings),
                 "interval_s": pipeline.args.interval,
                 "writes": bool(settings.dashboard_token),
                 "error": pipeline.error,

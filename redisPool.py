@@ -1,8 +1,10 @@
 """The one redis.asyncio connection pool of a process: pinged at start, retried, always closed.
 
-With REDIS_CLUSTER=true it is redis-py's cluster client instead: REDIS_URL names any node, it
-finds the others, routes each command by its key's slot and follows failovers (MOVED, topology
-refresh). It offers the same command methods, so the scripts take it where they take a Redis.
+With REDIS_CLUSTER=true it is redis-py's cluster client instead: REDIS_URL (and
+REDIS_CLUSTER_NODES) name nodes to start from, it finds the others, routes each command by its
+key's slot and follows failovers (MOVED, topology refresh). It offers the same command methods,
+so the scripts take it where they take a Redis. With REDIS_SENTINELS it is redis-py's Sentinel
+pool, following the master the sentinels name through failovers (core/sentinel.py).
 """
 
 from __future__ import annotations
@@ -16,8 +18,15 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar, cast
 
 from redis.asyncio import ConnectionPool, Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import (
+    MasterNotFoundError,
+    Sentinel,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.connection import HiredisRespSerializer
 from redis.exceptions import AuthenticationError, RedisClusterException, ResponseError
@@ -26,7 +35,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 from redis.utils import HIREDIS_AVAILABLE
 
-from config import CliError, Settings
+from config import CliError, Settings, host_and_port
+from core import sentinel
 
 if HIREDIS_AVAILABLE:
     import hiredis
@@ -123,11 +133,22 @@ class _FastUnixConnection(_SendOnClosed, _HiredisPacking, UnixDomainSocketConnec
     pass
 
 
-# Ours (the guard, hiredis packing) for redis-py's own, on one Redis and on a cluster's nodes alike.
+class _FastSentinelConnection(_SendOnClosed, _HiredisPacking, SentinelManagedConnection):
+    pass
+
+
+class _FastSentinelSSLConnection(_SendOnClosed, _HiredisPacking, SentinelManagedSSLConnection):
+    pass
+
+
+# Ours (the guard, hiredis packing) for redis-py's own, on one Redis, a cluster's nodes and a
+# master behind Sentinel alike.
 _FAST: dict[type[AbstractConnection], type[AbstractConnection]] = {
     Connection: _FastConnection,
     SSLConnection: _FastSSLConnection,
     UnixDomainSocketConnection: _FastUnixConnection,
+    SentinelManagedConnection: _FastSentinelConnection,
+    SentinelManagedSSLConnection: _FastSentinelSSLConnection,
 }
 
 
@@ -150,16 +171,34 @@ def connection_options(settings: Settings) -> dict[str, Any]:
 
 
 def make_pool(settings: Settings) -> ConnectionPool:
-    """A pool whose socket timeout stays above the blocking-read time and that retries lost connections."""
-    pool = ConnectionPool.from_url(
-        settings.redis_url,
+    """A pool whose socket timeout stays above the blocking-read time and that retries lost connections;
+    through Sentinel (REDIS_SENTINELS), its connections go to the master the sentinels name."""
+    options: dict[str, Any] = {
         # Three quick reconnects hide a dropped connection; longer outages reach the caller.
-        retry=_Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        "retry": _Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
         **connection_options(settings),
-    )
+    }
+    pool: ConnectionPool
+    if settings.redis_sentinels:
+        sentinels, to_sentinels, to_master = sentinel.options(settings)
+        manager = Sentinel(sentinels, sentinel_kwargs=to_sentinels)
+        pool = sentinel.Pool(settings.redis_sentinel_master, manager, **to_master, **options)  # type: ignore[no-untyped-call]
+    else:
+        pool = ConnectionPool.from_url(settings.redis_url, **options)
     pool.connection_class = _FAST.get(pool.connection_class, pool.connection_class)
     return pool
+
+
+def where(settings: Settings) -> str:
+    """The Redis the settings name, for log lines (no password): REDIS_URL, or the master's name
+    and the sentinels."""
+    if settings.redis_sentinels:
+        sentinels = ",".join(settings.redis_sentinels)
+        return f"master {settings.redis_sentinel_master} of Sentinel {sentinels}"
+    if settings.redis_cluster_nodes:
+        return f"{settings.safe_redis_url} (and {','.join(settings.redis_cluster_nodes)})"
+    return settings.safe_redis_url
 
 
 async def wait_until_reachable(redis: Redis, where: str, deadline_s: float) -> None:
@@ -170,7 +209,7 @@ async def wait_until_reachable(redis: Redis, where: str, deadline_s: float) -> N
     loop = asyncio.get_running_loop()
     give_up = loop.time() + deadline_s
     delay = 0.1
-    reason = "no answer"
+    reason, no_master = "no answer", False
     while True:
         try:
             async with asyncio.timeout(max(give_up - loop.time(), 0.1)):
@@ -182,9 +221,18 @@ async def wait_until_reachable(redis: Redis, where: str, deadline_s: float) -> N
         except (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError) as error:
             if isinstance(error.__cause__ or error.__context__, ssl.SSLError):
                 raise RedisRefused(f"TLS with Redis at {where} failed: {error}") from None
+            if isinstance(error, MasterNotFoundError) and sentinel.refused(error):
+                raise RedisRefused(
+                    f"the sentinels of {where} refused their user or password: set REDIS_SENTINEL_PASSWORD "
+                    "(and REDIS_SENTINEL_USERNAME for a user other than default) to what they require"
+                ) from None
             if not isinstance(error, TimeoutError):  # keep the cause, not our own deadline
                 reason = str(error) or type(error).__name__
+                no_master = isinstance(error, MasterNotFoundError)
             if loop.time() + delay >= give_up:
+                pool = getattr(redis, "connection_pool", None)
+                if isinstance(pool, sentinel.Pool) and (no_master or reason == "no answer"):
+                    reason = await sentinel.what_each_says(pool)
                 raise RedisUnavailable(
                     f"cannot reach Redis at {where} after {deadline_s:g}s: {reason}"
                 ) from None
@@ -227,12 +275,12 @@ async def redis_connect(
         deadline_s = settings.redis_connect_timeout_ms / 1000
     redis = make_cluster(settings) if settings.redis_cluster else Redis.from_pool(make_pool(settings))
     try:
-        reachable = wait_until_reachable(redis, settings.safe_redis_url, deadline_s)
+        reachable = wait_until_reachable(redis, where(settings), deadline_s)
         if stop is None:
             await reachable
         else:
             await _unless_stopped(reachable, stop)
-        log.debug("connected to %s", settings.safe_redis_url)
+        log.debug("connected to %s", where(settings))
         yield redis
     finally:
         await redis.aclose()
@@ -257,11 +305,13 @@ async def _unless_stopped(step: Awaitable[None], stop: asyncio.Event) -> None:
 def make_cluster(settings: Settings) -> Redis:
     """redis-py's cluster client, typed as the Redis whose command methods it offers.
 
-    A lost node is retried with backoff while the cluster fails
-    over (`cluster-node-timeout`, then a replica's election), refreshing the slot map each time.
+    It starts from any node of REDIS_URL and REDIS_CLUSTER_NODES that answers. A lost node is
+    retried with backoff while the cluster fails over (`cluster-node-timeout`, then a replica's
+    election), refreshing the slot map each time.
     """
     cluster = RedisCluster.from_url(
         settings.redis_url,
+        startup_nodes=[ClusterNode(*host_and_port(node)) for node in settings.redis_cluster_nodes],
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=8),
         **connection_options(settings),
     )

@@ -25,6 +25,7 @@ from core.keys import partitions, stream_keys
 from core.lag import GroupLag, group_lags
 from core.replies import parse_id, text
 from core.schedule import schedule_text
+from core.sentinel import master_address
 from deadletter import describe
 from redisPool import is_cluster, redis_connect
 
@@ -84,6 +85,9 @@ async def collect(
         "exists": True,
         "groups": [],
     }
+    master = await master_address(redis)
+    if master is not None:  # through Sentinel: the master it names now
+        report.update(master=master, master_name=settings.redis_sentinel_master)
     try:
         info: Any = await redis.xinfo_stream(stream)
     except ResponseError:  # no such key
@@ -341,6 +345,8 @@ def render(report: dict[str, Any], found: list[str], color: bool) -> str:
     lines = [f"redis {report['redis_version']} ({features})"]
     lines.append("in use: " + "; ".join(f"{name}: {how}" for name, how in report["paths"].items()))
     lines.append(f"retries: {report['retries']}")
+    if report.get("master"):
+        lines.append(f"master {report['master_name']} at {report['master']} (as Redis Sentinel names it)")
     if not report["exists"]:
         lines.append(
             mark(f"stream {report['stream']}: does not exist (run python -m initialization_stream)", True)
@@ -391,9 +397,7 @@ def render(report: dict[str, Any], found: list[str], color: bool) -> str:
     dead = f"dead letters in {report['dead_letter_stream']}: {report['dead_letters']:,}"
     lines.append(mark(dead, any(line.startswith("dead letters") for line in found)))
     for row in report["newest_dead_letters"]:
-        lines.append(
-            f"  {row['id']}  {row['group']:<18} deliveries {row['deliveries']:<3} {row['error']}"
-        )
+        lines.append(f"  {row['id']}  {row['group']:<18} deliveries {row['deliveries']:<3} {row['error']}")
     for part in report.get("partitions", []):
         pending = ", ".join(f"{g['name']} {g['pending']:,}" for g in part["groups"] if g["exists"])
         where = f" on {part['node']}" if part.get("node") else ""

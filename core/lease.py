@@ -32,10 +32,12 @@ from types import TracebackType
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.cluster import ClusterNode
+from redis.sentinel import Sentinel
 
 import redis
-from config import ConfigError, Settings, configure_logging
-from core import library
+from config import ConfigError, Settings, configure_logging, host_and_port
+from core import library, sentinel
 from core.recovery import pause
 
 log = logging.getLogger("lease")
@@ -254,14 +256,25 @@ def _settings_of(raw: dict[str, Any]) -> Settings:
 
 
 def _client(settings: Settings, ttl_ms: int) -> redis.Redis | redis.RedisCluster:
-    """A client that fails fast: the keeper's own loop retries, every third of the TTL."""
+    """A client of the Redis the consumer uses, that fails fast (the keeper's own loop retries, every
+    third of the TTL): one Redis, a cluster from any of its seed nodes, or the master the sentinels
+    name (asked again whenever a new connection is made)."""
     options: dict[str, Any] = {
         "socket_timeout": ttl_ms / 3000 + 1,
         "socket_connect_timeout": 2,
         "client_name": f"{settings.consumer_name}-lease",
     }
+    if settings.redis_sentinels:
+        sentinels, to_sentinels, to_master = sentinel.options(settings)
+        manager = Sentinel(sentinels, sentinel_kwargs=to_sentinels)
+        return manager.master_for(  # type: ignore[no-any-return]
+            settings.redis_sentinel_master, connection_pool_class=sentinel.SyncPool, **to_master, **options
+        )
     if settings.redis_cluster:
-        return redis.RedisCluster.from_url(settings.redis_url, cluster_error_retry_attempts=1, **options)
+        seeds = [ClusterNode(*host_and_port(node)) for node in settings.redis_cluster_nodes]  # type: ignore[no-untyped-call]
+        return redis.RedisCluster.from_url(
+            settings.redis_url, startup_nodes=seeds, cluster_error_retry_attempts=1, **options
+        )
     return redis.Redis.from_url(settings.redis_url, **options)
 
 

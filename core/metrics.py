@@ -22,6 +22,7 @@ from config import DEFAULTS, Settings
 from core.handlers import TxHandler
 from core.keys import partitions
 from core.lag import group_lags
+from core.sentinel import master_address
 from core.stats import Stats
 from orders import Order
 from tx import Tx
@@ -55,6 +56,7 @@ class ConsumerCollector(Collector):
         self.pending: dict[str, int] = {}
         self.per_partition: dict[tuple[str, str], tuple[int, int]] = {}  # (group, stream): (lag, pending)
         self.dead_letters = 0
+        self.master: tuple[str, str] | None = None  # through Sentinel: its name and address
         self.server: WSGIServer | None = None
 
     def close(self) -> None:
@@ -101,6 +103,13 @@ class ConsumerCollector(Collector):
         yield GaugeMetricFamily(
             "orders_dead_letter_length", "Entries in the dead-letter stream.", self.dead_letters
         )
+        if self.master is not None:
+            master = GaugeMetricFamily(
+                "orders_redis_master", "The master in use, as Redis Sentinel names it (always 1).",
+                labels=["name", "address"],
+            )  # fmt: skip
+            master.add_metric(list(self.master), 1)
+            yield master
         waiting = GaugeMetricFamily(
             "orders_retry_waiting",
             "Entries this consumer holds waiting for a retry.",
@@ -131,6 +140,8 @@ class ConsumerCollector(Collector):
             self.pending[group] = self.pending.get(group, 0) + pending
         self.per_partition = per_partition if settings.partitioned else {}
         self.dead_letters = dead_letters
+        address = await master_address(redis)
+        self.master = None if address is None else (settings.redis_sentinel_master, address)
 
 
 def timed(handler: TxHandler, group: str) -> TxHandler:

@@ -162,7 +162,8 @@ function renderDeadLetters(report) {
 function render(data) {
   const report = data.report;
   writes = data.writes;
-  document.getElementById("redis").textContent = `Redis ${data.redis} (${report.redis_version})`;
+  const master = report.master ? `; master ${report.master_name} at ${report.master}` : "";
+  document.getElementById("redis").textContent = `Redis ${data.redis} (${report.redis_version})${master}`;
   document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
   const error = document.getElementById("error");
   error.hidden = !data.error;

@@ -24,6 +24,7 @@ import pytest
 from conftest import ROOT, Script, need_cluster_tools, run_script, script_env, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from test_dashboard import get, post, start_dashboard
 from test_demo import Sandbox
 
@@ -121,9 +122,10 @@ async def partition_grew(client: RedisCluster, length: int) -> bool:
     return int(await client.xlen(STREAMS[0])) >= length
 
 
-def set_app_users(cluster: LocalCluster, tmp_path: Path) -> None:
-    """The producer and consumer users of redis/users.acl.template (passwords pr0d, c0ns) on every
-    node; the default user stays on, for the tests' own client."""
+def set_app_users(ports: list[int], tmp_path: Path) -> None:
+    """The producer and consumer users of redis/users.acl.template (passwords pr0d, c0ns) on the
+    servers at `ports` (ACL SETUSER is not replicated); the default user stays on, for the tests'
+    own client."""
     passwords = {"REDIS_ADMIN_PASSWORD": "adm1n", "PRODUCER_PASSWORD": "pr0d", "CONSUMER_PASSWORD": "c0ns"}
     acl = tmp_path / "users.acl"
     render = {**os.environ, **passwords, "ACL_FILE": str(acl), "RENDER_ONLY": "1"}
@@ -131,7 +133,7 @@ def set_app_users(cluster: LocalCluster, tmp_path: Path) -> None:
     for line in acl.read_text().splitlines():
         name, rules = line.split()[1], re.findall(r"\([^)]*\)|\S+", line)[2:]
         if name in ("producer", "consumer"):
-            for port in cluster.ports:
+            for port in ports:
                 command = ["redis-cli", "-p", str(port), "acl", "setuser", name, *rules]
                 reply = subprocess.run(command, capture_output=True, text=True, check=True, timeout=10)
                 assert reply.stdout.strip() == "OK", reply.stdout
@@ -321,12 +323,65 @@ async def test_a_master_killed_under_load_is_ridden_out(
         await client.aclose()
 
 
+async def test_scripts_started_after_the_node_of_redis_url_died_start_from_the_other_seeds(
+    cluster_with_replicas: LocalCluster, scripts: Start
+) -> None:
+    """The master REDIS_URL names is SIGKILLed and its replica takes over: every script started
+    afterwards (and each consumer's lease keeper, a process of its own) reaches the cluster
+    through the other nodes named in REDIS_CLUSTER_NODES."""
+    local = cluster_with_replicas
+    named = local.nodes[0].port
+    assert named in local.master_ports()
+    seeds = ",".join(f"127.0.0.1:{port}" for port in local.ports if port != named)
+    env = cluster_env(local.url, REDIS_CLUSTER_NODES=seeds)
+    local.node(named).kill()
+    await wait_until(lambda: local.failed_over(named), "a replica to take over", 30)
+
+    init(local.url, REDIS_CLUSTER_NODES=seeds)
+    consumers = [
+        scripts("consumer1", {**env, "CONSUMER_NAME": "fulfillment-1"}),
+        scripts("consumer2", {**env, "CONSUMER_NAME": "email-1"}),
+    ]
+    published = run_script("producer", env, "--count", "60")
+    assert published.returncode == 0, published.stderr
+    alive = [local.node(port) for port in local.ports if port != named]
+    client = await RedisCluster(
+        startup_nodes=[ClusterNode("127.0.0.1", node.port) for node in alive]
+    ).initialize()
+    try:
+        for group in GROUPS:
+            await wait_until(functools.partial(done, client, group, 60), f"{group} to finish 60 orders", 30)
+        keepers = functools.partial(lease_keepers, local, {"fulfillment-1-lease", "email-1-lease"})
+        await wait_until(keepers, "the lease keepers connected to the cluster", 20)
+    finally:
+        await client.aclose()
+    assert json.loads(run_script("status", env, "--json").stdout)["length"] == 60
+    for module, args in (("deadletter", ["list"]), ("maintenance", [])):
+        result = run_script(module, env, *args)
+        assert result.returncode == 0, (module, result.stderr)
+    for consumer in consumers:
+        assert "lease keeper process ended" not in consumer.output(), consumer.output()
+        assert "Traceback" not in consumer.output()
+
+
+async def lease_keepers(cluster: LocalCluster, names: set[str]) -> bool:
+    """Every one of `names` is a client of one of the cluster's masters."""
+    found = set()
+    for port in cluster.master_ports():
+        node = Redis(port=port)
+        try:
+            found |= {client["name"] for client in await node.client_list()}
+        finally:
+            await node.aclose()
+    return names <= found
+
+
 async def test_the_least_privilege_users_run_the_pipeline_on_the_cluster(
     cluster: LocalCluster, cluster_url: str, client: RedisCluster, scripts: Start, tmp_path: Path
 ) -> None:
     """The producer and consumer users of redis/users.acl.template, set on every node, publish
     and consume partitioned orders (the function library runs with their key rules)."""
-    set_app_users(cluster, tmp_path)
+    set_app_users(cluster.ports, tmp_path)
     init(cluster_url)
     host = cluster_url.removeprefix("redis://")
     as_consumer = cluster_env(f"redis://consumer:c0ns@{host}", CONSUMER_NAME="email-1")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_script, script_env
 
-from config import DEFAULTS, ConfigError, Settings, load_settings, redact_url
+from config import DEFAULTS, ConfigError, Settings, host_and_port, load_settings, redact_url
 
 
 def test_defaults_match_the_design() -> None:
@@ -46,11 +46,25 @@ def test_environment_overrides_and_consumer_name() -> None:
         ({"DEDUPE_WINDOW_MS": "-5"}, "DEDUPE_WINDOW_MS"),
         ({"METRICS_PORT": "70000"}, "METRICS_PORT"),
         ({"CONSUMER_NAME": "pod 3"}, "CONSUMER_NAME"),
+        ({"REDIS_SENTINELS": "sentinel-1"}, "REDIS_SENTINELS"),
+        ({"REDIS_SENTINELS": "h:26379,h:0"}, "REDIS_SENTINELS"),
+        ({"REDIS_SENTINELS": "h:26379", "REDIS_CLUSTER": "true"}, "REDIS_SENTINELS"),
+        ({"REDIS_SENTINELS": "h:26379", "REDIS_URL": "unix:///run/redis.sock"}, "REDIS_URL"),
+        ({"REDIS_SENTINELS": "h:26379", "REDIS_SENTINEL_MASTER": " "}, "REDIS_SENTINEL_MASTER"),
+        ({"REDIS_CLUSTER_NODES": "10.0.0.2:6379"}, "REDIS_CLUSTER_NODES"),
+        ({"REDIS_CLUSTER_NODES": "10.0.0.2", "REDIS_CLUSTER": "true"}, "REDIS_CLUSTER_NODES"),
     ],
 )
 def test_bad_values_name_their_variable(env: dict[str, str], variable: str) -> None:
     with pytest.raises(ConfigError, match=variable):
         Settings.from_env(env)
+
+
+def test_seed_nodes_and_sentinels_are_lists_of_addresses() -> None:
+    cluster = Settings.from_env({"REDIS_CLUSTER": "true", "REDIS_CLUSTER_NODES": " a:7001, [::1]:7002 ,"})
+    assert cluster.redis_cluster_nodes == ("a:7001", "[::1]:7002")
+    assert [host_and_port(node) for node in cluster.redis_cluster_nodes] == [("a", 7001), ("::1", 7002)]
+    assert Settings.from_env({}).redis_sentinels == ()
 
 
 def test_password_never_in_repr_or_safe_url() -> None:

@@ -25,7 +25,11 @@ outside Redis, at least once by nature).
 With --cluster it runs on a local Redis Cluster of 3 masters with a replica each (AOF always,
 cluster-node-timeout 1 s), STREAM_PARTITIONS=3, publishing with PUBLISH_MIN_REPLICAS=1; a Redis
 fault is then a master's SIGKILL: its replica takes over, and the killed node is started again
-and rejoins as a replica. (No network partitions in that mode.)
+and rejoins as a replica. With --sentinel it runs on a master with 2 replicas under 3 sentinels
+(AOF always, down-after-milliseconds 1.5 s), everyone connecting through the sentinels
+(REDIS_SENTINELS), publishing with PUBLISH_MIN_REPLICAS=1; a Redis fault is the master's
+SIGKILL: the sentinels promote a replica, and the killed server is started again and rejoins
+as a replica once they reconfigure it. (No network partitions in either mode.)
 """
 
 from __future__ import annotations
@@ -55,8 +59,16 @@ from core.keys import keys_for, partitions
 from core.replies import text
 from orders import Order
 from producer import CHUNK, Durability, PublishError, publish_many, sample_orders
+from redisPool import make_pool
 from status import caught_up
-from tools.local_redis import LocalCluster, LocalRedis, start_local_cluster, start_local_redis
+from tools.local_redis import (
+    LocalCluster,
+    LocalRedis,
+    LocalSentinel,
+    start_local_cluster,
+    start_local_redis,
+    start_local_sentinel,
+)
 
 STREAM = "orders"
 CLUSTER_PARTITIONS = 3
@@ -126,10 +138,17 @@ class Ledger:
 
 @dataclass
 class Target:
-    """The Redis under test: one server, or a local cluster whose partitions are STREAM's."""
+    """The Redis under test: one server, a local cluster whose partitions are STREAM's, or a master
+    under Sentinel."""
 
     server: LocalRedis | None
     cluster: LocalCluster | None
+    sentinel: LocalSentinel | None = None
+
+    @property
+    def replicated(self) -> bool:
+        """Publishing waits for a replica (PUBLISH_MIN_REPLICAS=1): a failover loses no confirmed order."""
+        return self.cluster is not None or self.sentinel is not None
 
     @property
     def partitions(self) -> int:
@@ -152,6 +171,17 @@ class Target:
             await asyncio.sleep(rng.uniform(0.1, 1.0))  # down for a while
             await asyncio.to_thread(self.server.start)
             return
+        if self.sentinel is not None:
+            local = self.sentinel
+            victim = local.server(await asyncio.to_thread(local.master_port))
+            victim.kill()
+            deadline = time.monotonic() + 60
+            while not await asyncio.to_thread(local.failed_over, victim.port):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the sentinels promoted no replica of {victim.port} within 60 s")
+                await asyncio.sleep(0.1)
+            await asyncio.to_thread(victim.start)  # the sentinels make it a replica of the new master
+            return
         assert self.cluster is not None
         victim = self.cluster.node(rng.choice(await asyncio.to_thread(self.cluster.master_ports)))
         victim.kill()
@@ -167,6 +197,8 @@ class Target:
             self.server.close()
         if self.cluster is not None:
             self.cluster.close()
+        if self.sentinel is not None:
+            self.sentinel.close()
 
 
 async def start_target(
@@ -178,6 +210,13 @@ async def start_target(
         env = {"REDIS_CLUSTER": "true", "STREAM_PARTITIONS": str(CLUSTER_PARTITIONS)}
         client = RedisCluster.from_url(cluster.url, socket_timeout=5, socket_connect_timeout=2)
         return Target(None, cluster), cluster.url, env, client  # type: ignore[return-value]  # same methods
+    if args.sentinel:
+        sentinel = await asyncio.to_thread(start_local_sentinel, 2, 3, 1500, *options)
+        env = {"REDIS_SENTINELS": sentinel.addresses, "REDIS_SENTINEL_MASTER": sentinel.name}
+        # REDIS_URL's host is not used: the sentinels name the master.
+        url = sentinel.servers[0].url
+        pool = make_pool(Settings.from_env({"REDIS_URL": url, **env, "SOCKET_TIMEOUT_MS": "5000"}))
+        return Target(None, None, sentinel), url, env, Redis.from_pool(pool)
     if args.partitions:
         options = [*options, "--bind", f"127.0.0.1 {CONSUMER_HOST}"]
     server = start_local_redis(*options)
@@ -200,7 +239,7 @@ async def produce(redis: Redis, total: int, seconds: float, ledger: Ledger, targ
         await asyncio.sleep(max(0.0, started + sent / per_second - time.monotonic()))
         chunk, backlog = backlog[: 4 * CHUNK], backlog[4 * CHUNK :]
         try:
-            durability = Durability(replicas=1, patience_s=30) if target.cluster else Durability()
+            durability = Durability(replicas=1, patience_s=30) if target.replicated else Durability()
             await publish_many(redis, STREAM, chunk, partitions=target.partitions, durability=durability)
             confirmed = chunk
         except PublishError as error:
@@ -429,6 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
         "publish); a Redis fault kills a master (default: one redis-server)",
     )
     parser.add_argument(
+        "--sentinel",
+        action="store_true",
+        help="on a local master with 2 replicas under 3 sentinels (REDIS_SENTINELS, durable publish); "
+        "a Redis fault kills the master (default: one redis-server)",
+    )
+    parser.add_argument(
         "--consumers-per-group",
         type=int,
         default=2,
@@ -465,8 +510,10 @@ def main() -> None:
     numbers = (args.orders, args.consumer_kills, args.redis_restarts, args.consumers_per_group - 1)
     if any(n < 0 for n in numbers) or args.seconds <= 0 or args.settle_timeout <= 0:
         parser.error("counts must be 0 or more, --consumers-per-group at least 1, times above 0")
-    if args.cluster and args.partitions:
-        print("chaos: partitions skipped: not with --cluster", file=sys.stderr)
+    if args.cluster and args.sentinel:
+        parser.error("--cluster and --sentinel exclude each other")
+    if (args.cluster or args.sentinel) and args.partitions:
+        print("chaos: partitions skipped: not with --cluster or --sentinel", file=sys.stderr)
         args.partitions = 0
     if args.partitions and not os.environ.get(IN_NAMESPACE):
         if can_partition():  # start again inside a network namespace of our own

@@ -1,4 +1,5 @@
-"""A throwaway redis-server on a free loopback port, for the demo, the benchmark and the tests."""
+"""Throwaway redis-servers on free loopback ports, for the demo, the benchmark, the soak and the tests:
+one server, a Redis Cluster, or a master with replicas under Redis Sentinel."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,7 @@ class LocalRedis:
     directory: Path
     args: list[str]
     tls: bool = False  # started with --tls-port: ready once it accepts connections
+    config_file: Path | None = None  # read first (a sentinel needs one, which it rewrites)
     process: subprocess.Popen[bytes] | None = None
     _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
 
@@ -49,8 +52,9 @@ class LocalRedis:
         binary = server_binary()
         if binary is None:
             raise FileNotFoundError(HOW_TO_GET_REDIS)
-        command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
-        command += ["--save", "", "--logfile", "redis.log", *self.args]
+        config = [] if self.config_file is None else [str(self.config_file)]
+        command = [binary, *config, "--port", str(self.port), "--bind", "127.0.0.1"]
+        command += ["--dir", str(self.directory), "--save", "", "--logfile", "redis.log", *self.args]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -266,3 +270,157 @@ def _cluster_ok(cli: str, port: int) -> bool:
         [cli, "-p", str(port), "cluster", "info"], capture_output=True, text=True, timeout=10, check=False
     )
     return "cluster_state:ok" in reply.stdout
+
+
+@dataclass
+class LocalSentinel:
+    """A master with replicas and sentinels watching it under `name`, on loopback."""
+
+    servers: list[LocalRedis]  # the first master first, then its replicas
+    sentinels: list[LocalRedis]
+    name: str
+    password: str = field(default="", repr=False)  # the sentinels' requirepass, if any
+
+    @property
+    def addresses(self) -> str:
+        """The sentinels, as REDIS_SENTINELS takes them."""
+        return ",".join(f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels)
+
+    def server(self, port: int) -> LocalRedis:
+        return next(server for server in self.servers if server.port == port)
+
+    def ask(self, *command: str) -> list[str]:
+        """A command's reply lines from the first sentinel that answers."""
+        for sentinel in self.sentinels:
+            if sentinel.process is None:
+                continue
+            reply = _cli(sentinel.port, *self._auth, *command)
+            if reply is not None:
+                return reply
+        raise RuntimeError("no local sentinel answers")
+
+    def master_port(self) -> int:
+        """The master's port, as a sentinel names it to clients now."""
+        return int(_fields(self.ask("sentinel", "master", self.name))["port"])
+
+    def replica_ports(self) -> list[int]:
+        master = self.master_port()
+        return [server.port for server in self.servers if server.port != master]
+
+    def failed_over(self, lost: int) -> bool:
+        """Every sentinel names the same master other than `lost`, its failover over, and that
+        server says it is a master."""
+        named: set[int] = set()
+        for sentinel in self.sentinels:
+            state = _fields(_cli(sentinel.port, *self._auth, "sentinel", "master", self.name) or [])
+            if state.get("flags") != "master":  # down, or a failover still in progress
+                return False
+            named.add(int(state["port"]))
+        if len(named) != 1 or lost in named:
+            return False
+        return (_cli(named.pop(), "role") or [""])[0] == "master"
+
+    @property
+    def _auth(self) -> list[str]:
+        return ["-a", self.password, "--no-auth-warning"] if self.password else []
+
+    def close(self) -> None:
+        for process in [*self.sentinels, *self.servers]:
+            process.close()
+
+
+def start_local_sentinel(
+    replicas: int = 2,
+    sentinels: int = 3,
+    down_after_ms: int = 1500,
+    *args: str,
+    name: str = "mymaster",
+    password: str = "",
+) -> LocalSentinel:
+    """Start a master with `replicas` replicas (`args` on each one's command line) and `sentinels`
+    sentinels (`redis-server sentinel.conf --sentinel`, quorum a majority) that fail it over once
+    it does not answer for `down_after_ms`; `password` makes the sentinels require one.
+
+    Sentinels ping every second: at 1000 ms or less they take a new master for down when its first
+    ping, a second after the switch, is answered a little late, and fail over a second time.
+
+    Returns once every sentinel knows every replica and every other sentinel: a failover can then
+    be agreed on and can promote any replica. Needs redis-cli (Debian: redis-tools).
+    """
+    if shutil.which("redis-cli") is None:
+        raise FileNotFoundError("redis-cli is not installed (apt-get install redis-tools)")
+    local = LocalSentinel(servers=[], sentinels=[], name=name, password=password)
+    try:
+        # Replicas sync at once, not after the 5 s a master waits by default for more to sync with them.
+        master = _temporary(["--repl-diskless-sync-delay", "0", *args])
+        local.servers.append(master)
+        master.start()
+        for _ in range(replicas):
+            replica = _temporary(["--replicaof", "127.0.0.1", str(master.port), *args])
+            local.servers.append(replica)
+            replica.start()
+        _wait(lambda: _online(master.port) == replicas, "the replicas to sync")
+        for _ in range(sentinels):
+            sentinel = _temporary(["--sentinel"])
+            sentinel.config_file = sentinel.directory / "sentinel.conf"
+            lines = [
+                f"sentinel monitor {name} 127.0.0.1 {master.port} {sentinels // 2 + 1}",
+                f"sentinel down-after-milliseconds {name} {down_after_ms}",
+                # A failover that could not finish (a vote split) is tried again after twice this.
+                f"sentinel failover-timeout {name} {max(3 * down_after_ms, 3000)}",
+            ]
+            if password:
+                lines += [f"requirepass {password}", f"sentinel sentinel-pass {password}"]
+            sentinel.config_file.write_text("\n".join(lines) + "\n")
+            local.sentinels.append(sentinel)
+            sentinel.start()
+        _wait(lambda: _sentinels_ready(local, replicas), "every sentinel to know the replicas and the others")
+    except BaseException:
+        local.close()
+        raise
+    return local
+
+
+def _temporary(args: list[str]) -> LocalRedis:
+    tmp = tempfile.TemporaryDirectory(prefix="orders-sentinel-")
+    return LocalRedis(port=free_port(), directory=Path(tmp.name), args=args, _tmp=tmp)
+
+
+def _cli(port: int, *command: str) -> list[str] | None:
+    """redis-cli's reply lines, or None when the server does not answer."""
+    try:
+        reply = subprocess.run(
+            ["redis-cli", "-p", str(port), *command], capture_output=True, text=True, timeout=10, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    if reply.returncode != 0 or reply.stdout.startswith(("Could not connect", "ERR", "NOAUTH")):
+        return None
+    return reply.stdout.splitlines()
+
+
+def _online(port: int) -> int:
+    return sum(line.count("state=online") for line in _cli(port, "info", "replication") or [])
+
+
+def _fields(reply: list[str]) -> dict[str, str]:
+    """A sentinel's description of an instance, field by field (redis-cli prints each name and
+    each value on a line of its own)."""
+    return dict(zip(reply[::2], reply[1::2], strict=False))
+
+
+def _sentinels_ready(local: LocalSentinel, replicas: int) -> bool:
+    for sentinel in local.sentinels:
+        known = _cli(sentinel.port, *local._auth, "sentinel", "replicas", local.name) or []
+        others = _cli(sentinel.port, *local._auth, "sentinel", "sentinels", local.name) or []
+        if known.count("ip") != replicas or others.count("ip") != len(local.sentinels) - 1:
+            return False
+    return True
+
+
+def _wait(ready: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:g}s waiting for {what}")
+        time.sleep(0.05)
