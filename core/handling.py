@@ -100,7 +100,9 @@ class Handling:
                 continue
             payload = fields.get(b"data")
             if payload is None:
-                self.dead_letter(entry_id, fields, delivery, "entry has no 'data' field", None)
+                self.dead_letter(
+                    entry_id, fields, delivery, f"invalid {schema.name}: entry has no 'data' field", None
+                )
                 continue
             try:
                 message = schema.parse(payload, max_bytes)  # tolerant: unknown fields are ignored
@@ -221,7 +223,7 @@ class Handling:
             "dead-lettering entry %s (%s %s) to %s: %s",
             text(entry_id),
             self.schema.name,
-            order_id or "id unknown",
+            order_id or "unknown",
             self.fence.keys.dead_letter,
             reason,
         )

@@ -44,6 +44,7 @@ log = logging.getLogger("lease")
 
 MIN_TTL_MS = 100
 ROOT = Path(__file__).resolve().parent.parent
+KEEPER_START_S = 10.0  # how long a consumer waits for its keeper before it consumes anyway
 RESTARTS_WARNED = 1  # the keeper's deaths logged at WARNING; later ones at DEBUG until it lives again
 
 
@@ -75,6 +76,7 @@ class Lease:
         self.ttl_ms = max(settings.claim_idle_ms, MIN_TTL_MS)
         self.token = secrets.token_hex(8)
         self.lost = asyncio.Event()
+        self.kept = asyncio.Event()  # a keeper said it keeps the lease
         self.keeper: asyncio.subprocess.Process | None = None
         self.supervisor: asyncio.Task[None] | None = None
         self.closing = False
@@ -85,8 +87,16 @@ class Lease:
             await self._take(part.key)
 
     async def __aenter__(self) -> Lease:
+        """Start the keeper, and return once it keeps the lease (or after KEEPER_START_S, with this
+        process keeping it meanwhile): nothing is consumed before a handler could block it."""
         await self._start_keeper()
         self.supervisor = asyncio.create_task(self._supervise())
+        waits = [asyncio.ensure_future(event.wait()) for event in (self.kept, self.stop)]
+        try:
+            await asyncio.wait(waits, timeout=KEEPER_START_S, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
         return self
 
     async def __aexit__(
@@ -186,6 +196,7 @@ class Lease:
                 self._lost(line[5:].decode(errors="replace").strip())
             elif line.startswith(b"alive"):
                 deaths, alive = 0, True
+                self.kept.set()
             elif not line:  # the keeper ended
                 alive = False
                 code = await self.keeper.wait()

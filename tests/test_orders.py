@@ -65,6 +65,10 @@ BAD_PAYLOADS: dict[str, bytes] = {
 }
 
 
+# What the producer refuses but a consumer reads (it ignores fields it does not know).
+READERS_ACCEPT = {"extra field", "extra field named like data"}
+
+
 @pytest.fixture(autouse=True, params=["msgspec fast path", "strict path only"])
 def parser_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run every test with the msgspec fast path and with the strict stdlib parser alone."""

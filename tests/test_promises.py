@@ -270,12 +270,13 @@ async def test_live_slow_work_is_not_dead_lettered(redis: Redis, settings: Setti
         runs.append("claimer")
 
     await publish_many(redis, STREAM, sample_orders(1))
-    async with running(redis, settings, (group, "owner", slow), (group, "claimer", quick)):
+    async with running(redis, settings, (group, "owner", slow)):
         async with asyncio.timeout(10):
             await started.wait()
-        await wait_until(lambda: held_over(redis, group, 600), "several claim passes over the live entry")
-        release.set()
-        await wait_until(lambda: caught_up(redis, STREAM, [group]), "the owner to commit")
+        async with running(redis, settings, (group, "claimer", quick)):
+            await wait_until(lambda: held_over(redis, group, 600), "several claim passes over the live entry")
+            release.set()
+            await wait_until(lambda: caught_up(redis, STREAM, [group]), "the owner to commit")
     assert runs == ["owner"]
     assert await dead_letters(redis, settings) == []
 
