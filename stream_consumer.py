@@ -120,6 +120,7 @@ class StreamConsumer:
             pass  # an outage (a failover) at start is ridden out like any other
         if self.lease is None:  # alone, not through consume()
             self.lease = Lease(self.redis, self.settings, [part_of(self)], self.stop)
+            self.lease.dropped = self.stats.count_deleted
             while not self.stop.is_set() and not await self.recovery.attempt(self.lease.take()):
                 pass
             if not self.stop.is_set():
@@ -309,6 +310,7 @@ async def run_all(redis: Redis, settings: Settings, consumers: list[StreamConsum
     while not stop.is_set() and not found:
         await first.recovery.attempt(detect_paths())
     lease = Lease(redis, settings, [part_of(consumer) for consumer in consumers], stop)
+    lease.dropped = first.stats.count_deleted
     while not stop.is_set() and not await first.recovery.attempt(lease.take()):
         pass
     if stop.is_set():

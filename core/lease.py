@@ -26,7 +26,7 @@ import secrets
 import select
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -77,6 +77,8 @@ class Lease:
         self.token = secrets.token_hex(8)
         self.lost = asyncio.Event()
         self.kept = asyncio.Event()  # a keeper said it keeps the lease
+        # Told how many pending entries the keeper found deleted (Redis 8.4+: its touch drops them).
+        self.dropped: Callable[[int], None] | None = None
         self.keeper: asyncio.subprocess.Process | None = None
         self.supervisor: asyncio.Task[None] | None = None
         self.closing = False
@@ -194,6 +196,8 @@ class Lease:
                 continue
             if line.startswith(b"lost "):
                 self._lost(line[5:].decode(errors="replace").strip())
+            elif line.startswith(b"dropped ") and self.dropped is not None:
+                self.dropped(int(line.split()[1]))
             elif line.startswith(b"alive"):
                 deaths, alive = 0, True
                 self.kept.set()
@@ -215,7 +219,9 @@ class Lease:
                     if await self._call(part.key, "refresh") == 0:
                         self._lost(part.key)
                     elif part.touch is not None:
-                        await self.redis.fcall(library.function("touch"), 1, *part.touch)
+                        _, dropped = await self.redis.fcall(library.function("touch"), 1, *part.touch)
+                        if dropped and self.dropped is not None:
+                            self.dropped(int(dropped))
 
     def _lost(self, key: str) -> None:
         if self.lost.is_set():
@@ -314,7 +320,9 @@ class Keeper:
                     print("lost", part.key, flush=True)
                 elif part.touch is not None:
                     stream, group, consumer = part.touch
-                    self.client.fcall(self.touch, 1, stream, group, consumer)
+                    _, dropped = self.client.fcall(self.touch, 1, stream, group, consumer)
+                    if dropped:
+                        print("dropped", dropped, flush=True)
             print("alive", flush=True)
             self.failing = False
         # Anything at all: this loop is all that keeps the lease, so it must outlive every failure

@@ -403,23 +403,25 @@ end
 -- Keep every entry pending on this consumer fresh (Redis 8.4+, where reads claim by idle
 -- time with XREADGROUP ... CLAIM): XCLAIM ... JUSTID sets idle to 0 and leaves the delivery
 -- count alone. Its lease process calls it while the consumer lives, so whatever it holds (a
--- batch in hand, one read ahead, entries waiting for a retry) stays its own.
--- KEYS: the stream; ARGV: group, consumer. Returns how many entries were touched.
+-- batch in hand, one read ahead, entries waiting for a retry) stays its own. XCLAIM drops an
+-- entry deleted while pending: the consumer counts those, as it does those it finds itself.
+-- KEYS: the stream; ARGV: group, consumer. Returns {entries touched, entries dropped}.
 local function touch(keys, args)
   local stream, group, consumer = keys[1], args[1], args[2]
-  local touched, start = 0, '-'
+  local touched, dropped, start = 0, 0, '-'
   for _ = 1, 100 do -- at most 100,000 entries a call: bounded, however much a consumer holds
-    local rows = redis.call('XPENDING', stream, group, start, '+', 1000, consumer)
+    local rows = redis.pcall('XPENDING', stream, group, start, '+', 1000, consumer)
+    if rows.err then return {0, 0} end -- no stream or group (yet, or flushed): it holds nothing
     if #rows == 0 then break end
     local call = {'XCLAIM', stream, group, consumer, 0}
     for _, row in ipairs(rows) do call[#call + 1] = row[1] end
     call[#call + 1] = 'JUSTID'
-    redis.call(unpack(call))
-    touched = touched + #rows
+    local claimed = #redis.call(unpack(call))
+    touched, dropped = touched + claimed, dropped + #rows - claimed
     if #rows < 1000 then break end
     start = '(' .. rows[#rows][1]
   end
-  return touched
+  return {touched, dropped}
 end
 
 -- Deliver again entries due for a retry, those still pending on this consumer: XCLAIM to

@@ -20,6 +20,10 @@ class Stats:
     # Per stream (partition): entries waiting for a retry now, and how long the oldest has waited.
     waits: dict[str, tuple[int, float]] = field(default_factory=dict)
 
+    def count_deleted(self, entries: int) -> None:
+        """Pending entries found deleted or trimmed, acked and skipped (or dropped by the lease's touch)."""
+        self.deleted_skipped += entries
+
     @property
     def waiting(self) -> int:
         return sum(count for count, _ in self.waits.values())
