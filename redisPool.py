@@ -56,6 +56,12 @@ class RedisRefused(RedisUnavailable):
     """Redis answered but refused us (credentials, ACL, TLS): waiting longer cannot help."""
 
 
+class NotACluster(RedisRefused):
+    """REDIS_CLUSTER=true names a Redis that is not a cluster: a setting to change, exit code 2."""
+
+    exit_code = 2
+
+
 class _Retry(Retry):
     """Retry lost connections, never a refused login (AuthenticationError is a ConnectionError).
 
@@ -225,6 +231,11 @@ async def wait_until_reachable(redis: Redis, where: str, deadline_s: float) -> N
                 raise RedisRefused(
                     f"the sentinels of {where} refused their user or password: set REDIS_SENTINEL_PASSWORD "
                     "(and REDIS_SENTINEL_USERNAME for a user other than default) to what they require"
+                ) from None
+            if "Cluster mode is not enabled" in str(error):  # it answered: waiting cannot help
+                raise NotACluster(
+                    f"Redis at {where} is not a Redis Cluster (cluster mode is not enabled on it): "
+                    "set REDIS_CLUSTER=false to use it as one Redis"
                 ) from None
             if not isinstance(error, TimeoutError):  # keep the cause, not our own deadline
                 reason = str(error) or type(error).__name__

@@ -409,3 +409,14 @@ def test_dev_sh_installs_what_each_command_needs(tmp_path: Path, command: str, i
     asked = record.read_text()
     assert f"-m pip install --disable-pip-version-check -q -r {installed}" in asked
     assert asked.count("pip install") == 1
+
+
+def test_redis_cluster_true_against_one_redis_says_so_at_once(redis_url: str) -> None:
+    started = time.monotonic()
+    result = run_script("status", script_env(redis_url, REDIS_CLUSTER="true"))
+    assert time.monotonic() - started < 5
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"status: error: Redis at {redis_url} is not a Redis Cluster (cluster mode is not enabled on it): "
+        "set REDIS_CLUSTER=false to use it as one Redis"
+    ]
