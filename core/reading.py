@@ -196,6 +196,7 @@ class Reader:
             entries.append((entry_id, fields))
             deliveries[entry_id] = delivery
         self.answered()
+        self.schedule.redelivered(entry_id for entry_id, _ in due)
         gone = len(due) - len(entries)  # taken over by another consumer, or deleted
         if gone:
             log.info(

@@ -165,17 +165,23 @@ class Schedule:
 
     def due_retries(self, limit: int) -> list[tuple[bytes, int]]:
         """Up to `limit` entries whose retry is due, longest due first, each with the delivery count
-        its retry carries; they leave the queue (a failure puts them back)."""
+        its retry carries. They wait on until delivered again (`forget`): if the reply of that is
+        lost, a re-read of the consumer's own entries leaves them to their retry."""
         now = time.monotonic()
         due = sorted((w.due, entry_id) for entry_id, w in self.waiting.items() if w.due <= now)[:limit]
-        return [(entry_id, self.waiting.pop(entry_id).next_delivery) for _, entry_id in due]
+        return [(entry_id, self.waiting[entry_id].next_delivery) for _, entry_id in due]
 
     def longest_waiting(self) -> tuple[bytes, int] | None:
-        """The entry waiting longest (for a probe), with the delivery count it carries; it leaves."""
+        """The entry waiting longest (for a probe), with the delivery count it carries."""
         if not self.waiting:
             return None
         entry_id = min(self.waiting, key=lambda key: (self.waiting[key].due, key))
-        return entry_id, self.waiting.pop(entry_id).next_delivery
+        return entry_id, self.waiting[entry_id].next_delivery
+
+    def redelivered(self, entry_ids: Iterable[bytes]) -> None:
+        """These entries were delivered again for their retry (or are no longer this consumer's)."""
+        for entry_id in entry_ids:
+            self.waiting.pop(entry_id, None)
 
     def forget(self, entry_ids: Iterable[bytes]) -> None:
         """These entries are settled or gone from this consumer: no retry waits for them."""
