@@ -100,7 +100,7 @@ case "$cmd" in
     .venv/bin/python -m pytest "$@"
     redis8=$(scripts/redis-8.sh)
     echo "dev.sh: version-dependent tests on $("$redis8" --version | cut -d' ' -f1-3) ($redis8)" >&2
-    versioned=(bench cluster faults operations pipeline processes producer promises retention security
+    versioned=(bench cluster faults operations pipeline processes producer promises publishing retention security
       transactions tracing)
     versioned=("${versioned[@]/#/tests/test_}")
     REDIS_SERVER=$redis8 exec .venv/bin/python -m pytest "${versioned[@]/%/.py}" "$@"

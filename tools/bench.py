@@ -35,10 +35,11 @@ from config import DEFAULTS, Settings, configure_logging, load_settings
 from core import library, tracing
 from core.capabilities import detect
 from core.keys import keys_for, partitions
-from core.replies import entries_of
+from core.replies import entries_of, text
 from initialization_stream import initialize
 from maintenance import trim
 from orders import Item, Order, serialize
+from producer import plural
 from redisPool import is_cluster, redis_connect
 from status import caught_up
 from stream_consumer import Hooks, serve
@@ -53,9 +54,21 @@ GROUPS = ("bench-fulfillment", "bench-email")
 PAYLOAD_110 = "x" * 110  # redis-benchmark's value: the size of a typical order
 TRACEPARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 START_SH = Path(__file__).resolve().parent.parent / "redis" / "start.sh"
-# Orders through the pipeline before memory is first read: keys, groups and consumers exist,
-# and the producer's id map (at most IDMP_KEEP ids) is already full, as at steady state.
-WARM_UP = 2 * library.IDMP_KEEP
+# Orders through the pipeline before memory is first read: keys, groups and consumers exist.
+WARM_UP = 4000
+# Redis 8.6's own idempotence, to compare with ours: XADD ... IDMP <producer> <order id> per
+# order, in a function call of CHUNK orders as ours, the stream's IDMP window as a producer's
+# two chunks in flight need it.
+IDMP_LIBRARY = """#!lua name=bench_idmp
+redis.register_function('bench_idmp', function(keys, args)
+  local ids = {}
+  for i = 2, #args, 2 do
+    ids[#ids + 1] = redis.call('XADD', keys[1], 'IDMP', args[1], args[i], '*',
+      'data', args[i + 1], 'producer', args[1])
+  end
+  return ids
+end)
+"""
 
 
 @dataclasses.dataclass
@@ -66,10 +79,13 @@ class Sizes:
     latency_s: float
     repeat: int
     memory: int
+    one: int  # publish() calls of one order each, for its latency
 
 
-FULL = Sizes(publish=500_000, baseline=20_000, e2e=1_000_000, latency_s=10.0, repeat=3, memory=100_000)
-QUICK = Sizes(publish=50_000, baseline=3_000, e2e=50_000, latency_s=2.0, repeat=1, memory=10_000)
+FULL = Sizes(
+    publish=500_000, baseline=20_000, e2e=1_000_000, latency_s=10.0, repeat=3, memory=100_000, one=5000
+)
+QUICK = Sizes(publish=50_000, baseline=3_000, e2e=50_000, latency_s=2.0, repeat=1, memory=10_000, one=1000)
 
 
 def bench_orders(count: int) -> list[Order]:
@@ -154,6 +170,44 @@ async def publish_rate(redis: Redis, stream: str, orders: list[Order]) -> float:
     started = time.perf_counter()
     await producer.publish_many(redis, stream, orders)
     return rate(len(orders), time.perf_counter() - started)
+
+
+async def idmp_rate(redis: Redis, stream: str, orders: list[Order]) -> float:
+    """Redis 8.6's XADD IDMP (IDMP_LIBRARY), CHUNK orders per call, two in flight on one connection."""
+    await redis.function_load(IDMP_LIBRARY, replace=True)
+    await redis.execute_command(  # type: ignore[no-untyped-call]
+        "XCFGSET", stream, "IDMP-DURATION", 600, "IDMP-MAXSIZE", 2 * producer.CHUNK
+    )
+    pool = redis.connection_pool
+    connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    started = time.perf_counter()
+    try:
+        in_flight = 0
+        for start in range(0, len(orders), producer.CHUNK):
+            if in_flight == 2:
+                [text(entry_id) for entry_id in await connection.read_response()]
+                in_flight -= 1
+            args: list[str | bytes] = []
+            for order in orders[start : start + producer.CHUNK]:
+                args += [order.order_id, serialize(order)]
+            await connection.send_command("FCALL", "bench_idmp", 1, stream, "bench", *args)
+            in_flight += 1
+        for _ in range(in_flight):
+            [text(entry_id) for entry_id in await connection.read_response()]
+    finally:
+        await pool.release(connection)
+    return rate(len(orders), time.perf_counter() - started)
+
+
+async def publish_one_latency(redis: Redis, stream: str, count: int) -> tuple[float, float]:
+    """p50 and p99 (ms) of publish() of one order, awaited one after another (a web request's path)."""
+    latencies = []
+    for order in bench_orders(count):
+        started = time.perf_counter()
+        await producer.publish(redis, stream, order)
+        latencies.append((time.perf_counter() - started) * 1000)
+    quantiles = statistics.quantiles(latencies, n=100)
+    return quantiles[49], quantiles[98]
 
 
 async def append_plain(redis: Redis, stream: str, orders: Sequence[Order]) -> None:
@@ -528,6 +582,8 @@ async def run(url: str, sizes: Sizes, batch: int, own_server: bool) -> dict[str,
             await measure_tracing(redis, results, streams.bench, max(sizes.e2e // 2, 1))  # last: see there
         finally:
             await redis.delete("bench:ceiling")
+            with contextlib.suppress(ResponseError):  # not loaded: Redis before 8.6
+                await redis.function_delete("bench_idmp")
             for bench_stream in (streams.bench, streams.memory):
                 await forget(redis, bench_stream)
     return results
@@ -540,12 +596,9 @@ def as_user(settings: Settings, url: str) -> Settings:
 async def measure_publishing(
     redis: Redis, results: dict[str, Any], streams: Streams, sizes: Sizes, users: Users | None
 ) -> None:
-    """The ceiling, the baseline, publish_many as the admin and as the producer user."""
+    """The ceiling, the baseline, publish_many as the admin and as the producer user, XADD IDMP (8.6),
+    publish() of one order."""
     url = streams.bench.redis_url
-    progress(f"ceiling: redis-benchmark XADD x{sizes.publish * 2}")
-    results["ceiling_per_s"] = ceiling(url, sizes.publish * 2)
-    await redis.delete("bench:ceiling")
-
     progress(f"baseline: {sizes.baseline} awaited XADDs x{sizes.repeat}")
     runs = []
     for _ in range(sizes.repeat):
@@ -553,16 +606,24 @@ async def measure_publishing(
         runs.append(await baseline(redis, bench_orders(sizes.baseline)))
     results["baseline_per_s"] = statistics.median(runs)
 
-    # As the admin and, where the bench made them, as the template's producer user, in turn: this
-    # machine's speed drifts, so neighbours in time are compared.
-    who = "the admin and the template's producer user in turn" if users else "the admin"
-    progress(f"publish_many of {sizes.publish} x{sizes.repeat}, as {who}")
-    admin_runs, production_runs = [], []
+    # The ceiling, ours as the admin and, where the bench made them, as the template's producer
+    # user, and XADD IDMP where Redis has it, in turn: this machine's speed drifts, so neighbours
+    # in time are compared.
+    idmp = (await detect(redis)).xadd_idmp
+    who = "as the admin and the template's producer user" if users else "as the admin"
+    progress(
+        f"ceiling (redis-benchmark XADD x{sizes.publish * 2}), publish_many of {sizes.publish} {who}"
+        f"{', XADD IDMP' if idmp else ''}, in turn x{sizes.repeat}"
+    )
+    ceilings, admin_runs, production_runs, idmp_runs = [], [], [], []
     production = (
         redis_connect(as_user(streams.production, users.producer_url)) if users else contextlib.nullcontext()
     )
     async with production as publisher:
         for _ in range(sizes.repeat):
+            if (measured := ceiling(url, sizes.publish * 2)) is not None:
+                ceilings.append(measured)
+            await redis.delete("bench:ceiling")
             await reset(redis, streams.bench)
             admin_runs.append(await publish_rate(redis, STREAM, bench_orders(sizes.publish)))
             if publisher is not None:
@@ -570,13 +631,23 @@ async def measure_publishing(
                 production_runs.append(
                     await publish_rate(publisher, PRODUCTION_STREAM, bench_orders(sizes.publish))
                 )
+            if idmp:
+                await reset(redis, streams.bench)
+                idmp_runs.append(await idmp_rate(redis, STREAM, bench_orders(sizes.publish)))
+    results["ceiling_per_s"] = statistics.median(ceilings) if ceilings else None
     results["publish_per_s"] = statistics.median(admin_runs)
     results["publish_production_per_s"] = statistics.median(production_runs) if production_runs else None
+    results["publish_idmp_per_s"] = statistics.median(idmp_runs) if idmp_runs else None
     if users is None:
         progress("publish_many as the template's producer user: skipped, REDIS_URL is set")
-    # The path the producer took: reset() set the stream up with initialization_stream, as in production.
-    native = await library.uses_native_idmp(redis, STREAM, await detect(redis))
-    results["append_path"] = "xadd-idmp" if native else "library-id-map"
+    progress(f"publish(): {sizes.one} calls of one order, one after another")
+    await reset(redis, streams.bench)
+    p50, p99 = await publish_one_latency(redis, STREAM, sizes.one)
+    results["publish_one_calls"], results["publish_one_p50_ms"], results["publish_one_p99_ms"] = (
+        sizes.one,
+        p50,
+        p99,
+    )
 
 
 async def measure_consuming(
@@ -661,14 +732,14 @@ async def measure_memory(redis: Redis, results: dict[str, Any], settings: Settin
         results[f"bytes_per_order_{kind}"] = per_order
         results[f"stream_length_after_trim_{kind}"] = length
         if kind == "own":
-            results["producer_id_map_bytes"] = await id_map_bytes(redis, settings)
+            results["producer_calls_bytes"], results["producer_calls"] = await calls_record(redis, settings)
 
 
-async def id_map_bytes(redis: Redis, settings: Settings) -> int | None:
-    """What this producer's id map takes (the library's keys), full; None where Redis keeps the ids (8.6)."""
+async def calls_record(redis: Redis, settings: Settings) -> tuple[int, int]:
+    """The bytes this producer's record of its calls takes (library.lua's `append`), and the calls in it."""
     keys = keys_for(settings).producer(settings.producer_id)
-    sizes = [size for key in keys if (size := await redis.memory_usage(key, samples=0)) is not None]
-    return sum(sizes) if len(sizes) == len(keys) else None
+    sizes = [await redis.memory_usage(key, samples=0) or 0 for key in keys]
+    return sum(sizes), int(await redis.hlen(keys[0]))
 
 
 # --- tracing ------------------------------------------------------------------------
@@ -763,6 +834,20 @@ def tracing_lines(r: dict[str, Any], row: Callable[[str, float], str]) -> list[s
     ]
 
 
+def publishing_line(r: dict[str, Any]) -> str:
+    """Ours against the ceiling and against XADD IDMP; publish() of one order."""
+    ceiling_rate, ours, idmp = r["ceiling_per_s"], r["publish_per_s"], r["publish_idmp_per_s"]
+    parts = [f"publish_many at {ours / ceiling_rate:.0%} of the ceiling" if ceiling_rate else "no ceiling"]
+    parts.append(
+        f"{ours / idmp:.2f}x XADD IDMP's rate" if idmp else "XADD IDMP: not measured, Redis 8.6+ only"
+    )
+    parts.append(
+        f"publish() of one order ({r['publish_one_calls']:,} calls in turn): p50 "
+        f"{r['publish_one_p50_ms']:.2f} ms, p99 {r['publish_one_p99_ms']:.2f} ms"
+    )
+    return "publishing: " + "; ".join(parts)
+
+
 def table(r: dict[str, Any]) -> str:
     ceiling_rate = r.get("ceiling_per_s")
     base = r["baseline_per_s"]
@@ -782,25 +867,18 @@ def table(r: dict[str, Any]) -> str:
     def production_row(name: str, value: float | None) -> list[str]:
         return [] if value is None else [row(name, value)]
 
-    path = "XADD IDMP" if r["append_path"] == "xadd-idmp" else "the library's id map"
-    id_map = (
-        "kept by Redis in the stream (XADD IDMP)"
-        if r["producer_id_map_bytes"] is None
-        else f"{r['producer_id_map_bytes'] / 1000:,.0f} kB per producer"
-    )
     lines = [
         f"bench: {r['date']}, {r['cores']} cores, redis-server {r['redis_version']}, "
         f"batch size {r['batch_size']}",
         f"{'path (orders/s)':<62} {'rate':>12} {'/ceil':>6}  {'/base':>8}",
     ]
     if ceiling_rate:
-        lines.append(row("ceiling: redis-benchmark XADD, 8 connections, pipeline 128", ceiling_rate))
+        lines.append(row(f"ceiling: redis-benchmark XADD -c 8 -P 128{rounds}", ceiling_rate))
     lines += [
         row("baseline: one awaited XADD per order (the seed's style)", base),
-        row("publish_many: idempotent append, 500 per FCALL, two in flight", r["publish_per_s"]),
-        *production_row(
-            "publish_many as the producer user (users.acl.template)", r["publish_production_per_s"]
-        ),
+        row(f"publish_many: one check per FCALL of 500{rounds}", r["publish_per_s"]),
+        *production_row(f"publish_many as the producer user{rounds}", r["publish_production_per_s"]),
+        *production_row(f"XADD IDMP: a check per order, FCALL of 500{rounds}", r["publish_idmp_per_s"]),
         row("consume: preloaded, 1 consumer per group, both groups", r["consume_per_s"]),
         row("end to end: 2 groups x 1 consumer, all safety on", r["e2e_per_s"]),
         row("end to end: 2 groups x 2 consumers", r["e2e_2x2_per_s"]),
@@ -815,7 +893,7 @@ def table(r: dict[str, Any]) -> str:
         f"{(1 / r['e2e_tx_per_s'] - 1 / r['e2e_safety_on_per_s']) * 1e6:.1f} us per order end to end "
         f"({r['e2e_tx_per_s'] / r['e2e_safety_on_per_s']:.0%} of the no-op handler's rate)",
         *tracing_lines(r, row),
-        f"idempotent append path: {path}",
+        publishing_line(r),
         f"safety features: ours runs at {safety:.0%} of the hand-written loop's rate "
         f"({cost}){each_round}; without the dedupe guard at {no_dedupe:.0%}",
     ]
@@ -848,7 +926,8 @@ def table(r: dict[str, Any]) -> str:
         f"  foreign orders (plain XADD of data): {r['bytes_per_order_foreign']:,.1f} bytes each "
         f"({r['bytes_per_order_foreign'] / len(GROUPS):,.1f} per group: the guard's done marks); "
         f"stream {r['stream_length_after_trim_foreign']:,} entries after trimming",
-        f"  the producer's id map, full in both readings (so in neither figure): {id_map}",
+        f"  the producer's record of its calls: {r['producer_calls_bytes']:,} bytes for "
+        f"{plural(r['producer_calls'], 'call')} (it keeps the last {library.CALLS_KEPT:,})",
     ]
     return "\n".join(lines)
 
