@@ -795,7 +795,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m producer",
         description=(
             "Publish orders to the stream: sample orders, or real ones from a JSON-lines file. "
-            "Every order is checked before the first is sent; a bad line publishes nothing."
+            "Every order is checked before the first is sent; a bad line publishes nothing. The same "
+            "input run again (after an interruption or a failure) publishes only what is not there yet."
         ),
         epilog=(
             f"Settings come from the environment and .env: REDIS_URL (default {DEFAULTS['REDIS_URL']}), "

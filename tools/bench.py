@@ -166,6 +166,12 @@ async def baseline(redis: Redis, orders: list[Order]) -> float:
     return rate(len(orders), time.perf_counter() - started)
 
 
+async def redis_cpu_s(redis: Redis) -> float:
+    """The CPU time Redis has used so far, its own threads' user and system time."""
+    cpu = await redis.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
 async def publish_rate(redis: Redis, stream: str, orders: list[Order]) -> float:
     started = time.perf_counter()
     await producer.publish_many(redis, stream, orders)
@@ -615,29 +621,37 @@ async def measure_publishing(
         f"ceiling (redis-benchmark XADD x{sizes.publish * 2}), publish_many of {sizes.publish} {who}"
         f"{', XADD IDMP' if idmp else ''}, in turn x{sizes.repeat}"
     )
-    ceilings, admin_runs, production_runs, idmp_runs = [], [], [], []
+    rates: dict[str, list[float]] = {"ceiling": [], "ours": [], "production": [], "idmp": []}
+    cpu: dict[str, list[float]] = {path: [] for path in rates}  # Redis's CPU time per order (us)
+
+    async def measure(path: str, count: int, run: Coroutine[Any, Any, float | None]) -> None:
+        started = await redis_cpu_s(redis)
+        measured = await run
+        if measured is not None:
+            rates[path].append(measured)
+            cpu[path].append((await redis_cpu_s(redis) - started) / count * 1e6)
+
     production = (
         redis_connect(as_user(streams.production, users.producer_url)) if users else contextlib.nullcontext()
     )
     async with production as publisher:
         for _ in range(sizes.repeat):
-            if (measured := ceiling(url, sizes.publish * 2)) is not None:
-                ceilings.append(measured)
+            await measure("ceiling", sizes.publish * 2, asyncio.to_thread(ceiling, url, sizes.publish * 2))
             await redis.delete("bench:ceiling")
             await reset(redis, streams.bench)
-            admin_runs.append(await publish_rate(redis, STREAM, bench_orders(sizes.publish)))
+            await measure("ours", sizes.publish, publish_rate(redis, STREAM, bench_orders(sizes.publish)))
             if publisher is not None:
                 await reset(redis, streams.production)
-                production_runs.append(
-                    await publish_rate(publisher, PRODUCTION_STREAM, bench_orders(sizes.publish))
-                )
+                orders = bench_orders(sizes.publish)
+                await measure("production", sizes.publish, publish_rate(publisher, PRODUCTION_STREAM, orders))
             if idmp:
                 await reset(redis, streams.bench)
-                idmp_runs.append(await idmp_rate(redis, STREAM, bench_orders(sizes.publish)))
-    results["ceiling_per_s"] = statistics.median(ceilings) if ceilings else None
-    results["publish_per_s"] = statistics.median(admin_runs)
-    results["publish_production_per_s"] = statistics.median(production_runs) if production_runs else None
-    results["publish_idmp_per_s"] = statistics.median(idmp_runs) if idmp_runs else None
+                await measure("idmp", sizes.publish, idmp_rate(redis, STREAM, bench_orders(sizes.publish)))
+    for path, key in (("ceiling", "ceiling"), ("ours", "publish"), ("production", "publish_production")):
+        results[f"{key}_per_s"] = statistics.median(rates[path]) if rates[path] else None
+        results[f"{key}_redis_us_per_order"] = statistics.median(cpu[path]) if cpu[path] else None
+    results["publish_idmp_per_s"] = statistics.median(rates["idmp"]) if rates["idmp"] else None
+    results["publish_idmp_redis_us_per_order"] = statistics.median(cpu["idmp"]) if cpu["idmp"] else None
     if users is None:
         progress("publish_many as the template's producer user: skipped, REDIS_URL is set")
     progress(f"publish(): {sizes.one} calls of one order, one after another")
@@ -834,8 +848,8 @@ def tracing_lines(r: dict[str, Any], row: Callable[[str, float], str]) -> list[s
     ]
 
 
-def publishing_line(r: dict[str, Any]) -> str:
-    """Ours against the ceiling and against XADD IDMP; publish() of one order."""
+def publishing_lines(r: dict[str, Any]) -> list[str]:
+    """Ours against the ceiling and against XADD IDMP, in rate and in Redis's CPU per order; publish()."""
     ceiling_rate, ours, idmp = r["ceiling_per_s"], r["publish_per_s"], r["publish_idmp_per_s"]
     parts = [f"publish_many at {ours / ceiling_rate:.0%} of the ceiling" if ceiling_rate else "no ceiling"]
     parts.append(
@@ -845,7 +859,17 @@ def publishing_line(r: dict[str, Any]) -> str:
         f"publish() of one order ({r['publish_one_calls']:,} calls in turn): p50 "
         f"{r['publish_one_p50_ms']:.2f} ms, p99 {r['publish_one_p99_ms']:.2f} ms"
     )
-    return "publishing: " + "; ".join(parts)
+    costs = [
+        f"{name} {r[key]:.2f} us"
+        for name, key in (
+            ("the ceiling's XADD", "ceiling_redis_us_per_order"),
+            ("publish_many", "publish_redis_us_per_order"),
+            ("as the producer user", "publish_production_redis_us_per_order"),
+            ("XADD IDMP", "publish_idmp_redis_us_per_order"),
+        )
+        if r.get(key) is not None
+    ]
+    return ["publishing: " + "; ".join(parts), "Redis's CPU time per order published: " + ", ".join(costs)]
 
 
 def table(r: dict[str, Any]) -> str:
@@ -893,7 +917,7 @@ def table(r: dict[str, Any]) -> str:
         f"{(1 / r['e2e_tx_per_s'] - 1 / r['e2e_safety_on_per_s']) * 1e6:.1f} us per order end to end "
         f"({r['e2e_tx_per_s'] / r['e2e_safety_on_per_s']:.0%} of the no-op handler's rate)",
         *tracing_lines(r, row),
-        publishing_line(r),
+        *publishing_lines(r),
         f"safety features: ours runs at {safety:.0%} of the hand-written loop's rate "
         f"({cost}){each_round}; without the dedupe guard at {no_dedupe:.0%}",
     ]
