@@ -11,6 +11,7 @@ import json
 import math
 import re
 import sys
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, TypeGuard
 
@@ -68,6 +69,11 @@ _encoder = msgspec.json.Encoder()
 def serialize(order: Order) -> bytes:
     """Compact UTF-8 JSON, the value of the stream entry's `data` field (fields in schema order)."""
     return _encoder.encode(order)
+
+
+def serialize_all(orders: Sequence[Order]) -> list[bytes]:
+    """serialize() of each order, in one call: compact JSON has no raw newline to split on."""
+    return _encoder.encode_lines(orders).split(b"\n")[:-1]
 
 
 def parse_order(payload: bytes | str, max_bytes: int) -> Order:

@@ -46,7 +46,7 @@ from config import DEFAULTS, CliError, ConfigError, Settings, run_script
 from core import library, tracing
 from core.keys import Keys, partition_of, partition_stream, stream_keys
 from core.replies import text
-from orders import InvalidOrder, Item, Order, parse_order, serialize
+from orders import InvalidOrder, Item, Order, parse_order, serialize, serialize_all
 from redisPool import is_cluster, redis_connect
 
 log = logging.getLogger("producer")
@@ -156,7 +156,7 @@ async def publish_many(
     # Serialized a chunk at a time, as it is sent: Python works while Redis appends the chunk before.
     slices = (orders[i : i + CHUNK] for i in range(0, len(orders), CHUNK))
     if partitions == 1:
-        payloads = ([serialize(order) for order in chunk] for chunk in slices)
+        payloads = (serialize_all(chunk) for chunk in slices)
         appended = append_chunks(redis, stream, payloads, producer, durability, tracks[0])
     else:
         records = ([_record(order) for order in chunk] for chunk in slices)
