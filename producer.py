@@ -51,7 +51,7 @@ from redisPool import is_cluster, redis_connect
 
 log = logging.getLogger("producer")
 
-CHUNK = 500  # orders per round trip in publish_many
+CHUNK = 1000  # orders per round trip in publish_many
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 

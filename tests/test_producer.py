@@ -272,7 +272,7 @@ async def test_what_a_signal_means_depends_on_when_it_comes() -> None:
         failure = during.outcome()
         assert isinstance(failure, Interrupted)
         assert failure.exit_code == 143
-        assert str(failure).startswith(f"interrupted by SIGTERM: {CHUNK} of {3 * CHUNK:,} orders confirmed")
+        assert str(failure).startswith(f"interrupted by SIGTERM: {CHUNK:,} of {3 * CHUNK:,} orders confirmed")
 
         after = Run(idle, STREAM)
         after.total = 2

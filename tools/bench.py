@@ -34,7 +34,7 @@ import producer
 from config import DEFAULTS, Settings, configure_logging, load_settings
 from core import library, tracing
 from core.capabilities import detect
-from core.keys import keys_for, partitions
+from core.keys import hash_tag, keys_for, partitions
 from core.replies import entries_of, text
 from initialization_stream import initialize
 from maintenance import trim
@@ -56,16 +56,39 @@ TRACEPARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 START_SH = Path(__file__).resolve().parent.parent / "redis" / "start.sh"
 # Orders through the pipeline before memory is first read: keys, groups and consumers exist.
 WARM_UP = 4000
-# Redis 8.6's own idempotence, to compare with ours: XADD ... IDMP <producer> <order id> per
-# order, in a function call of CHUNK orders as ours, the stream's IDMP window as a producer's
-# two chunks in flight need it.
-IDMP_LIBRARY = """#!lua name=bench_idmp
+# Idempotence per order, to compare with ours (one check per chunk), each in a function call of
+# CHUNK orders as ours: Redis 8.6's own XADD ... IDMP <producer> <order id> (the stream's IDMP
+# window as a producer's two chunks in flight need it), and the library's append before issue 29
+# (a producer's last 2,000 order ids in a hash and a list: HGET, XADD, HSET, LPUSH per order).
+# KEYS: the stream, the id map, its list. ARGV: the producer, then order id and payload pairs.
+REFERENCE_LIBRARY = """#!lua name=bench_reference
 redis.register_function('bench_idmp', function(keys, args)
   local ids = {}
   for i = 2, #args, 2 do
     ids[#ids + 1] = redis.call('XADD', keys[1], 'IDMP', args[1], args[i], '*',
       'data', args[i + 1], 'producer', args[1])
   end
+  return ids
+end)
+redis.register_function('bench_id_map', function(keys, args)
+  local stream, map, recent = keys[1], keys[2], keys[3]
+  local ids = {}
+  for i = 2, #args, 2 do
+    local id = redis.call('HGET', map, args[i])
+    if not id then
+      id = redis.call('XADD', stream, '*', 'data', args[i + 1], 'producer', args[1])
+      redis.call('HSET', map, args[i], id)
+      redis.call('LPUSH', recent, args[i])
+    end
+    ids[#ids + 1] = id
+  end
+  local old = redis.call('LRANGE', recent, 2000, -1)
+  if #old > 0 then
+    redis.call('HDEL', map, unpack(old))
+    redis.call('LTRIM', recent, 0, 1999)
+  end
+  redis.call('PEXPIRE', map, 600000)
+  redis.call('PEXPIRE', recent, 600000)
   return ids
 end)
 """
@@ -121,12 +144,14 @@ def bench_settings(url: str, stream: str, batch: int) -> Settings:
 
 async def forget(redis: Redis, settings: Settings) -> None:
     """Delete each partition's stream and every key the pipeline keeps beside it (guard, dead
-    letters, the id map), one partition (one hash slot) per call."""
+    letters, the producer's record of its calls, the reference paths' id map), one partition (one
+    hash slot) per call."""
     for part in partitions(settings):
         keys = keys_for(part)
         guard = [key for group in GROUPS for key in (keys.done(group), keys.running(group))]
         effects = [f"{keys.tag}:stock-booked", f"{keys.tag}:shipments"]  # consumer1's transactional writes
-        await redis.delete(keys.stream, keys.dead_letter, *guard, *effects, *keys.producer(part.producer_id))
+        producer_keys = [*keys.producer(part.producer_id), *reference_keys(keys.stream)]
+        await redis.delete(keys.stream, keys.dead_letter, *guard, *effects, *producer_keys)
 
 
 async def reset(redis: Redis, settings: Settings) -> None:
@@ -178,12 +203,14 @@ async def publish_rate(redis: Redis, stream: str, orders: list[Order]) -> float:
     return rate(len(orders), time.perf_counter() - started)
 
 
-async def idmp_rate(redis: Redis, stream: str, orders: list[Order]) -> float:
-    """Redis 8.6's XADD IDMP (IDMP_LIBRARY), CHUNK orders per call, two in flight on one connection."""
-    await redis.function_load(IDMP_LIBRARY, replace=True)
-    await redis.execute_command(  # type: ignore[no-untyped-call]
-        "XCFGSET", stream, "IDMP-DURATION", 600, "IDMP-MAXSIZE", 2 * producer.CHUNK
-    )
+async def reference_rate(redis: Redis, stream: str, orders: list[Order], function: str) -> float:
+    """A function of REFERENCE_LIBRARY, CHUNK orders per call, two in flight on one connection."""
+    await redis.function_load(REFERENCE_LIBRARY, replace=True)
+    if function == "bench_idmp":
+        await redis.execute_command(  # type: ignore[no-untyped-call]
+            "XCFGSET", stream, "IDMP-DURATION", 600, "IDMP-MAXSIZE", 2 * producer.CHUNK
+        )
+    keys = (stream, *reference_keys(stream))
     pool = redis.connection_pool
     connection = await pool.get_connection()  # type: ignore[no-untyped-call]
     started = time.perf_counter()
@@ -196,13 +223,19 @@ async def idmp_rate(redis: Redis, stream: str, orders: list[Order]) -> float:
             args: list[str | bytes] = []
             for order in orders[start : start + producer.CHUNK]:
                 args += [order.order_id, serialize(order)]
-            await connection.send_command("FCALL", "bench_idmp", 1, stream, "bench", *args)
+            await connection.send_command("FCALL", function, len(keys), *keys, "bench", *args)
             in_flight += 1
         for _ in range(in_flight):
             [text(entry_id) for entry_id in await connection.read_response()]
     finally:
         await pool.release(connection)
     return rate(len(orders), time.perf_counter() - started)
+
+
+def reference_keys(stream: str) -> tuple[str, str]:
+    """The id map and its list of REFERENCE_LIBRARY's bench_id_map, in the stream's slot."""
+    tag = "{" + hash_tag(stream) + "}"
+    return f"{tag}:bench:ids", f"{tag}:bench:recent"
 
 
 async def publish_one_latency(redis: Redis, stream: str, count: int) -> tuple[float, float]:
@@ -589,7 +622,7 @@ async def run(url: str, sizes: Sizes, batch: int, own_server: bool) -> dict[str,
         finally:
             await redis.delete("bench:ceiling")
             with contextlib.suppress(ResponseError):  # not loaded: Redis before 8.6
-                await redis.function_delete("bench_idmp")
+                await redis.function_delete("bench_reference")
             for bench_stream in (streams.bench, streams.memory):
                 await forget(redis, bench_stream)
     return results
@@ -621,7 +654,7 @@ async def measure_publishing(
         f"ceiling (redis-benchmark XADD x{sizes.publish * 2}), publish_many of {sizes.publish} {who}"
         f"{', XADD IDMP' if idmp else ''}, in turn x{sizes.repeat}"
     )
-    rates: dict[str, list[float]] = {"ceiling": [], "ours": [], "production": [], "idmp": []}
+    rates: dict[str, list[float]] = {"ceiling": [], "ours": [], "production": [], "id_map": [], "idmp": []}
     cpu: dict[str, list[float]] = {path: [] for path in rates}  # Redis's CPU time per order (us)
 
     async def measure(path: str, count: int, run: Coroutine[Any, Any, float | None]) -> None:
@@ -644,14 +677,17 @@ async def measure_publishing(
                 await reset(redis, streams.production)
                 orders = bench_orders(sizes.publish)
                 await measure("production", sizes.publish, publish_rate(publisher, PRODUCTION_STREAM, orders))
+            await reset(redis, streams.bench)
+            orders = bench_orders(sizes.publish)
+            await measure("id_map", sizes.publish, reference_rate(redis, STREAM, orders, "bench_id_map"))
             if idmp:
                 await reset(redis, streams.bench)
-                await measure("idmp", sizes.publish, idmp_rate(redis, STREAM, bench_orders(sizes.publish)))
-    for path, key in (("ceiling", "ceiling"), ("ours", "publish"), ("production", "publish_production")):
+                orders = bench_orders(sizes.publish)
+                await measure("idmp", sizes.publish, reference_rate(redis, STREAM, orders, "bench_idmp"))
+    paths = ("ceiling", "ceiling"), ("ours", "publish"), ("production", "publish_production")
+    for path, key in (*paths, ("id_map", "publish_id_map"), ("idmp", "publish_idmp")):
         results[f"{key}_per_s"] = statistics.median(rates[path]) if rates[path] else None
         results[f"{key}_redis_us_per_order"] = statistics.median(cpu[path]) if cpu[path] else None
-    results["publish_idmp_per_s"] = statistics.median(rates["idmp"]) if rates["idmp"] else None
-    results["publish_idmp_redis_us_per_order"] = statistics.median(cpu["idmp"]) if cpu["idmp"] else None
     if users is None:
         progress("publish_many as the template's producer user: skipped, REDIS_URL is set")
     progress(f"publish(): {sizes.one} calls of one order, one after another")
@@ -865,6 +901,7 @@ def publishing_lines(r: dict[str, Any]) -> list[str]:
             ("the ceiling's XADD", "ceiling_redis_us_per_order"),
             ("publish_many", "publish_redis_us_per_order"),
             ("as the producer user", "publish_production_redis_us_per_order"),
+            ("the id map", "publish_id_map_redis_us_per_order"),
             ("XADD IDMP", "publish_idmp_redis_us_per_order"),
         )
         if r.get(key) is not None
@@ -900,9 +937,15 @@ def table(r: dict[str, Any]) -> str:
         lines.append(row(f"ceiling: redis-benchmark XADD -c 8 -P 128{rounds}", ceiling_rate))
     lines += [
         row("baseline: one awaited XADD per order (the seed's style)", base),
-        row(f"publish_many: one check per FCALL of 500{rounds}", r["publish_per_s"]),
+        row(f"publish_many: one check per FCALL of {producer.CHUNK}{rounds}", r["publish_per_s"]),
         *production_row(f"publish_many as the producer user{rounds}", r["publish_production_per_s"]),
-        *production_row(f"XADD IDMP: a check per order, FCALL of 500{rounds}", r["publish_idmp_per_s"]),
+        row(
+            f"per-order id map (the append before): FCALL of {producer.CHUNK}{rounds}",
+            r["publish_id_map_per_s"],
+        ),
+        *production_row(
+            f"XADD IDMP: a check per order, FCALL of {producer.CHUNK}{rounds}", r["publish_idmp_per_s"]
+        ),
         row("consume: preloaded, 1 consumer per group, both groups", r["consume_per_s"]),
         row("end to end: 2 groups x 1 consumer, all safety on", r["e2e_per_s"]),
         row("end to end: 2 groups x 2 consumers", r["e2e_2x2_per_s"]),
