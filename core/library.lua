@@ -264,7 +264,7 @@ end
 -- a producer's hash remembers; 0 for an input), TTL ms, a number n, n pairs of field name and
 -- value added to every entry (the trace context, tracing.py), then the payloads.
 -- Returns {'new' | 'again' | 'behind' | 'gone', ids, orders}: ids is "first-id+count" (the entries'
--- ids follow each other) or, only after ids someone set near the end of their range, "id,id,...".
+-- ids follow each other) or, should they not (ids someone set near the end of their range), "id,id,...".
 -- 'again': the chunk was appended before (the ids are that append's); 'behind': appended, the
 -- record `orders` short of `before`; 'gone': appended, no record (a flush, a restart without
 -- persistence, `keep` newer calls, or the TTL), `orders` short of `before`.
@@ -296,18 +296,20 @@ local function append(keys, args)
   end
   local id = redis.call('XADD', stream, '*', 'data', args[first], 'producer', producer, unpack(extra))
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  -- The entries of one call take the sequence numbers after the first's: from Redis 7.2 every
+  -- '*' of a call gets the call's time; before, '<ms>-*' asks for that ms (but not near 2^64).
+  local following = '*'
+  if redis.REDIS_VERSION_NUM < 0x070200 and #seq < 19 then
+    following = ms .. '-*'
+  end
+  local all = {id}
+  for i = first + 1, #args do
+    all[#all + 1] = redis.call('XADD', stream, following, 'data', args[i], 'producer', producer, unpack(extra))
+  end
   local ids
-  if #seq < 19 then -- far from 2^64: each next entry takes the next sequence number of this ms
-    local following = ms .. '-*'
-    for i = first + 1, #args do
-      redis.call('XADD', stream, following, 'data', args[i], 'producer', producer, unpack(extra))
-    end
-    ids = id .. '+' .. (#args - first + 1)
+  if #seq < 15 and all[#all] == string.format('%s-%d', ms, tonumber(seq) + #all - 1) then
+    ids = id .. '+' .. #all
   else
-    local all = {id}
-    for i = first + 1, #args do
-      all[#all + 1] = redis.call('XADD', stream, '*', 'data', args[i], 'producer', producer, unpack(extra))
-    end
     ids = table.concat(all, ',')
   end
   local updated = after .. ' ' .. ids .. ' ' .. now .. ' ' .. now_ids
