@@ -318,11 +318,9 @@ local function append(keys, args)
   else
     redis.call('HSET', track, call, updated)
     if not record then
-      redis.call('LPUSH', calls, call)
-      local old = redis.call('LRANGE', calls, keep, -1)
-      if #old > 0 then
-        redis.call('HDEL', track, unpack(old))
-        redis.call('LTRIM', calls, 0, keep - 1)
+      local length = redis.call('LPUSH', calls, call)
+      if length > keep then -- a thousand at most: unpack puts them on Lua's stack
+        redis.call('HDEL', track, unpack(redis.call('RPOP', calls, math.min(length - keep, 1000))))
       end
     end
     redis.call('PEXPIRE', track, ttl)
