@@ -109,7 +109,7 @@ case "$cmd" in
     redis8=$(scripts/redis-8.sh)
     echo "dev.sh: version-dependent tests on $("$redis8" --version | cut -d' ' -f1-3) ($redis8)" >&2
     versioned=(bench cluster faults generative health operations operators pipeline processes producer
-      promises retention retries seams security sentinel transactions tracing)
+      promises publishing retention retries seams security sentinel transactions tracing)
     versioned=("${versioned[@]/#/tests/test_}")
     REDIS_SERVER=$redis8 exec .venv/bin/python -m pytest "${versioned[@]/%/.py}" "$@"
     ;;

@@ -11,7 +11,6 @@ from redis.exceptions import ResponseError
 
 from config import ConfigError, Settings, run_script
 from core import library
-from core.capabilities import detect
 from core.groups import ensure_groups
 from core.keys import keys_for, partitions
 from redisPool import redis_connect
@@ -30,34 +29,11 @@ async def initialize(redis: Redis, settings: Settings, start: str | None = None)
     created: dict[str, None] = {}
     for part in partitions(settings):
         made = await ensure_groups(redis, part.stream_key, settings.groups, start)
-        await configure_idmp(redis, part.stream_key)
         for group in settings.groups:
             state = f"created from {start or '0'}" if group in made else "already there"
             log.debug("group %s on stream %s: %s", group, part.stream_key, state)
         created.update(dict.fromkeys(made))
     return list(created)
-
-
-async def configure_idmp(redis: Redis, stream: str) -> bool:
-    """On Redis 8.6+, give the stream the IDMP window producers rely on; True if it was changed.
-
-    Only when it differs: XCFGSET forgets every producer's remembered ids.
-    """
-    if not (await detect(redis)).xadd_idmp:
-        return False
-    info = await redis.xinfo_stream(stream)
-    if (info.get("idmp-duration"), info.get("idmp-maxsize")) == (library.IDMP_SECONDS, library.IDMP_KEEP):
-        return False
-    await redis.execute_command(  # type: ignore[no-untyped-call]
-        "XCFGSET", stream, "IDMP-DURATION", library.IDMP_SECONDS, "IDMP-MAXSIZE", library.IDMP_KEEP
-    )
-    log.info(
-        "stream %s: IDMP window set to %d s, %d ids per producer",
-        stream,
-        library.IDMP_SECONDS,
-        library.IDMP_KEEP,
-    )
-    return True
 
 
 async def retire(redis: Redis, settings: Settings, group: str) -> bool:

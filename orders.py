@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -80,6 +81,11 @@ ORDERS = Schema(Order, id_field="order_id", name="order")
 def serialize(order: Order) -> bytes:
     """Compact UTF-8 JSON, the value of the stream entry's `data` field (fields in schema order)."""
     return ORDERS.serialize(order)
+
+
+def serialize_all(orders: Sequence[Order]) -> list[bytes]:
+    """serialize() of each order, in one call."""
+    return ORDERS.serialize_all(orders)
 
 
 def parse_order(payload: bytes | str, max_bytes: int, *, strict: bool = True) -> Order:

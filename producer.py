@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
+import heapq
 import logging
+import secrets
 import signal
 import socket
 import sys
@@ -13,10 +16,11 @@ import tempfile
 import time
 import uuid
 import weakref
+from array import array
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, aclosing, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from itertools import islice
 from types import FrameType
@@ -24,7 +28,14 @@ from typing import Any, BinaryIO, NoReturn, cast
 
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import AbstractConnection, Connection
-from redis.exceptions import AskError, ClusterDownError, RedisClusterException, RedisError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
@@ -33,25 +44,24 @@ from tqdm.contrib.logging import logging_redirect_tqdm  # type: ignore[import-un
 
 from config import DEFAULTS, CliError, ConfigError, Settings, run_script
 from core import library, tracing
-from core.capabilities import detect
-from core.keys import partition_of, partition_stream, stream_keys
+from core.keys import Keys, partition_of, partition_stream, stream_keys
 from core.replies import text
-from orders import InvalidOrder, Item, Order, parse_order, serialize
+from orders import InvalidOrder, Item, Order, parse_order, serialize, serialize_all
 from redisPool import is_cluster, redis_connect
 
 log = logging.getLogger("producer")
 
-CHUNK = 500  # orders per round trip in publish_many
+CHUNK = 1000  # orders per round trip in publish_many
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class PublishError(CliError):
     """Publishing stopped part way; `published` entries are confirmed in the stream."""
 
-    def __init__(self, published: int, total: int, cause: Exception) -> None:
+    def __init__(self, published: int, total: int, cause: Exception, then: str = "") -> None:
         super().__init__(
-            f"{published} of {total} orders confirmed, then Redis failed "
-            f"({type(cause).__name__}: {cause}); the next {2 * CHUNK} may or may not be in the stream"
+            f"{published:,} of {total:,} orders confirmed, then Redis failed ({type(cause).__name__}: "
+            f"{cause}); {then or f'the next {2 * CHUNK} may or may not be in the stream'}"
         )
         self.published = published
 
@@ -84,6 +94,11 @@ class NotReplicated(RedisError):
     """WAIT returned before PUBLISH_MIN_REPLICAS replicas had the chunk: it is sent again."""
 
 
+class LibraryGone(RedisError):
+    """The library's append is not loaded (Redis restarted without persistence): nothing ran, so
+    the chunk is sent again once the library is loaded (where this user may)."""
+
+
 # Worth sending the chunks in flight again: the append is idempotent, so nothing is added twice.
 RESEND = (
     RedisConnectionError,
@@ -93,6 +108,7 @@ RESEND = (
     ClusterDownError,  # and MasterDownError
     RedisClusterException,
     NotReplicated,
+    LibraryGone,
 )
 
 
@@ -107,8 +123,9 @@ async def publish(
 ) -> str:
     """Append one order; return its entry id once Redis has confirmed it.
 
-    Idempotent: sent again (after a lost reply) by the same producer id (PRODUCER_ID; default
-    the host name) within the window, the order is not added twice.
+    Idempotent: sent again (after a lost reply, or by a caller retrying) by the same producer id
+    (PRODUCER_ID; default the host name) among its last CALLS_KEPT calls and within CALL_TTL_S,
+    the order is not added twice and the first append's id is returned.
     """
     ids = await publish_many(redis, stream, [order], producer, partitions=partitions, durability=durability)
     return ids[0]
@@ -126,18 +143,28 @@ async def publish_many(
     """Append orders, CHUNK per call, each to its partition's stream; return their entry ids.
 
     Each chunk is one call of the function library's idempotent append: added whole or not
-    at all, and a chunk sent again after a lost connection adds nothing twice. Within a
+    at all, and a chunk sent again after a lost connection adds nothing twice. A call of one
+    order is keyed by its order id, so that order published again adds nothing (see publish);
+    a call of more is keyed by itself: called again, it appends its orders again. Within a
     partition the orders keep their order. Raises PublishError saying how many orders Redis
     confirmed before a failure.
     """
+    producer = producer or socket.gethostname()
     ids: list[str] = []
-    records = [_record(order) for order in orders]
-    chunks = (records[i : i + CHUNK] for i in range(0, len(records), CHUNK))
+    call = f"order:{orders[0].order_id}" if len(orders) == 1 else f"call:{secrets.token_hex(8)}"
+    tracks = [Track.of_call(stream_keys(part), producer, call) for part in streams_of(stream, partitions)]
+    # Serialized a chunk at a time, as it is sent: Python works while Redis appends the chunk before.
+    slices = (orders[i : i + CHUNK] for i in range(0, len(orders), CHUNK))
+    if partitions == 1:
+        payloads = (serialize_all(chunk) for chunk in slices)
+        appended = append_chunks(redis, stream, payloads, producer, durability, tracks[0])
+    else:
+        records = ([_record(order) for order in chunk] for chunk in slices)
+        appended = append_routed(redis, stream, partitions, records, producer, durability, tracks)
     try:
-        appended = append_routed(redis, stream, partitions, chunks, producer, durability)
         async with aclosing(appended) as confirmed:
-            async for replies in confirmed:
-                ids.extend(replies)
+            async for reply in confirmed:
+                ids.extend(reply.ids)
     except RedisError as error:
         raise PublishError(len(ids), len(orders), error) from error
     return ids
@@ -147,62 +174,137 @@ def _record(order: Order) -> Record:
     return order.order_id, serialize(order)
 
 
+def streams_of(stream: str, partitions: int) -> list[str]:
+    """The stream of each partition, in partition order."""
+    return [partition_stream(stream, i, partitions) for i in range(partitions)]
+
+
+class Track:
+    """One run of appends to one stream, as Redis records it beside the stream (library.lua's `append`).
+
+    A publish call's record is a field of its producer's hash of calls (the last CALLS_KEPT, for
+    CALL_TTL_S); an input's, its checkpoint, a key of its own (for CHECKPOINT_TTL_S). Each chunk
+    moves it from one state to the next: the orders appended so far and, for an input, a digest
+    of them, so a run of a changed input cannot take another's checkpoint for its own.
+    """
+
+    def __init__(self, key: str, field: str, keep: int, ttl_s: int, *, state: str = "", digest: bool) -> None:
+        self.where = (key, field, keep, ttl_s * 1000)
+        self.state = state  # before the next chunk; '' before the first
+        self.confirmed = int(state.partition(":")[0] or 0)  # orders the record says are there
+        self.count = 0  # orders passed to advance() or skip()
+        self._digest = hashlib.blake2b(digest_size=16) if digest else None
+
+    @classmethod
+    def of_call(cls, keys: Keys, producer: str, call: str) -> Track:
+        return cls(keys.producer(producer)[0], call, library.CALLS_KEPT, library.CALL_TTL_S, digest=False)
+
+    @classmethod
+    def of_input(cls, keys: Keys, name: str, record: bytes | str | None) -> Track:
+        """An input's track, continuing from its checkpoint (`record`, None when there is none)."""
+        state = text(record).partition(" ")[0] if record else ""
+        return cls(keys.input(name), "", 0, library.CHECKPOINT_TTL_S, state=state, digest=True)
+
+    def advance(self, payloads: list[bytes]) -> tuple[str, str]:
+        """The states before and after appending `payloads` next; the track moves to the second."""
+        before = self.state
+        self.count += len(payloads)
+        if self._digest is not None:
+            for payload in payloads:
+                self._digest.update(payload + b"\n")  # compact JSON holds no raw newline
+        self.state = self._now()
+        return before, self.state
+
+    def skip(self, payload: bytes) -> bool:
+        """True when the checkpoint covers `payload`, the next order of this stream's share of the input.
+
+        Raises InputChanged when the orders it covers are not those the checkpoint was made of.
+        """
+        if self.count >= self.confirmed:
+            return False
+        self.count += 1
+        if self._digest is not None:
+            self._digest.update(payload + b"\n")
+        if self.count == self.confirmed and self._now() != self.state:
+            raise InputChanged()
+        return True
+
+    def _now(self) -> str:
+        return str(self.count) if self._digest is None else f"{self.count}:{self._digest.hexdigest()}"
+
+
+class InputChanged(ConfigError):
+    """The input's first orders are not those its checkpoint says were published from it."""
+
+    def __init__(self) -> None:
+        super().__init__("it changed since, or it starts as another input did")
+
+
 async def append_routed(
     redis: Redis,
     stream: str,
     partitions: int,
     chunks: Iterable[list[Record]],
-    producer: str = "",
-    durability: Durability = Durability(),
-) -> AsyncGenerator[list[str], None]:
+    producer: str,
+    durability: Durability,
+    tracks: list[Track],
+) -> AsyncGenerator[library.Appended, None]:
     """`append_chunks` over STREAM_PARTITIONS streams: each record goes to `partition_of` its order id.
 
     Each chunk is split by partition and the shares appended side by side (on a cluster, each
-    on its own node); yields the ids confirmed, then raises the first failure, if any.
+    on its own node), each partition's share on that partition's track; yields the replies,
+    then raises the first failure, if any.
     """
     if partitions == 1:
-        async with aclosing(append_chunks(redis, stream, chunks, producer, durability)) as confirmed:
-            async for ids in confirmed:
-                yield ids
+        payloads = ([payload for _, payload in chunk] for chunk in chunks)
+        async with aclosing(
+            append_chunks(redis, stream, payloads, producer, durability, tracks[0])
+        ) as confirmed:
+            async for appended in confirmed:
+                yield appended
         return
-    streams = [partition_stream(stream, i, partitions) for i in range(partitions)]
+    streams = streams_of(stream, partitions)
     source = iter(chunks)
     # A round takes one chunk per partition from `chunks`, so each partition's share is about
     # a chunk: one call each, as many records per call as unpartitioned.
     while round_ := list(islice(source, partitions)):
-        shares: list[list[Record]] = [[] for _ in streams]
-        for record in (record for chunk in round_ for record in chunk):
-            shares[partition_of(record[0], partitions)].append(record)
+        shares: list[list[bytes]] = [[] for _ in streams]
+        for order_id, payload in (record for chunk in round_ for record in chunk):
+            shares[partition_of(order_id, partitions)].append(payload)
         outcomes = await asyncio.gather(
             *(
-                _append_all(redis, streams[i], share, producer, durability)
+                _append_all(redis, streams[i], share, producer, durability, tracks[i])
                 for i, share in enumerate(shares)
                 if share
             ),
             return_exceptions=True,
         )
-        yield [entry_id for outcome in outcomes if isinstance(outcome, list) for entry_id in outcome]
+        for outcome in outcomes:
+            if isinstance(outcome, list):
+                for appended in outcome:
+                    yield appended
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
 
 
 async def _append_all(
-    redis: Redis, stream: str, records: list[Record], producer: str, durability: Durability
-) -> list[str]:
-    chunks = (records[i : i + CHUNK] for i in range(0, len(records), CHUNK))
-    async with aclosing(append_chunks(redis, stream, chunks, producer, durability)) as confirmed:
-        return [entry_id async for ids in confirmed for entry_id in ids]
+    redis: Redis, stream: str, payloads: list[bytes], producer: str, durability: Durability, track: Track
+) -> list[library.Appended]:
+    chunks = (payloads[i : i + CHUNK] for i in range(0, len(payloads), CHUNK))
+    async with aclosing(append_chunks(redis, stream, chunks, producer, durability, track)) as confirmed:
+        return [appended async for appended in confirmed]
 
 
 async def append_chunks(
     redis: Redis,
     stream: str,
-    chunks: Iterable[list[Record]],
-    producer: str = "",
-    durability: Durability = Durability(),
-) -> AsyncGenerator[list[str], None]:
-    """Append each chunk of records whole, in order; yield its entry ids once Redis confirmed it.
+    chunks: Iterable[list[bytes]],
+    producer: str,
+    durability: Durability,
+    track: Track,
+) -> AsyncGenerator[library.Appended, None]:
+    """Append each chunk of payloads whole, in order, on `track`; yield its entry ids once Redis confirmed it.
 
     One connection keeps two chunks in flight, so Redis appends while Python serializes (a
     redis-py Pipeline would wait for every reply first). `chunks` is read lazily, one chunk
@@ -211,13 +313,13 @@ async def append_chunks(
     With `durability.replicas`, a WAIT follows each chunk on the same connection and the chunk
     counts as confirmed only once that many replicas have it. A lost connection (or, on a
     cluster, a moved slot) is retried with backoff by sending the unconfirmed chunks again: the
-    append is idempotent per order id, so nothing is added twice. Raises RedisError.
+    track's record tells Redis which of them it appended already, so nothing is added twice.
+    Raises RedisError (ResponseError CONFLICT: the track's record is not where this run left it).
     """
     keys = stream_keys(stream)
-    producer = producer or socket.gethostname()
-    native = await _prepare(redis, stream)
     source = iter(chunks)
     in_flight: deque[list[EncodableT]] = deque()  # the calls of the chunks not yet confirmed
+    resent = 0  # how many of them, the oldest, were sent again on a new connection
     failures = 0
     first_failure = 0.0
     loop = asyncio.get_running_loop()
@@ -229,42 +331,84 @@ async def append_chunks(
 
     while True:
         try:
+            await _prepare(redis)
             connection, release = await _connection(redis, stream)
         except RESEND as error:
             failures, first_failure = failures + 1, first_failure or loop.time()
             await _after_failure(redis, failures, first_failure, durability, error)
             continue
         try:
+            resent = len(in_flight)
             for command in in_flight:  # unconfirmed when the connection was lost: sent again
                 await send(connection, command)
             while True:
                 while len(in_flight) < 2 and (chunk := next(source, [])):
                     # A span per chunk, until it is sent; its trace context goes in each entry.
                     with tracing.sending(stream, len(chunk)) as fields:
-                        command = library.append_command(keys, producer, native, chunk, fields)
+                        before, after = track.advance(chunk)
+                        command = library.append_command(
+                            keys, producer, track.where, before, after, chunk, fields
+                        )
                         in_flight.append(command)  # before sending: a send cut half way is sent again whole
                         await send(connection, command)
                 if not in_flight:
                     return
-                reply = await connection.read_response()
-                if durability.replicas:
-                    replicas = await connection.read_response()
-                    if int(replicas) < durability.replicas:
-                        raise NotReplicated(
-                            f"{replicas} of PUBLISH_MIN_REPLICAS={durability.replicas} replicas confirmed "
-                            f"a chunk within PUBLISH_WAIT_MS={durability.wait_ms}"
-                        )
-                in_flight.popleft()
+                appended = await _confirmation(connection, durability)
                 failures, first_failure = 0, 0.0
-                yield [text(i) for i in reply]
+                in_flight.popleft()
+                again, resent = resent > 0, max(resent - 1, 0)
+                yield _checked(appended, again, stream, producer)
         except RESEND as error:
             await connection.disconnect()
+            if isinstance(error, LibraryGone):
+                _ready.discard(redis)
             failures, first_failure = failures + 1, first_failure or loop.time()
             await _after_failure(redis, failures, first_failure, durability, error)
         finally:
             if in_flight:  # failed or stopped with replies unread: that connection is done
                 await connection.disconnect()
             await release(connection)
+
+
+async def _confirmation(connection: AbstractConnection, durability: Durability) -> library.Appended:
+    """The reply to the oldest chunk in flight, once (with `durability.replicas`) replicas have it too."""
+    try:
+        reply = await connection.read_response()
+    except ResponseError as error:
+        if "function not found" in str(error).lower():
+            raise LibraryGone(str(error)) from error
+        raise
+    if durability.replicas:
+        replicas = await connection.read_response()
+        if int(replicas) < durability.replicas:
+            raise NotReplicated(
+                f"{replicas} of PUBLISH_MIN_REPLICAS={durability.replicas} replicas confirmed "
+                f"a chunk within PUBLISH_WAIT_MS={durability.wait_ms}"
+            )
+    return library.appended_of(reply)
+
+
+def _checked(appended: library.Appended, sent_again: bool, stream: str, producer: str) -> library.Appended:
+    """An append's reply, said in the log where Redis had lost part of the run; a chunk sent again
+    that was appended before was appended by its first send, so by this run."""
+    if appended.short:
+        log.warning(
+            "%s no longer has %s of this run that it had confirmed (a failover before a replica had "
+            "them, a flush, or a restart without persistence); going on",
+            stream,
+            plural(appended.short),
+        )
+    if not sent_again:
+        return appended
+    if appended.gone:
+        log.warning(
+            "a chunk sent again found no record of its run in %s (flushed, restarted without "
+            "persistence, or %d newer calls from producer %s): appended, possibly a second time",
+            stream,
+            library.CALLS_KEPT,
+            producer,
+        )
+    return replace(appended, new=True)
 
 
 async def _connection(
@@ -305,16 +449,14 @@ async def _after_failure(
             await cast(RedisCluster, redis).nodes_manager.initialize()
 
 
-_ready: weakref.WeakKeyDictionary[Redis, dict[str, bool]] = weakref.WeakKeyDictionary()
+_ready: weakref.WeakSet[Redis] = weakref.WeakSet()
 
 
-async def _prepare(redis: Redis, stream: str) -> bool:
-    """Load the function library if needed; True where Redis's own XADD IDMP can be used."""
-    known = _ready.setdefault(redis, {})
-    if stream not in known:
+async def _prepare(redis: Redis) -> None:
+    """Load the function library once per client if needed (LibraryMissing if this user may not)."""
+    if redis not in _ready:
         await library.ensure_loaded(redis)
-        known[stream] = await library.uses_native_idmp(redis, stream, await detect(redis))
-    return known[stream]
+        _ready.add(redis)
 
 
 def iter_sample_orders(count: int, first: int = 1) -> Iterator[Order]:
@@ -482,12 +624,30 @@ class Run:
         self.task = task
         self.stream = stream
         self.total = 0
-        self.confirmed = 0
+        self.confirmed = 0  # orders Redis confirmed to this run's chunks
+        self.again = 0  # of those, orders another run of the same input had appended
+        self.skipped = 0  # orders the input's checkpoint covers: an earlier run published them
+        self.repeated = 0  # lines whose order_id an earlier line has: not sent
+        self.examples: list[str] = []  # those order ids, each once
+        self.resumable = False  # the input has a checkpoint: running it again sends the rest
         self.first_id = self.last_id = ""
         self.sending = False
         self.signal: int | None = None
         self.forced = False
         self.problem: CliError | None = None
+
+    @property
+    def new(self) -> int:
+        return self.confirmed - self.again
+
+    @property
+    def already(self) -> int:
+        return self.skipped + self.repeated + self.again
+
+    @property
+    def done(self) -> int:
+        """Orders of the input that are in the stream: confirmed now or before, or repeated."""
+        return self.confirmed + self.skipped + self.repeated
 
     def install(self) -> None:
         loop = asyncio.get_running_loop()
@@ -505,58 +665,129 @@ class Run:
             self.task.cancel()
         self.signal = signum
 
+    def read(self, records: Iterator[Record], source: str) -> Iterator[Record]:
+        """`records`, at most `total` (a file that grew since it was checked gains nothing); notes a
+        problem when there are fewer."""
+        count = 0
+        for record in islice(records, self.total):
+            count += 1
+            yield record
+        if count < self.total:
+            self.problem = CliError(f"{source} changed after it was checked: it has {count:,} orders")
+
+    def unrepeated(self, records: Iterator[Record], repeated: set[int]) -> Iterator[Record]:
+        """`records` but those whose order_id an earlier one has (`repeated`: hash() of such ids)."""
+        seen: dict[str, bool] = {}  # order id -> found again
+        for record in records:
+            order_id = record[0]
+            if hash(order_id) in repeated:
+                if order_id in seen:
+                    self.repeated += 1
+                    if not seen[order_id]:
+                        seen[order_id] = True
+                        self.examples.append(order_id)
+                    continue
+                seen[order_id] = False
+            yield record
+
+    def unconfirmed(self, records: Iterator[Record], tracks: list[Track]) -> Iterator[Record]:
+        """`records` but those the input's checkpoints cover (one per partition, each checked).
+
+        Nothing is yielded until every partition's checkpoint has been checked against the
+        input, so a changed input sends nothing. An interrupted run leaves the partitions at
+        most a round of chunks apart: more held back than that means the input changed.
+        """
+        waiting = sum(track.count < track.confirmed for track in tracks)
+        held: list[Record] = []
+        for record in records:
+            track = tracks[partition_of(record[0], len(tracks))]
+            if track.skip(record[1]):
+                self.skipped += 1
+                if track.count == track.confirmed:
+                    waiting -= 1
+                    if not waiting:
+                        yield from held
+                        held.clear()
+            elif waiting:
+                held.append(record)
+                if len(held) > len(tracks) * CHUNK:
+                    raise InputChanged()
+            else:
+                yield record
+        if waiting:  # the input ended before one of its checkpoints
+            raise InputChanged()
+
     def chunks(self, records: Iterator[Record], source: str) -> Iterator[list[Record]]:
-        """CHUNK records at a time, at most `total`, until a signal or a failure to read."""
-        records = islice(records, self.total)  # a file that grew since it was checked gains nothing
-        sent = 0
+        """CHUNK records at a time until a signal, a failure to read, or the end."""
         while self.signal is None:
             try:
                 chunk = list(islice(records, CHUNK))
+            except InputChanged:
+                raise
             except CliError as error:
                 self.problem = CliError(f"{source} changed after it was checked: {error}")
                 return
             if not chunk:
-                if sent < self.total:
-                    self.problem = CliError(f"{source} changed after it was checked: it has {sent:,} orders")
                 return
-            sent += len(chunk)
             self.sending = True
             yield chunk
 
-    def confirm(self, ids: list[str]) -> None:
-        self.confirmed += len(ids)
-        self.first_id = self.first_id or ids[0]
-        self.last_id = ids[-1]
+    def confirm(self, appended: library.Appended) -> None:
+        self.confirmed += len(appended.ids)
+        if not appended.new:
+            self.again += len(appended.ids)
+        self.first_id = self.first_id or appended.ids[0]
+        self.last_id = appended.ids[-1]
+
+    def so_far(self) -> str:
+        """`1,000 of 5,000 orders confirmed in orders`, with how many were there already, if any."""
+        split = f" ({self.new:,} new, {self.already:,} already there)" if self.already else ""
+        return f"{self.done:,} of {self.total:,} orders confirmed in {self.stream}{split}"
+
+    def then(self) -> str:
+        """What to do after a run that stopped part way."""
+        if self.resumable:
+            return "run the same command on the same input again: it sends the rest and adds nothing twice"
+        return "the rest were not sent"
 
     def outcome(self) -> CliError | None:
         """Why the run ended before every order was confirmed; None when all were."""
-        if self.confirmed == self.total and (self.sending or self.signal is None):
+        if self.done == self.total and (self.sending or self.signal is None):
             return None
+        rest = f"the other {self.total - self.done:,} were not sent"
+        again = f"; {self.then()}" if self.resumable else ""
         if self.signal is None:
             assert self.problem is not None, "publishing ended early with no reason"
-            return CliError(
-                f"{self.confirmed:,} of {self.total:,} orders confirmed, then {self.problem}; "
-                f"the other {self.total - self.confirmed:,} were not sent"
-            )
+            return CliError(f"{self.so_far()}, then {self.problem}; {rest}{again}")
         name = signal.Signals(self.signal).name
         if not self.sending:
             return Interrupted(self.signal, "interrupted: nothing was published")
         if self.forced:
             return Interrupted(
                 self.signal,
-                f"interrupted again by {name}: {self.confirmed:,} of {self.total:,} orders confirmed in "
-                f"{self.stream}, the next {2 * CHUNK} may or may not be there; the rest were not sent",
+                f"interrupted again by {name}: {self.so_far()}, the next {2 * CHUNK} may or may not be "
+                f"there; {self.then()}",
             )
-        return Interrupted(
-            self.signal,
-            f"interrupted by {name}: {self.confirmed:,} of {self.total:,} orders confirmed in "
-            f"{self.stream}; the other {self.total - self.confirmed:,} were not sent",
-        )
+        return Interrupted(self.signal, f"interrupted by {name}: {self.so_far()}; {rest}{again}")
+
+    def summary(self, seconds: float) -> str:
+        """The result line: how many orders were new, how many already there, and why."""
+        text = f"published {plural(self.new, 'new order')} to {self.stream} in {seconds:.1f} s"
+        text += f", {self.already:,} already there"
+        reasons = []
+        if self.skipped:
+            reasons.append(f"{self.skipped:,} published before from this input")
+        if self.again:
+            reasons.append(f"{self.again:,} published meanwhile by another run of it")
+        if self.repeated:
+            named = ", ".join(self.examples[:3]) + (", ..." if len(self.examples) > 3 else "")
+            reasons.append(f"{self.repeated:,} with the order_id of an earlier line ({named})")
+        return text + (f": {'; '.join(reasons)}" if reasons else "")
 
 
-def plural(count: int) -> str:
+def plural(count: int, noun: str = "order") -> str:
     """`1 order`, `2,000 orders`."""
-    return f"{count:,} order" if count == 1 else f"{count:,} orders"
+    return f"{count:,} {noun}" if count == 1 else f"{count:,} {noun}s"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -564,7 +795,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m producer",
         description=(
             "Publish orders to the stream: sample orders, or real ones from a JSON-lines file. "
-            "Every order is checked before the first is sent; a bad line publishes nothing."
+            "Every order is checked before the first is sent; a bad line publishes nothing. The same "
+            "input run again (after an interruption or a failure) publishes only what is not there yet."
         ),
         epilog=(
             f"Settings come from the environment and .env: REDIS_URL (default {DEFAULTS['REDIS_URL']}), "
@@ -592,7 +824,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def main(settings: Settings, args: argparse.Namespace) -> int:
-    """Check every order, then publish them chunk by chunk; memory does not grow with the input."""
+    """Check every order, then publish those not there yet chunk by chunk; 8 bytes of memory per order."""
     started = time.monotonic()
     task = asyncio.current_task()
     assert task is not None
@@ -600,10 +832,10 @@ async def main(settings: Settings, args: argparse.Namespace) -> int:
     try:
         with ExitStack() as stack:
             orders = Input(args, settings.max_payload_bytes, stack)
-            run.total = _check(orders, run)
+            survey = _check(orders, run)
             async with redis_connect(settings) as redis:
                 show = not args.quiet and sys.stderr.isatty()
-                await _publish(redis, orders, run, settings, show_progress=show)
+                await _publish(redis, orders, survey, run, settings, show_progress=show)
     except asyncio.CancelledError:
         if run.signal is None:
             raise
@@ -616,13 +848,16 @@ async def main(settings: Settings, args: argparse.Namespace) -> int:
             "published %s to %s (ids %s .. %s)", plural(run.confirmed), run.stream, run.first_id, run.last_id
         )
     if not args.quiet:
-        elapsed = time.monotonic() - started
-        print(
-            f"published {plural(run.total)} to {run.stream} in {elapsed:.1f} s"
-            if run.total
-            else "nothing to publish"
-        )
+        print(run.summary(time.monotonic() - started) if run.total else "nothing to publish")
     return 0
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What the first pass learned of an input, besides its size."""
+
+    name: str | None  # its checkpoint's name: a digest of its first order's id (None: samples)
+    repeated: set[int]  # hash() of the order ids on more than one line (and of rare look-alikes)
 
 
 class _Signalled(KeyboardInterrupt):
@@ -637,15 +872,25 @@ def _raise_signalled(signum: int, frame: FrameType | None) -> NoReturn:
     raise _Signalled(signum)
 
 
-def _check(orders: Input, run: Run) -> int:
-    """The first pass: count the orders, raising ConfigError at a bad one; then hand signals to `run`.
+def _check(orders: Input, run: Run) -> Survey:
+    """The first pass: count the orders in `run.total`, raising ConfigError at a bad one, and note
+    which order ids are on more than one line; then hand signals to `run`.
 
     The pass is synchronous, and may wait on stdin: only a plain signal handler can stop it.
     """
     try:
         for signum in SIGNALS:
             signal.signal(signum, _raise_signalled)
-        return sum(1 for _ in orders.first_pass())
+        hashes = array("q")  # 8 bytes per order, where a set of the ids would take about 100
+        first = None
+        for order_id, _ in orders.first_pass():
+            first = first or order_id
+            hashes.append(hash(order_id))
+        run.total = len(hashes)
+        if orders.path is None or first is None:  # samples are made anew for the second pass
+            return Survey(None, set())
+        name = hashlib.blake2b(first.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+        return Survey(name, repeated_values(hashes))
     except _Signalled as stopped:
         raise Interrupted(stopped.signum, "interrupted: nothing was published") from None
     except ConfigError as error:
@@ -659,9 +904,43 @@ def _check(orders: Input, run: Run) -> int:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
 
-async def _publish(redis: Redis, orders: Input, run: Run, settings: Settings, *, show_progress: bool) -> None:
-    """Publish the orders again read from `orders`, counting what Redis confirms in `run`."""
-    chunks = run.chunks(orders.second_pass(), orders.source)
+def repeated_values(hashes: array[int]) -> set[int]:
+    """The values found more than once in `hashes`, which is sorted in place, a run at a time, so
+    that no more than a run's worth of Python ints exists at once."""
+    run = 1 << 16
+    for start in range(0, len(hashes), run):
+        hashes[start : start + run] = array("q", sorted(hashes[start : start + run]))
+    view = memoryview(hashes)
+    found: set[int] = set()
+    previous = None
+    for value in heapq.merge(*(iter(view[start : start + run]) for start in range(0, len(hashes), run))):
+        if value == previous:
+            found.add(value)
+        previous = value
+    view.release()
+    return found
+
+
+async def _publish(
+    redis: Redis, orders: Input, survey: Survey, run: Run, settings: Settings, *, show_progress: bool
+) -> None:
+    """Publish the orders again read from `orders` that are not there yet, counting in `run`.
+
+    A file or stdin is published on its checkpoint, one per partition: orders an earlier run
+    of the same input published are skipped, and each chunk moves the checkpoint in the step
+    that appends it. Samples, new each run, on a track of their own.
+    """
+    parts = [stream_keys(stream) for stream in streams_of(run.stream, settings.stream_partitions)]
+    if survey.name is None:
+        call = f"call:{secrets.token_hex(8)}"
+        tracks = [Track.of_call(keys, settings.producer_id, call) for keys in parts]
+    else:
+        name = survey.name
+        tracks = [Track.of_input(keys, name, await redis.get(keys.input(name))) for keys in parts]
+        run.resumable = True
+    records = run.read(orders.second_pass(), orders.source)
+    records = run.unconfirmed(run.unrepeated(records, survey.repeated), tracks)
+    chunks = run.chunks(records, orders.source)
     with (
         logging_redirect_tqdm() if show_progress else nullcontext(),  # log lines above the bar, not in it
         tqdm(
@@ -681,13 +960,28 @@ async def _publish(redis: Redis, orders: Input, run: Run, settings: Settings, *,
                 chunks,
                 settings.producer_id,
                 durability_of(settings),
+                tracks,
             )
             async with aclosing(appended) as replies:
-                async for ids in replies:
-                    run.confirm(ids)
-                    bar.update(len(ids))
+                async for reply in replies:
+                    run.confirm(reply)
+                    bar.update(run.done - bar.n)
+        except InputChanged as error:
+            covered = sum(track.confirmed for track in tracks)
+            raise ConfigError(
+                f"{orders.source}: its first {plural(covered)} are not those an earlier run published from "
+                f"it ({error}), and orders already in the stream would run twice: nothing was published; "
+                "publish the orders that are not there yet from a file of their own"
+            ) from None
+        except ResponseError as error:
+            if not str(error).startswith("CONFLICT"):
+                raise PublishError(run.done, run.total, error, run.then()) from error
+            raise CliError(
+                f"{run.so_far()}, then another run of the same input moved its checkpoint: stopped; "
+                f"once that run ended, {run.then()}"
+            ) from None
         except RedisError as error:
-            raise PublishError(run.confirmed, run.total, error) from error
+            raise PublishError(run.done, run.total, error, run.then()) from error
 
 
 if __name__ == "__main__":

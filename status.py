@@ -48,9 +48,8 @@ async def caught_up(redis: Redis, stream: str, groups: Iterable[str]) -> bool:
 
 async def paths(redis: Redis, settings: Settings, capabilities: Capabilities) -> dict[str, str]:
     """Which version-dependent path each part of the pipeline takes on this server."""
-    native = await library.uses_native_idmp(redis, settings.stream_key, capabilities)
     return {
-        "publish": "XADD IDMP (Redis's own)" if native else "idempotent append (function library)",
+        "publish": library.APPEND_PATH,
         "reclaim": (
             "XREADGROUP CLAIM (owners keep the entries they hold fresh; a sweep drops deleted ones)"
             if capabilities.readgroup_claim

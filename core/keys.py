@@ -12,7 +12,8 @@ stream, the stream key stays exactly as configured and `redis-cli XADD orders ..
 | `{orders}:state:<group>:<consumer>` | string with a TTL | its report: retries waiting, an outage (JSON) |
 | `{orders}:done:<group>` | sorted set | order_id -> server time it was done, for DEDUPE_WINDOW_MS |
 | `{orders}:running:<group>` | hash | order_id -> "consumer entry_id" while a consumer runs it |
-| `{orders}:producer:<id>:ids` / `:recent` | hash / list | a producer's last order ids (Redis 7.x only) |
+| `{orders}:producer:<id>:calls` / `:recent` | hash / list | where a producer's last calls stand (`append`) |
+| `{orders}:input:<digest>` | string with a TTL | how far an input was published (a checkpoint) |
 
 Partitioned (REDIS_CLUSTER=true or STREAM_PARTITIONS=N > 1), partition `i` of `0..N-1` is the
 stream `{orders:i}` (just `orders` when N is 1), and every key above takes that stream's tag:
@@ -65,8 +66,12 @@ class Keys:
         return f"{self.tag}:running:{group}"
 
     def producer(self, producer_id: str) -> tuple[str, str]:
-        """A producer's map of idempotency ids to entry ids, and its list of them, newest first."""
-        return f"{self.tag}:producer:{producer_id}:ids", f"{self.tag}:producer:{producer_id}:recent"
+        """A producer's hash of its last calls (call -> where it stands), its list of them (newest first)."""
+        return f"{self.tag}:producer:{producer_id}:calls", f"{self.tag}:producer:{producer_id}:recent"
+
+    def input(self, name: str) -> str:
+        """An input's checkpoint: how far the producer published it."""
+        return f"{self.tag}:input:{name}"
 
 
 def keys_for(settings: Settings) -> Keys:

@@ -248,47 +248,88 @@ local function commit(keys, args)
   return {acked, fenced, errors, 0}
 end
 
--- Idempotent append: a chunk of orders, each under its idempotency id (the order id) for
--- this producer, so a chunk sent again after a lost reply adds nothing twice; returns the entry
--- ids, the first entry's id for an order already appended. KEYS: stream, the producer's map
--- (iid -> entry id), the producer's list of iids, newest first. ARGV: producer id, how many iids
--- to remember, their TTL in ms, '1' to use Redis 8.6's own XADD IDMP, a number n, n pairs of
--- field name and value added to every entry (the trace context, tracing.py), then pairs of iid
--- and payload. Memory: at most that many iids per producer, gone after the TTL.
+-- Idempotent append, one check per chunk (as Kafka's idempotent producer does per batch).
+-- A track is one run of appends to this stream: one publish call (a field of its producer's
+-- hash of calls, which keeps the last `keep` calls) or one input file (a key of its own, an
+-- input's checkpoint). Its record holds the state the last chunk moved it to and that chunk's
+-- entry ids, and the same for the chunk before: at most two chunks are in flight, so a chunk
+-- sent again after a lost reply finds its own state there and adds nothing; a chunk whose
+-- `before` is the state recorded is appended, whole, and moves the track on. A state is the
+-- orders so far ("1500"; for an input, with a digest of them: "1500:<hex>"). A record behind
+-- the chunk (Redis lost appends it had confirmed: a failover before the replica had them, a
+-- flush) cannot hold the chunk, which is appended; one at or past it holds another run's
+-- chunks (the same input published twice at once): refused, not appended twice.
+-- KEYS: stream, the track's key, the producer's list of calls (newest first).
+-- ARGV: producer id, the call's field ('' for an input's own key), before, after, keep (calls
+-- a producer's hash remembers; 0 for an input), TTL ms, a number n, n pairs of field name and
+-- value added to every entry (the trace context, tracing.py), then the payloads.
+-- Returns {'new' | 'again' | 'behind' | 'gone', ids, orders}: ids is "first-id+count" (the entries'
+-- ids follow each other) or, should they not (ids someone set near the end of their range), "id,id,...".
+-- 'again': the chunk was appended before (the ids are that append's); 'behind': appended, the
+-- record `orders` short of `before`; 'gone': appended, no record (a flush, a restart without
+-- persistence, `keep` newer calls, or the TTL), `orders` short of `before`.
 local function append(keys, args)
-  local stream, map, recent = keys[1], keys[2], keys[3]
-  local producer, keep, ttl, native = args[1], tonumber(args[2]), args[3], args[4] == '1'
-  local fields, first = {'data', '', 'producer', producer}, 6 + 2 * tonumber(args[5])
-  for i = 6, first - 1 do
-    fields[#fields + 1] = args[i]
+  local stream, track, calls = keys[1], keys[2], keys[3]
+  local producer, call, before, after = args[1], args[2], args[3], args[4]
+  local keep, ttl, first = tonumber(args[5]), args[6], 8 + 2 * tonumber(args[7])
+  if first > #args then
+    return redis.error_reply('ERR append: no payloads')
   end
-  local ids = {}
-  for i = first, #args, 2 do
-    local iid = args[i]
-    fields[2] = args[i + 1]
-    local id
-    if native then
-      id = redis.call('XADD', stream, 'IDMP', producer, iid, '*', unpack(fields))
-    else
-      id = redis.call('HGET', map, iid)
-      if not id then
-        id = redis.call('XADD', stream, '*', unpack(fields))
-        redis.call('HSET', map, iid, id)
-        redis.call('LPUSH', recent, iid)
+  local record
+  if call == '' then record = redis.call('GET', track) else record = redis.call('HGET', track, call) end
+  local now, now_ids, prev, prev_ids = '', '', '', ''
+  if record then
+    now, now_ids, prev, prev_ids = string.match(record, '^(%S*) (%S*) (%S*) (%S*)$')
+    if after == now then return {'again', now_ids, 0} end
+    if after == prev then return {'again', prev_ids, 0} end
+  end
+  local short = 0
+  if before ~= now then
+    short = (tonumber(string.match(before, '^%d+')) or 0) - (tonumber(string.match(now, '^%d+')) or 0)
+    if short <= 0 then
+      return redis.error_reply('CONFLICT the track is at ' .. now .. ', this chunk follows ' .. before)
+    end
+  end
+  local extra = {}
+  for i = 8, first - 1 do
+    extra[#extra + 1] = args[i]
+  end
+  local id = redis.call('XADD', stream, '*', 'data', args[first], 'producer', producer, unpack(extra))
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  -- The entries of one call take the sequence numbers after the first's: from Redis 7.2 every
+  -- '*' of a call gets the call's time; before, '<ms>-*' asks for that ms (but not near 2^64).
+  local following = '*'
+  if redis.REDIS_VERSION_NUM < 0x070200 and #seq < 19 then
+    following = ms .. '-*'
+  end
+  local all = {id}
+  for i = first + 1, #args do
+    all[#all + 1] = redis.call('XADD', stream, following, 'data', args[i], 'producer', producer, unpack(extra))
+  end
+  local ids
+  if #seq < 15 and all[#all] == string.format('%s-%d', ms, tonumber(seq) + #all - 1) then
+    ids = id .. '+' .. #all
+  else
+    ids = table.concat(all, ',')
+  end
+  local updated = after .. ' ' .. ids .. ' ' .. now .. ' ' .. now_ids
+  if call == '' then
+    redis.call('SET', track, updated, 'PX', ttl)
+  else
+    redis.call('HSET', track, call, updated)
+    if not record then
+      local length = redis.call('LPUSH', calls, call)
+      if length > keep then -- a thousand at most: unpack puts them on Lua's stack
+        redis.call('HDEL', track, unpack(redis.call('RPOP', calls, math.min(length - keep, 1000))))
       end
     end
-    ids[#ids + 1] = id
+    redis.call('PEXPIRE', track, ttl)
+    redis.call('PEXPIRE', calls, ttl)
   end
-  if not native then
-    local old = redis.call('LRANGE', recent, keep, -1)
-    if #old > 0 then
-      redis.call('HDEL', map, unpack(old))
-      redis.call('LTRIM', recent, 0, keep - 1)
-    end
-    redis.call('PEXPIRE', map, ttl)
-    redis.call('PEXPIRE', recent, ttl)
+  if short > 0 then
+    return {record and 'behind' or 'gone', ids, short}
   end
-  return ids
+  return {'new', ids, 0}
 end
 
 -- Remove a consumer that is gone: no live lease and nothing pending, checked in the same step

@@ -18,9 +18,8 @@ from redis.exceptions import NoPermissionError, ResponseError
 from redis.typing import EncodableT
 
 from config import CliError
-from core.capabilities import Capabilities
 from core.keys import Keys
-from core.replies import Committed, commit_of, redelivered_of
+from core.replies import Committed, commit_of, redelivered_of, text
 from redisPool import is_cluster
 
 SOURCE = Path(__file__).with_name("library.lua")
@@ -28,12 +27,16 @@ SOURCE = Path(__file__).with_name("library.lua")
 # Answers of orders_admit, per entry.
 RUN, DONE, RUNNING_ELSEWHERE = 1, 0, 2
 
-# How many order ids a producer remembers, and for how long: a chunk sent again after a lost
-# reply (at most two chunks are in flight) finds its orders among them and adds nothing twice.
-# Redis 8.6 keeps them in the stream (XCFGSET IDMP-MAXSIZE / IDMP-DURATION, set by
-# initialization_stream); Redis 7.x in two small keys per producer.
-IDMP_KEEP = 2000
-IDMP_SECONDS = 600
+# What the idempotent append remembers (library.lua's `append`): per producer id, its last
+# CALLS_KEPT publish calls for CALL_TTL_S, each a few dozen bytes whatever its size, so a chunk
+# sent again after a lost reply (at most two chunks of a call are in flight) adds nothing twice;
+# per input file, how far it was confirmed, for CHECKPOINT_TTL_S after its last chunk, so running
+# the same input again publishes the rest.
+CALLS_KEPT = 2000
+CALL_TTL_S = 600
+CHECKPOINT_TTL_S = 7 * 24 * 3600
+# On every version: Redis 8.6's XADD IDMP costs more per order and keeps a window per stream (docs/speed.md).
+APPEND_PATH = "idempotent append (function library: one check per chunk)"
 
 
 class LibraryMissing(CliError):
@@ -75,38 +78,55 @@ async def ensure_loaded(redis: Redis) -> None:
         ) from None
 
 
-async def uses_native_idmp(redis: Redis, stream: str, capabilities: Capabilities) -> bool:
-    """True where the append uses Redis's own XADD IDMP: Redis 8.6+ and the stream's IDMP window
-    at least what producers rely on (initialization_stream sets it); elsewhere the library
-    remembers the ids itself. The one place that decides it, for the producer, status and bench.
-    """
-    if not capabilities.xadd_idmp:
-        return False
-    try:
-        info = await redis.xinfo_stream(stream)
-    except ResponseError:  # no stream yet: its window would be the default
-        return False
-    return int(info.get("idmp-maxsize", 0)) >= IDMP_KEEP and int(info.get("idmp-duration", 0)) >= IDMP_SECONDS
+@dataclass(frozen=True)
+class Appended:
+    """The reply of one append: the chunk's entry ids, and whether this call appended them just now."""
+
+    ids: list[str]
+    new: bool  # False: appended before ('again'), by an earlier send of the same chunk or by another run
+    gone: bool = False  # appended, but the track had no record in Redis any more
+    short: int = 0  # appended, the track's record this many orders short of where the producer left it
 
 
 def append_command(
     keys: Keys,
     producer_id: str,
-    native: bool,
-    records: list[tuple[str, bytes]],
+    track: tuple[str, str, int, int],
+    before: str,
+    after: str,
+    payloads: Sequence[bytes],
     fields: Sequence[str] = (),
 ) -> list[EncodableT]:
-    """FCALL arguments appending `records` (order id, payload), each once per producer.
+    """FCALL arguments appending `payloads` as one chunk of a track, moving it from `before` to `after`.
 
-    `fields` (name, value, name, value: the trace context) are added to every entry.
+    `track`: its key, its field in that key ('' when the key is the track's own), how many calls
+    the key keeps (0 for an input's own key) and its TTL in ms. `fields` (name, value, name,
+    value: the trace context) are added to every entry.
     """
-    ids_key, recent_key = keys.producer(producer_id)
-    command: list[EncodableT] = ["FCALL", function("append"), 3, keys.stream, ids_key, recent_key]
-    command += [producer_id, IDMP_KEEP, IDMP_SECONDS * 1000, "1" if native else "0", len(fields) // 2]
-    command += fields
-    for order_id, payload in records:
-        command += [order_id, payload]
+    key, field, keep, ttl_ms = track
+    command: list[EncodableT] = [
+        "FCALL",
+        function("append"),
+        3,
+        keys.stream,
+        key,
+        keys.producer(producer_id)[1],
+    ]
+    command += [producer_id, field, before, after, keep, ttl_ms, len(fields) // 2, *fields, *payloads]
     return command
+
+
+def appended_of(reply: list[bytes]) -> Appended:
+    """An append's reply as entry ids: "first-id+count" stands for `count` ids from that one on."""
+    status, ids, short = text(reply[0]), text(reply[1]), int(reply[2])
+    first, plus, count = ids.partition("+")
+    if plus:
+        ms, _, seq = first.partition("-")
+        start = int(seq)
+        listed = [f"{ms}-{n}" for n in range(start, start + int(count))]
+    else:
+        listed = ids.split(",")
+    return Appended(listed, new=status != "again", gone=status == "gone", short=short)
 
 
 # An entry to commit with more than an ack: its id, its order id ('' for none), the writes its

@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError
 
 from initialization_stream import initialize
-from producer import publish_many, sample_orders
+from producer import CHUNK, publish_many, sample_orders
 from tools import bench, bench_cluster
 from tools.local_redis import LocalRedis, start_local_redis
 
@@ -54,11 +54,20 @@ def results(production: float | None) -> dict[str, Any]:
         "batch_size": 1000,
         "date": "2026-11-29",
         "redis_version": "7.0.15",
-        "append_path": "library-id-map",
         "ceiling_per_s": 500_000.0,
         "baseline_per_s": 5_000.0,
         "publish_per_s": 100_000.0,
         "publish_production_per_s": production,
+        "publish_idmp_per_s": None,
+        "publish_id_map_per_s": 25_000.0,
+        "publish_id_map_redis_us_per_order": 3.5,
+        "ceiling_redis_us_per_order": 1.1,
+        "publish_redis_us_per_order": 1.4,
+        "publish_production_redis_us_per_order": production and 1.5,
+        "publish_idmp_redis_us_per_order": None,
+        "publish_one_calls": 5000,
+        "publish_one_p50_ms": 0.21,
+        "publish_one_p99_ms": 0.48,
         "consume_per_s": 40_000.0,
         "e2e_per_s": 30_000.0,
         "e2e_2x2_per_s": 35_000.0,
@@ -83,7 +92,8 @@ def results(production: float | None) -> dict[str, Any]:
         "dedupe_window_ms": 3_600_000,
         "bytes_per_order_own": 0.4,
         "stream_length_after_trim_own": 0,
-        "producer_id_map_bytes": 207_976,
+        "producer_calls_bytes": 480,
+        "producer_calls": 2,
         "bytes_per_order_foreign": 224.0,
         "stream_length_after_trim_foreign": 12,
         "tracing_off_us_per_order": 0.08,
@@ -98,19 +108,43 @@ def test_the_table_puts_the_production_rows_beside_the_admin_rows() -> None:
     lines = bench.table(results(90_000.0)).splitlines()
     assert "redis-server 7.0.15" in lines[0]
     names = [line[:62].strip() for line in lines]
-    publish = names.index("publish_many: idempotent append, 500 per FCALL, two in flight")
+    publish = names.index(f"publish_many: one check per FCALL of {CHUNK}")
     assert names[publish + 1].startswith("publish_many as the producer user")
+    assert names[publish + 2] == f"per-order id map (the append before): FCALL of {CHUNK}"
+    assert not any(name.startswith("XADD IDMP") for name in names)  # Redis 7.0: not measured
     again = names.index("end to end: ours again (same size)")
     assert names[again + 1].startswith("end to end: as the producer and consumer users")
     text = "\n".join(lines)
     assert "publish at 90% of the admin's rate, end to end at 75%" in text
     assert "224.0 bytes each (112.0 per group" in text
-    assert "208 kB per producer" in text
+    assert "the producer's record of its calls: 480 bytes for 2 calls (it keeps the last 2,000)" in text
+    assert (
+        "publishing: publish_many at 20% of the ceiling; XADD IDMP: not measured, Redis 8.6+ only; " in text
+    )
+    assert "publish() of one order (5,000 calls in turn): p50 0.21 ms, p99 0.48 ms" in text
+    assert (
+        "Redis's CPU time per order published: the ceiling's XADD 1.10 us, publish_many 1.40 us, as the "
+        "producer user 1.50 us, the id map 3.50 us\n" in text
+    )
     # 1/20,000 - 1/30,000 s per order: 16.7 us
     assert "a transactional commit (2 staged writes per order per group) costs 16.7 us per order" in text
     assert "tracing with a provider costs 6.7 us per order end to end" in text
     assert "83% of the rate without); in-process, a consumer span 9.0 us per order" in text
     assert "the hook without a provider 0.08 us" in text
+
+
+def test_the_table_puts_xadd_idmp_beside_ours_where_redis_has_it() -> None:
+    r = results(90_000.0) | {"redis_version": "8.6.3", "publish_idmp_per_s": 80_000.0}
+    r |= {"publish_idmp_redis_us_per_order": 1.9}
+    r |= {"publish_per_s": 320_000.0, "e2e_safety_ratios": [0.9, 0.8, 1.0]}
+    lines = bench.table(r).splitlines()
+    names = [line[:62].strip() for line in lines]
+    ours = names.index(f"publish_many: one check per FCALL of {CHUNK}, median of 3")
+    assert names[ours + 3] == f"XADD IDMP: a check per order, FCALL of {CHUNK}, median of 3"
+    assert lines[ours + 3].split()[-3:] == ["80,000", "16%", "16.0x"]  # beside the ceiling and the baseline
+    text = "\n".join(lines)
+    assert "publishing: publish_many at 64% of the ceiling; 4.00x XADD IDMP's rate; " in text
+    assert ", as the producer user 1.50 us, the id map 3.50 us, XADD IDMP 1.90 us\n" in text
 
 
 def test_the_safety_cost_is_the_median_of_rounds_run_in_turn() -> None:

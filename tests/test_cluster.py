@@ -291,7 +291,7 @@ async def test_a_master_killed_under_load_is_ridden_out(
         killed.start()
 
         assert producer.wait(60) == 0, producer.output()
-        confirmed = int(re.search(r"published ([\d,]+) orders", producer.output())[1].replace(",", ""))  # type: ignore[index]
+        confirmed = int(re.search(r"published ([\d,]+) new orders", producer.output())[1].replace(",", ""))  # type: ignore[index]
         assert confirmed == total
 
         async def present() -> Counter[str]:
@@ -309,6 +309,8 @@ async def test_a_master_killed_under_load_is_ridden_out(
             assert lost == 0  # nothing was confirmed that the replica did not have
         else:
             assert lost > 0  # the chunks the master confirmed while its replica was paused
+            said = re.findall(r"no longer has ([\d,]+) orders? of this run", producer.output())
+            assert sum(int(n.replace(",", "")) for n in said) == lost  # and the producer says so
         for group in GROUPS:
             try:
                 await wait_until(functools.partial(done, client, group, len(found)), f"{group} to finish", 60)

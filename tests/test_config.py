@@ -89,6 +89,22 @@ def test_env_example_lists_every_variable_with_its_default() -> None:
     assert {k: example[k] for k in compose_only} == dict.fromkeys(compose_only, "")  # no password in the repo
 
 
+@pytest.mark.parametrize("name", ["DEDUPE_WINDOW_MS", "PRODUCER_ID"])
+def test_env_example_and_the_docs_tell_one_truth_about_what_is_deduplicated(name: str) -> None:
+    """What the consumers' window and the producer's record cover, word for word the same in
+    .env.example's comment and in docs/configuration.md (formatting and the default left aside)."""
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    at = next(n for n, line in enumerate(lines) if line.startswith(f"{name}="))
+    start = at
+    while lines[start - 1].startswith("# "):
+        start -= 1
+    comment = " ".join(line[2:] for line in lines[start:at]).removeprefix("Empty: the host name. ")
+    docs = (ROOT / "docs" / "configuration.md").read_text()
+    [row] = [line for line in docs.splitlines() if line.startswith(f"| `{name}` |")]
+    meaning = row.split(" | ")[2].rstrip(" |").replace("`", "")
+    assert comment == meaning
+
+
 def test_bad_setting_stops_a_script_with_one_line_and_exit_2() -> None:
     result = run_script("producer", script_env("redis://127.0.0.1:1/0", REDIS_MAX_CONNECTIONS="many"))
     assert result.returncode == 2

@@ -35,6 +35,7 @@ from test_promises import held_over
 
 from config import Settings
 from core.capabilities import detect
+from core.groups import ensure_groups
 from core.keys import keys_for
 from core.library import Fence
 from core.reading import Batch
@@ -46,7 +47,7 @@ from redisPool import redis_connect
 from status import caught_up
 from stream_consumer import Hooks, StreamConsumer
 from tools import chaos
-from tools.local_redis import LocalRedis
+from tools.local_redis import LocalRedis, start_local_redis
 
 STREAM = "orders"
 Start = Callable[..., Script]
@@ -541,6 +542,41 @@ async def test_a_lost_publish_reply_is_sent_again_and_adds_nothing_twice(
     finally:
         await direct.aclose()
         await dropper.close()
+
+
+@pytest.mark.parametrize("lost", ["FLUSHALL", "a restart without persistence"])
+async def test_a_long_lived_publisher_adds_nothing_twice_after_redis_lost_everything(lost: str) -> None:
+    """A web service's publisher keeps its client while Redis loses its data, the consumers make
+    the stream again (MKSTREAM, no IDMP window set: on 8.6, Redis's default of 100 ids), and then
+    a chunk's reply is lost: it is sent again and still adds nothing twice."""
+    need_redis_server()
+    server = start_local_redis("--appendonly", "no")
+    dropper = ReplyDropper(server.port, _is_append, limit=0)  # none dropped until the data is gone
+    port = await dropper.start()
+    settings = make_settings(f"redis://127.0.0.1:{port}/0", SOCKET_TIMEOUT_MS="500")
+    direct = Redis.from_url(server.url)
+    try:
+        await initialize(direct, settings)
+        async with redis_connect(settings) as publisher:
+            await publish_many(publisher, STREAM, sample_orders(1200))
+            if lost == "FLUSHALL":
+                await direct.flushall()
+            else:
+                server.kill()
+                server.start()
+                await direct.connection_pool.disconnect()
+            await ensure_groups(direct, STREAM, settings.groups, "0")  # as a consumer recovers it
+            dropper.limit = 1
+            orders = sample_orders(1000)
+            assert len(await publish_many(publisher, STREAM, orders)) == len(orders)
+        assert dropper.dropped == 1
+        entries: Any = await direct.xrange(STREAM)
+        published = Counter(json.loads(fields[b"data"])["order_id"] for _, fields in entries)
+        assert published == Counter(order.order_id for order in orders)  # each once
+    finally:
+        await direct.aclose()
+        await dropper.close()
+        server.close()
 
 
 async def test_a_lost_xreadgroup_reply_is_recovered(own_server: LocalRedis) -> None:

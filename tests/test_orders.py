@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import orders
 from core.messages import Schema
-from orders import InvalidOrder, Item, Order, parse_order, serialize
+from orders import InvalidOrder, Item, Order, parse_order, serialize, serialize_all
 
 CAP = 65536
 FAST_PATH = Schema._canonical  # before the fixture below swaps it out
@@ -110,3 +112,23 @@ def test_the_fast_path_accepts_no_bad_compact_payload(name: str) -> None:
 def test_valid_but_not_compact_json_is_accepted() -> None:
     spaced = b'{ "total": 42, "customer_email": "ann@example.com", "order_id": "ord-\\u00e9" }'
     assert parse_order(spaced, CAP) == Order("ord-\u00e9", "ann@example.com", total=42.0)
+
+
+@given(
+    st.lists(
+        st.builds(
+            Order,
+            order_id=st.text(min_size=1),
+            customer_email=st.text(),
+            items=st.lists(st.builds(Item, sku=st.text(), qty=st.integers(1, 10**6)), max_size=3).map(tuple),
+            total=st.none() | st.floats(0, 1e12, allow_nan=False),
+            created_at=st.none() | st.text(),
+        ),
+        max_size=20,
+    )
+)
+@settings(derandomize=True, max_examples=200)
+def test_serializing_orders_together_gives_each_as_alone(batch: list[Order]) -> None:
+    """publish_many serializes a chunk in one call, split at newlines: any text (a newline, U+2028)
+    is escaped or kept inside its string, never a line break between two orders."""
+    assert serialize_all(batch) == [serialize(order) for order in batch]

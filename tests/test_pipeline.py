@@ -289,7 +289,7 @@ async def test_publish_many_keeps_order_and_a_user_without_fcall_is_told(own_ser
         "nofcall", enabled=True, passwords=["+pw"], keys=["~*"], commands=["+@all", "-fcall"]
     )
     no_fcall = Redis.from_url(f"redis://nofcall:pw@127.0.0.1:{own_server.port}/0")
-    orders = sample_orders(1200)  # more than two chunks
+    orders = sample_orders(2 * CHUNK + 200)  # more than two chunks
     try:
         ids = await publish_many(admin, "kept", orders)
         entries: Any = await admin.xrange("kept")

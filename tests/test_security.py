@@ -87,6 +87,25 @@ async def test_the_default_user_is_off(acl_server: LocalRedis) -> None:
         await anonymous.aclose()
 
 
+async def test_the_producer_user_publishes_a_file_once_however_often_it_is_run(
+    acl_server: LocalRedis, clients: dict[str, Redis], tmp_path: Path
+) -> None:
+    """The producer user reads and moves the input's checkpoint, {orders}:input:*, and nothing else."""
+    admin, producer = clients["admin"], clients["producer"]
+    await initialize(admin, make_settings(acl_server.url))
+    orders = tmp_path / "orders.jsonl"
+    orders.write_text("".join(f'{{"order_id":"p-{n}","customer_email":"p@example.com"}}\n' for n in range(3)))
+    env = script_env(url_for(acl_server, "producer", PASSWORDS["PRODUCER_PASSWORD"]))
+    first, again = (run_script("producer", env, "--file", str(orders)) for _ in range(2))
+    assert first.returncode == again.returncode == 0, first.stderr + again.stderr
+    assert again.stdout.endswith(", 3 already there: 3 published before from this input\n")
+    assert await admin.xlen("orders") == 3
+    [checkpoint] = await admin.keys("{orders}:input:*")
+    assert await denied(producer.get("orders"))
+    assert await denied(producer.set("{orders}:lease:email_group:c", "x"))
+    assert await producer.get(checkpoint)  # its own
+
+
 async def test_each_app_user_can_do_its_job_and_nothing_else(
     acl_server: LocalRedis, clients: dict[str, Redis]
 ) -> None:

@@ -34,11 +34,12 @@ import producer
 from config import DEFAULTS, Settings, configure_logging, load_settings
 from core import library, tracing
 from core.capabilities import detect
-from core.keys import keys_for, partitions
-from core.replies import entries_of
+from core.keys import hash_tag, keys_for, partitions
+from core.replies import entries_of, text
 from initialization_stream import initialize
 from maintenance import trim
 from orders import Item, Order, serialize
+from producer import plural
 from redisPool import is_cluster, redis_connect
 from status import caught_up
 from stream_consumer import Hooks, serve
@@ -53,9 +54,44 @@ GROUPS = ("bench-fulfillment", "bench-email")
 PAYLOAD_110 = "x" * 110  # redis-benchmark's value: the size of a typical order
 TRACEPARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 START_SH = Path(__file__).resolve().parent.parent / "redis" / "start.sh"
-# Orders through the pipeline before memory is first read: keys, groups and consumers exist,
-# and the producer's id map (at most IDMP_KEEP ids) is already full, as at steady state.
-WARM_UP = 2 * library.IDMP_KEEP
+# Orders through the pipeline before memory is first read: keys, groups and consumers exist.
+WARM_UP = 4000
+# Idempotence per order, to compare with ours (one check per chunk), each in a function call of
+# CHUNK orders as ours: Redis 8.6's own XADD ... IDMP <producer> <order id> (the stream's IDMP
+# window as a producer's two chunks in flight need it), and the library's append before issue 29
+# (a producer's last 2,000 order ids in a hash and a list: HGET, XADD, HSET, LPUSH per order).
+# KEYS: the stream, the id map, its list. ARGV: the producer, then order id and payload pairs.
+REFERENCE_LIBRARY = """#!lua name=bench_reference
+redis.register_function('bench_idmp', function(keys, args)
+  local ids = {}
+  for i = 2, #args, 2 do
+    ids[#ids + 1] = redis.call('XADD', keys[1], 'IDMP', args[1], args[i], '*',
+      'data', args[i + 1], 'producer', args[1])
+  end
+  return ids
+end)
+redis.register_function('bench_id_map', function(keys, args)
+  local stream, map, recent = keys[1], keys[2], keys[3]
+  local ids = {}
+  for i = 2, #args, 2 do
+    local id = redis.call('HGET', map, args[i])
+    if not id then
+      id = redis.call('XADD', stream, '*', 'data', args[i + 1], 'producer', args[1])
+      redis.call('HSET', map, args[i], id)
+      redis.call('LPUSH', recent, args[i])
+    end
+    ids[#ids + 1] = id
+  end
+  local old = redis.call('LRANGE', recent, 2000, -1)
+  if #old > 0 then
+    redis.call('HDEL', map, unpack(old))
+    redis.call('LTRIM', recent, 0, 1999)
+  end
+  redis.call('PEXPIRE', map, 600000)
+  redis.call('PEXPIRE', recent, 600000)
+  return ids
+end)
+"""
 
 
 @dataclasses.dataclass
@@ -66,10 +102,13 @@ class Sizes:
     latency_s: float
     repeat: int
     memory: int
+    one: int  # publish() calls of one order each, for its latency
 
 
-FULL = Sizes(publish=500_000, baseline=20_000, e2e=1_000_000, latency_s=10.0, repeat=3, memory=100_000)
-QUICK = Sizes(publish=50_000, baseline=3_000, e2e=50_000, latency_s=2.0, repeat=1, memory=10_000)
+FULL = Sizes(
+    publish=500_000, baseline=20_000, e2e=1_000_000, latency_s=10.0, repeat=3, memory=100_000, one=5000
+)
+QUICK = Sizes(publish=50_000, baseline=3_000, e2e=50_000, latency_s=2.0, repeat=1, memory=10_000, one=1000)
 
 
 def bench_orders(count: int) -> list[Order]:
@@ -105,12 +144,14 @@ def bench_settings(url: str, stream: str, batch: int) -> Settings:
 
 async def forget(redis: Redis, settings: Settings) -> None:
     """Delete each partition's stream and every key the pipeline keeps beside it (guard, dead
-    letters, the id map), one partition (one hash slot) per call."""
+    letters, the producer's record of its calls, the reference paths' id map), one partition (one
+    hash slot) per call."""
     for part in partitions(settings):
         keys = keys_for(part)
         guard = [key for group in GROUPS for key in (keys.done(group), keys.running(group))]
         effects = [f"{keys.tag}:stock-booked", f"{keys.tag}:shipments"]  # consumer1's transactional writes
-        await redis.delete(keys.stream, keys.dead_letter, *guard, *effects, *keys.producer(part.producer_id))
+        producer_keys = [*keys.producer(part.producer_id), *reference_keys(keys.stream)]
+        await redis.delete(keys.stream, keys.dead_letter, *guard, *effects, *producer_keys)
 
 
 async def reset(redis: Redis, settings: Settings) -> None:
@@ -150,10 +191,62 @@ async def baseline(redis: Redis, orders: list[Order]) -> float:
     return rate(len(orders), time.perf_counter() - started)
 
 
+async def redis_cpu_s(redis: Redis) -> float:
+    """The CPU time Redis has used so far, its own threads' user and system time."""
+    cpu = await redis.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
 async def publish_rate(redis: Redis, stream: str, orders: list[Order]) -> float:
     started = time.perf_counter()
     await producer.publish_many(redis, stream, orders)
     return rate(len(orders), time.perf_counter() - started)
+
+
+async def reference_rate(redis: Redis, stream: str, orders: list[Order], function: str) -> float:
+    """A function of REFERENCE_LIBRARY, CHUNK orders per call, two in flight on one connection."""
+    await redis.function_load(REFERENCE_LIBRARY, replace=True)
+    if function == "bench_idmp":
+        await redis.execute_command(  # type: ignore[no-untyped-call]
+            "XCFGSET", stream, "IDMP-DURATION", 600, "IDMP-MAXSIZE", 2 * producer.CHUNK
+        )
+    keys = (stream, *reference_keys(stream))
+    pool = redis.connection_pool
+    connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    started = time.perf_counter()
+    try:
+        in_flight = 0
+        for start in range(0, len(orders), producer.CHUNK):
+            if in_flight == 2:
+                [text(entry_id) for entry_id in await connection.read_response()]
+                in_flight -= 1
+            args: list[str | bytes] = []
+            for order in orders[start : start + producer.CHUNK]:
+                args += [order.order_id, serialize(order)]
+            await connection.send_command("FCALL", function, len(keys), *keys, "bench", *args)
+            in_flight += 1
+        for _ in range(in_flight):
+            [text(entry_id) for entry_id in await connection.read_response()]
+    finally:
+        await pool.release(connection)
+    return rate(len(orders), time.perf_counter() - started)
+
+
+def reference_keys(stream: str) -> tuple[str, str]:
+    """The id map and its list of REFERENCE_LIBRARY's bench_id_map, in the stream's slot."""
+    tag = "{" + hash_tag(stream) + "}"
+    return f"{tag}:bench:ids", f"{tag}:bench:recent"
+
+
+async def publish_one_latency(redis: Redis, stream: str, count: int) -> tuple[float, float]:
+    """p50 and p99 (ms) of publish() of one order, awaited one after another (a web request's path)."""
+    latencies = []
+    for order in bench_orders(count):
+        started = time.perf_counter()
+        await producer.publish(redis, stream, order)
+        latencies.append((time.perf_counter() - started) * 1000)
+    quantiles = statistics.quantiles(latencies, n=100)
+    return quantiles[49], quantiles[98]
 
 
 async def append_plain(redis: Redis, stream: str, orders: Sequence[Order]) -> None:
@@ -528,6 +621,8 @@ async def run(url: str, sizes: Sizes, batch: int, own_server: bool) -> dict[str,
             await measure_tracing(redis, results, streams.bench, max(sizes.e2e // 2, 1))  # last: see there
         finally:
             await redis.delete("bench:ceiling")
+            with contextlib.suppress(ResponseError):  # not loaded: Redis before 8.6
+                await redis.function_delete("bench_reference")
             for bench_stream in (streams.bench, streams.memory):
                 await forget(redis, bench_stream)
     return results
@@ -540,12 +635,9 @@ def as_user(settings: Settings, url: str) -> Settings:
 async def measure_publishing(
     redis: Redis, results: dict[str, Any], streams: Streams, sizes: Sizes, users: Users | None
 ) -> None:
-    """The ceiling, the baseline, publish_many as the admin and as the producer user."""
+    """The ceiling, the baseline, publish_many as the admin and as the producer user, XADD IDMP (8.6),
+    publish() of one order."""
     url = streams.bench.redis_url
-    progress(f"ceiling: redis-benchmark XADD x{sizes.publish * 2}")
-    results["ceiling_per_s"] = ceiling(url, sizes.publish * 2)
-    await redis.delete("bench:ceiling")
-
     progress(f"baseline: {sizes.baseline} awaited XADDs x{sizes.repeat}")
     runs = []
     for _ in range(sizes.repeat):
@@ -553,30 +645,59 @@ async def measure_publishing(
         runs.append(await baseline(redis, bench_orders(sizes.baseline)))
     results["baseline_per_s"] = statistics.median(runs)
 
-    # As the admin and, where the bench made them, as the template's producer user, in turn: this
-    # machine's speed drifts, so neighbours in time are compared.
-    who = "the admin and the template's producer user in turn" if users else "the admin"
-    progress(f"publish_many of {sizes.publish} x{sizes.repeat}, as {who}")
-    admin_runs, production_runs = [], []
+    # The ceiling, ours as the admin and, where the bench made them, as the template's producer
+    # user, and XADD IDMP where Redis has it, in turn: this machine's speed drifts, so neighbours
+    # in time are compared.
+    idmp = (await detect(redis)).xadd_idmp
+    who = "as the admin and the template's producer user" if users else "as the admin"
+    progress(
+        f"ceiling (redis-benchmark XADD x{sizes.publish * 2}), publish_many of {sizes.publish} {who}"
+        f"{', XADD IDMP' if idmp else ''}, in turn x{sizes.repeat}"
+    )
+    rates: dict[str, list[float]] = {"ceiling": [], "ours": [], "production": [], "id_map": [], "idmp": []}
+    cpu: dict[str, list[float]] = {path: [] for path in rates}  # Redis's CPU time per order (us)
+
+    async def measure(path: str, count: int, run: Coroutine[Any, Any, float | None]) -> None:
+        started = await redis_cpu_s(redis)
+        measured = await run
+        if measured is not None:
+            rates[path].append(measured)
+            cpu[path].append((await redis_cpu_s(redis) - started) / count * 1e6)
+
     production = (
         redis_connect(as_user(streams.production, users.producer_url)) if users else contextlib.nullcontext()
     )
     async with production as publisher:
         for _ in range(sizes.repeat):
+            await measure("ceiling", sizes.publish * 2, asyncio.to_thread(ceiling, url, sizes.publish * 2))
+            await redis.delete("bench:ceiling")
             await reset(redis, streams.bench)
-            admin_runs.append(await publish_rate(redis, STREAM, bench_orders(sizes.publish)))
+            await measure("ours", sizes.publish, publish_rate(redis, STREAM, bench_orders(sizes.publish)))
             if publisher is not None:
                 await reset(redis, streams.production)
-                production_runs.append(
-                    await publish_rate(publisher, PRODUCTION_STREAM, bench_orders(sizes.publish))
-                )
-    results["publish_per_s"] = statistics.median(admin_runs)
-    results["publish_production_per_s"] = statistics.median(production_runs) if production_runs else None
+                orders = bench_orders(sizes.publish)
+                await measure("production", sizes.publish, publish_rate(publisher, PRODUCTION_STREAM, orders))
+            await reset(redis, streams.bench)
+            orders = bench_orders(sizes.publish)
+            await measure("id_map", sizes.publish, reference_rate(redis, STREAM, orders, "bench_id_map"))
+            if idmp:
+                await reset(redis, streams.bench)
+                orders = bench_orders(sizes.publish)
+                await measure("idmp", sizes.publish, reference_rate(redis, STREAM, orders, "bench_idmp"))
+    paths = ("ceiling", "ceiling"), ("ours", "publish"), ("production", "publish_production")
+    for path, key in (*paths, ("id_map", "publish_id_map"), ("idmp", "publish_idmp")):
+        results[f"{key}_per_s"] = statistics.median(rates[path]) if rates[path] else None
+        results[f"{key}_redis_us_per_order"] = statistics.median(cpu[path]) if cpu[path] else None
     if users is None:
         progress("publish_many as the template's producer user: skipped, REDIS_URL is set")
-    # The path the producer took: reset() set the stream up with initialization_stream, as in production.
-    native = await library.uses_native_idmp(redis, STREAM, await detect(redis))
-    results["append_path"] = "xadd-idmp" if native else "library-id-map"
+    progress(f"publish(): {sizes.one} calls of one order, one after another")
+    await reset(redis, streams.bench)
+    p50, p99 = await publish_one_latency(redis, STREAM, sizes.one)
+    results["publish_one_calls"], results["publish_one_p50_ms"], results["publish_one_p99_ms"] = (
+        sizes.one,
+        p50,
+        p99,
+    )
 
 
 async def measure_consuming(
@@ -661,14 +782,14 @@ async def measure_memory(redis: Redis, results: dict[str, Any], settings: Settin
         results[f"bytes_per_order_{kind}"] = per_order
         results[f"stream_length_after_trim_{kind}"] = length
         if kind == "own":
-            results["producer_id_map_bytes"] = await id_map_bytes(redis, settings)
+            results["producer_calls_bytes"], results["producer_calls"] = await calls_record(redis, settings)
 
 
-async def id_map_bytes(redis: Redis, settings: Settings) -> int | None:
-    """What this producer's id map takes (the library's keys), full; None where Redis keeps the ids (8.6)."""
+async def calls_record(redis: Redis, settings: Settings) -> tuple[int, int]:
+    """The bytes this producer's record of its calls takes (library.lua's `append`), and the calls in it."""
     keys = keys_for(settings).producer(settings.producer_id)
-    sizes = [size for key in keys if (size := await redis.memory_usage(key, samples=0)) is not None]
-    return sum(sizes) if len(sizes) == len(keys) else None
+    sizes = [await redis.memory_usage(key, samples=0) or 0 for key in keys]
+    return sum(sizes), int(await redis.hlen(keys[0]))
 
 
 # --- tracing ------------------------------------------------------------------------
@@ -763,6 +884,31 @@ def tracing_lines(r: dict[str, Any], row: Callable[[str, float], str]) -> list[s
     ]
 
 
+def publishing_lines(r: dict[str, Any]) -> list[str]:
+    """Ours against the ceiling and against XADD IDMP, in rate and in Redis's CPU per order; publish()."""
+    ceiling_rate, ours, idmp = r["ceiling_per_s"], r["publish_per_s"], r["publish_idmp_per_s"]
+    parts = [f"publish_many at {ours / ceiling_rate:.0%} of the ceiling" if ceiling_rate else "no ceiling"]
+    parts.append(
+        f"{ours / idmp:.2f}x XADD IDMP's rate" if idmp else "XADD IDMP: not measured, Redis 8.6+ only"
+    )
+    parts.append(
+        f"publish() of one order ({r['publish_one_calls']:,} calls in turn): p50 "
+        f"{r['publish_one_p50_ms']:.2f} ms, p99 {r['publish_one_p99_ms']:.2f} ms"
+    )
+    costs = [
+        f"{name} {r[key]:.2f} us"
+        for name, key in (
+            ("the ceiling's XADD", "ceiling_redis_us_per_order"),
+            ("publish_many", "publish_redis_us_per_order"),
+            ("as the producer user", "publish_production_redis_us_per_order"),
+            ("the id map", "publish_id_map_redis_us_per_order"),
+            ("XADD IDMP", "publish_idmp_redis_us_per_order"),
+        )
+        if r.get(key) is not None
+    ]
+    return ["publishing: " + "; ".join(parts), "Redis's CPU time per order published: " + ", ".join(costs)]
+
+
 def table(r: dict[str, Any]) -> str:
     ceiling_rate = r.get("ceiling_per_s")
     base = r["baseline_per_s"]
@@ -782,24 +928,23 @@ def table(r: dict[str, Any]) -> str:
     def production_row(name: str, value: float | None) -> list[str]:
         return [] if value is None else [row(name, value)]
 
-    path = "XADD IDMP" if r["append_path"] == "xadd-idmp" else "the library's id map"
-    id_map = (
-        "kept by Redis in the stream (XADD IDMP)"
-        if r["producer_id_map_bytes"] is None
-        else f"{r['producer_id_map_bytes'] / 1000:,.0f} kB per producer"
-    )
     lines = [
         f"bench: {r['date']}, {r['cores']} cores, redis-server {r['redis_version']}, "
         f"batch size {r['batch_size']}",
         f"{'path (orders/s)':<62} {'rate':>12} {'/ceil':>6}  {'/base':>8}",
     ]
     if ceiling_rate:
-        lines.append(row("ceiling: redis-benchmark XADD, 8 connections, pipeline 128", ceiling_rate))
+        lines.append(row(f"ceiling: redis-benchmark XADD -c 8 -P 128{rounds}", ceiling_rate))
     lines += [
         row("baseline: one awaited XADD per order (the seed's style)", base),
-        row("publish_many: idempotent append, 500 per FCALL, two in flight", r["publish_per_s"]),
+        row(f"publish_many: one check per FCALL of {producer.CHUNK}{rounds}", r["publish_per_s"]),
+        *production_row(f"publish_many as the producer user{rounds}", r["publish_production_per_s"]),
+        row(
+            f"per-order id map (the append before): FCALL of {producer.CHUNK}{rounds}",
+            r["publish_id_map_per_s"],
+        ),
         *production_row(
-            "publish_many as the producer user (users.acl.template)", r["publish_production_per_s"]
+            f"XADD IDMP: a check per order, FCALL of {producer.CHUNK}{rounds}", r["publish_idmp_per_s"]
         ),
         row("consume: preloaded, 1 consumer per group, both groups", r["consume_per_s"]),
         row("end to end: 2 groups x 1 consumer, all safety on", r["e2e_per_s"]),
@@ -815,7 +960,7 @@ def table(r: dict[str, Any]) -> str:
         f"{(1 / r['e2e_tx_per_s'] - 1 / r['e2e_safety_on_per_s']) * 1e6:.1f} us per order end to end "
         f"({r['e2e_tx_per_s'] / r['e2e_safety_on_per_s']:.0%} of the no-op handler's rate)",
         *tracing_lines(r, row),
-        f"idempotent append path: {path}",
+        *publishing_lines(r),
         f"safety features: ours runs at {safety:.0%} of the hand-written loop's rate "
         f"({cost}){each_round}; without the dedupe guard at {no_dedupe:.0%}",
     ]
@@ -848,7 +993,8 @@ def table(r: dict[str, Any]) -> str:
         f"  foreign orders (plain XADD of data): {r['bytes_per_order_foreign']:,.1f} bytes each "
         f"({r['bytes_per_order_foreign'] / len(GROUPS):,.1f} per group: the guard's done marks); "
         f"stream {r['stream_length_after_trim_foreign']:,} entries after trimming",
-        f"  the producer's id map, full in both readings (so in neither figure): {id_map}",
+        f"  the producer's record of its calls: {r['producer_calls_bytes']:,} bytes for "
+        f"{plural(r['producer_calls'], 'call')} (it keeps the last {library.CALLS_KEPT:,})",
     ]
     return "\n".join(lines)
 
