@@ -45,8 +45,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm  # type: ignore[import-un
 from config import DEFAULTS, CliError, ConfigError, Settings, run_script
 from core import library, tracing
 from core.keys import Keys, partition_of, partition_stream, stream_keys
+from core.messages import Schema
 from core.replies import text
-from orders import InvalidOrder, Item, Order, parse_order, serialize, serialize_all
+from orders import ORDERS, InvalidOrder, Item, Order, parse_order, serialize
 from redisPool import is_cluster, redis_connect
 
 log = logging.getLogger("producer")
@@ -115,32 +116,37 @@ RESEND = (
 async def publish(
     redis: Redis,
     stream: str,
-    order: Order,
+    order: Any,
     producer: str = "",
     *,
     partitions: int = 1,
     durability: Durability = Durability(),
+    schema: Schema[Any] = ORDERS,
 ) -> str:
-    """Append one order; return its entry id once Redis has confirmed it.
+    """Append one order (a message of `schema`'s type); return its entry id once Redis has confirmed it.
 
     Idempotent: sent again (after a lost reply, or by a caller retrying) by the same producer id
     (PRODUCER_ID; default the host name) among its last CALLS_KEPT calls and within CALL_TTL_S,
     the order is not added twice and the first append's id is returned.
     """
-    ids = await publish_many(redis, stream, [order], producer, partitions=partitions, durability=durability)
+    ids = await publish_many(
+        redis, stream, [order], producer, partitions=partitions, durability=durability, schema=schema
+    )
     return ids[0]
 
 
 async def publish_many(
     redis: Redis,
     stream: str,
-    orders: Sequence[Order],
+    orders: Sequence[Any],
     producer: str = "",
     *,
     partitions: int = 1,
     durability: Durability = Durability(),
+    schema: Schema[Any] = ORDERS,
 ) -> list[str]:
-    """Append orders, CHUNK per call, each to its partition's stream; return their entry ids.
+    """Append orders (messages of `schema`'s type), CHUNK per call, each to its partition's stream;
+    return their entry ids.
 
     Each chunk is one call of the function library's idempotent append: added whole or not
     at all, and a chunk sent again after a lost connection adds nothing twice. A call of one
@@ -151,15 +157,17 @@ async def publish_many(
     """
     producer = producer or socket.gethostname()
     ids: list[str] = []
-    call = f"order:{orders[0].order_id}" if len(orders) == 1 else f"call:{secrets.token_hex(8)}"
+    call = f"order:{schema.id_of(orders[0])}" if len(orders) == 1 else f"call:{secrets.token_hex(8)}"
     tracks = [Track.of_call(stream_keys(part), producer, call) for part in streams_of(stream, partitions)]
     # Serialized a chunk at a time, as it is sent: Python works while Redis appends the chunk before.
     slices = (orders[i : i + CHUNK] for i in range(0, len(orders), CHUNK))
     if partitions == 1:
-        payloads = (serialize_all(chunk) for chunk in slices)
+        payloads = (schema.serialize_all(chunk) for chunk in slices)
         appended = append_chunks(redis, stream, payloads, producer, durability, tracks[0])
     else:
-        records = ([_record(order) for order in chunk] for chunk in slices)
+        records = (
+            [(schema.id_of(message), schema.serialize(message)) for message in chunk] for chunk in slices
+        )
         appended = append_routed(redis, stream, partitions, records, producer, durability, tracks)
     try:
         async with aclosing(appended) as confirmed:

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import signal
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 import pytest
-from conftest import wait_until
+from conftest import Script, run_script, script_env, wait_until
+from orders_v2 import ORDERS_V2, OrderV2
 from payments import PAYMENTS, Payment, settle
 from redis.asyncio import Redis
 from test_pipeline import Recorder, dead_letters, running
+from test_promises import EMAILED, FULFILLED, ran
 
 import consumer1
 import consumer2
@@ -22,10 +27,14 @@ from core.messages import InvalidMessage, Schema
 from core.testing import deliver
 from initialization_stream import initialize
 from orders import ORDERS, Item, Order, parse_order, serialize
+from producer import publish_many, sample_orders
 from status import caught_up
 from stream_consumer import Reject, consume
+from tools.local_redis import LocalRedis
 
 STREAM = "orders"
+GROUPS = ["fulfillment_group", "email_group"]
+Start = Callable[..., Script]
 CAP = 65536
 V1 = {"order_id": "ord-1", "customer_email": "ann@example.com", "items": [{"sku": "A1", "qty": 2}]}
 
@@ -118,8 +127,7 @@ async def test_a_second_message_type_end_to_end(redis: Redis, settings: Settings
     once; an invalid one is dead-lettered naming its payment_id."""
     await initialize(redis, settings)
     payments = [Payment(f"p-{n}", f"ord-{n % 3}", 100 * n) for n in range(1, 10)]
-    for payment in payments:
-        await redis.xadd(STREAM, {"data": PAYMENTS.serialize(payment)})
+    await publish_many(redis, STREAM, payments, schema=PAYMENTS)  # the producer, with the message's own id
     bad = b'{"payment_id": "p-bad", "order_id": "ord-1", "cents": 0}'
     await redis.xadd(STREAM, {"data": bad})
     group = settings.fulfillment_group
@@ -167,3 +175,44 @@ def test_orders_still_serialize_as_before() -> None:
         b'"total":42.5,"created_at":"2026-11-25T10:00:00Z"}'
     )
     assert ORDERS.id_of(order) == "ord-42"
+
+
+@pytest.mark.slow
+async def test_a_rolling_deploy_of_a_new_optional_field(own_server: LocalRedis, scripts: Start) -> None:
+    """Producer v2 (orders with a coupon) while consumers v1 run; then consumers v2 reading the v1
+    orders still in the stream: every order handled by every group, none dead-lettered."""
+    env = script_env(own_server.url, MAINTENANCE_INTERVAL_MS="0")
+    redis = Redis.from_url(own_server.url)
+    try:
+        assert run_script("initialization_stream", env).returncode == 0
+        v1_consumers = [
+            scripts("consumer1", {**env, "CONSUMER_NAME": "f-v1"}),
+            scripts("consumer2", {**env, "CONSUMER_NAME": "e-v1"}),
+        ]
+        with_coupons = [
+            OrderV2(o.order_id, o.customer_email, o.items, coupon="SUMMER") for o in sample_orders(20)
+        ]
+        await publish_many(redis, STREAM, with_coupons, schema=ORDERS_V2)  # the producer, upgraded first
+        await wait_until(lambda: caught_up(redis, STREAM, GROUPS), "the v1 consumers to handle v2 orders")
+        for consumer in v1_consumers:
+            consumer.process.send_signal(signal.SIGTERM)
+            assert consumer.wait() == 0
+        old = sample_orders(10)
+        await publish_many(redis, STREAM, old)  # an old producer's, still in the stream at the upgrade
+        v2_consumers = [
+            scripts("tests.orders_v2", {**env, "CONSUMER_NAME": f"{group}-v2", "SERVICE_GROUP": group})
+            for group in GROUPS
+        ]
+        await wait_until(lambda: caught_up(redis, STREAM, GROUPS), "the v2 consumers to handle v1 orders")
+        assert await redis.xlen("orders:dead-letter") == 0
+        v1 = [c.output() for c in v1_consumers]
+        assert ran(v1, FULFILLED) == Counter({o.order_id: 1 for o in with_coupons})
+        assert ran(v1, EMAILED) == Counter({o.order_id: 1 for o in with_coupons})
+        v2 = [c.output() for c in v2_consumers]
+        assert ran(v2, V2_RAN) == Counter({o.order_id: 2 for o in old})  # once per group
+        assert all(f"order {o.order_id} with coupon -" in "".join(v2) for o in old)
+    finally:
+        await redis.aclose()
+
+
+V2_RAN = re.compile(r"ran order (\S+) with coupon")
