@@ -62,6 +62,7 @@ DEFAULTS: dict[str, str] = {
     "HEALTH_STUCK_MS": "300000",  # /livez fails once the loop has not turned this long while Redis answers
     "DEDUPE_WINDOW_MS": "3600000",  # run a group's handler once per order_id within this; 0: off
     "DASHBOARD_TOKEN": "",  # empty: the dashboard's writes (redrive, purge) are off
+    "MESSAGE_SCHEMA": "orders:ORDERS",  # the message type the operator's tools read, as module:name
 }
 
 # Query options redis-py understands in a URL; TLS files go here (rediss://host/0?ssl_ca_certs=/ca.pem).
@@ -229,6 +230,7 @@ class Settings:
     health_stuck_ms: int
     dedupe_window_ms: int
     dashboard_token: str = field(repr=False)
+    message_schema: str = "orders:ORDERS"
 
     @property
     def partitioned(self) -> bool:
@@ -289,6 +291,7 @@ class Settings:
             health_stuck_ms=get.integer("HEALTH_STUCK_MS", low=1),
             dedupe_window_ms=get.integer("DEDUPE_WINDOW_MS", low=0),
             dashboard_token=get.text("DASHBOARD_TOKEN", empty_ok=True),
+            message_schema=get.text("MESSAGE_SCHEMA"),
         )
         if any(char.isspace() for char in settings.consumer_name):
             raise ConfigError("CONSUMER_NAME must not contain spaces")
@@ -325,6 +328,8 @@ class Settings:
                 "REDIS_URL must name database 0 (or none) with REDIS_CLUSTER: a cluster has only 0"
             )
         _check_topology(settings)
+        if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", settings.message_schema):
+            raise ConfigError(f"MESSAGE_SCHEMA must be module:name, got {settings.message_schema!r}")
         if settings.log_level not in logging.getLevelNamesMapping():
             raise ConfigError(
                 f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, got {settings.log_level!r}"

@@ -30,22 +30,37 @@ from redis.typing import EncodableT, FieldT
 from config import CliError, ConfigError, Settings, run_script
 from core.dead_letters import ADDRESS, META, address, original_fields, parse_address
 from core.keys import partitions
+from core.messages import Schema, schema_named
 from core.replies import parse_id, text
-from orders import readable_order_id
+from orders import ORDERS
 from redisPool import before_multi, redis_connect
 
 PAGE = 100
 
 
 def describe(
-    entry_id: bytes, fields: dict[bytes, bytes], max_bytes: int, partition: int = 0, count: int = 1
+    entry_id: bytes,
+    fields: dict[bytes, bytes],
+    max_bytes: int,
+    partition: int = 0,
+    count: int = 1,
+    schema: Schema[Any] = ORDERS,
 ) -> dict[str, str]:
     """The metadata of one dead letter of partition `partition` of `count`: its address (`id`), its
-    entry id, and the order id whenever the payload has a readable one (never the payload)."""
+    entry id, and the message's id (`order_id`: the id field of MESSAGE_SCHEMA's type) whenever
+    the payload has a readable one (never the payload)."""
     row = {"id": address(partition, text(entry_id), count), "entry_id": text(entry_id)}
     row.update({name: text(fields.get(name.encode(), b"")) for name in META})
-    row["order_id"] = readable_order_id(fields.get(b"data", b""), max_bytes) or ""
+    row["order_id"] = schema.id_in(fields.get(b"data", b""), max_bytes) or ""
     return row
+
+
+def schema_of(settings: Settings) -> Schema[Any]:
+    """The message type MESSAGE_SCHEMA names; ConfigError when it names none."""
+    try:
+        return schema_named(settings.message_schema)
+    except ValueError as error:
+        raise ConfigError(f"MESSAGE_SCHEMA: {error}") from None
 
 
 def locate(settings: Settings, named: str) -> tuple[Settings, str]:
@@ -102,7 +117,7 @@ async def list_command(redis: Redis, settings: Settings, args: argparse.Namespac
     rows = []
     for index, part in enumerate(parts):
         async for entry_id, fields in entries(redis, part, args.group):
-            row = describe(entry_id, fields, max_bytes, index, len(parts))
+            row = describe(entry_id, fields, max_bytes, index, len(parts), schema_of(settings))
             if settings.partitioned:
                 row["partition"] = part.stream_key
             rows.append(row)

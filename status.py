@@ -26,7 +26,7 @@ from core.lag import GroupLag, group_lags
 from core.replies import parse_id, text
 from core.schedule import schedule_text
 from core.sentinel import master_address
-from deadletter import describe
+from deadletter import describe, schema_of
 from redisPool import is_cluster, redis_connect
 
 UNHEALTHY = 3
@@ -111,7 +111,7 @@ async def collect(
     report["dead_letter_stream"] = settings.dead_letter_stream
     report["dead_letters"] = await redis.xlen(settings.dead_letter_stream)
     report["newest_dead_letters"] = [
-        describe(i, f, settings.max_payload_bytes, *partition) for i, f in dead_letters
+        describe(i, f, settings.max_payload_bytes, *partition, schema_of(settings)) for i, f in dead_letters
     ]
     return report
 

@@ -14,6 +14,8 @@ idempotency and partition routing, the consumers' dedupe guard and log lines use
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import math
 import re
@@ -214,3 +216,16 @@ def _finite_float(text: str) -> float:
 def _json_type(value: object) -> str:
     names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
     return names.get(type(value), "a number")
+
+
+@functools.cache
+def schema_named(spec: str) -> Schema[Any]:
+    """The Schema `module:name` names (MESSAGE_SCHEMA: orders:ORDERS); ValueError saying what is wrong."""
+    module_name, _, attribute = spec.partition(":")
+    try:
+        found = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"cannot import {spec}: {error}") from None
+    if not isinstance(found, Schema):
+        raise ValueError(f"{spec} is not a Schema (core/messages.py)")
+    return found

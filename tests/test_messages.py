@@ -122,7 +122,7 @@ def test_a_schema_needs_a_struct_with_a_required_id_field() -> None:
 # --- end to end ----------------------------------------------------------------------------------
 
 
-async def test_a_second_message_type_end_to_end(redis: Redis, settings: Settings) -> None:
+async def test_a_second_message_type_end_to_end(redis: Redis, settings: Settings, redis_url: str) -> None:
     """Payments on the stream: the consumer hands the handler Payment messages; each is settled
     once; an invalid one is dead-lettered naming its payment_id."""
     await initialize(redis, settings)
@@ -146,6 +146,14 @@ async def test_a_second_message_type_end_to_end(redis: Redis, settings: Settings
     [letter] = await dead_letters(redis, settings)
     assert "invalid payment" in letter["error"]
     assert "cents" in letter["error"]
+    # The operator's tools read the same type: the dead letter shows its payment_id.
+    tools = script_env(redis_url, MESSAGE_SCHEMA="tests.payments:PAYMENTS")
+    [row] = json.loads(run_script("deadletter", tools, "list", "--json").stdout)
+    assert row["order_id"] == "p-bad"
+    assert (
+        json.loads(run_script("status", tools, "--json").stdout)["newest_dead_letters"][0]["order_id"]
+        == "p-bad"
+    )
 
 
 async def test_an_order_with_a_field_the_consumers_do_not_know_is_handled_not_dead_lettered(
