@@ -37,7 +37,7 @@ DEFAULTS: dict[str, str] = {
     "STREAM_KEY": "orders",
     "FULFILLMENT_GROUP": "fulfillment_group",
     "EMAIL_GROUP": "email_group",
-    "GROUPS": "",  # every group that must get every order; empty: FULFILLMENT_GROUP,EMAIL_GROUP
+    "CONSUMER_GROUPS": "",  # every group that must get every order; empty: FULFILLMENT_GROUP,EMAIL_GROUP
     "CONSUMER_NAME": "",  # empty: host name and pid, unique per process
     "PRODUCER_ID": "",  # empty: host name; Redis remembers each producer id's last order ids
     "BATCH_SIZE": "100",
@@ -64,6 +64,10 @@ DEFAULTS: dict[str, str] = {
     "DASHBOARD_TOKEN": "",  # empty: the dashboard's writes (redrive, purge) are off
     "MESSAGE_SCHEMA": "orders:ORDERS",  # the message type the operator's tools read, as module:name
 }
+
+# Settings renamed, by their old names: an old name is still read where the new one is not set.
+RENAMED = {"GROUPS": "CONSUMER_GROUPS"}
+RENAMED_WHY = {"GROUPS": "bash sets GROUPS itself, so `export GROUPS=...` never reached a script"}
 
 # Query options redis-py understands in a URL; TLS files go here (rediss://host/0?ssl_ca_certs=/ca.pem).
 URL_OPTIONS = {
@@ -245,7 +249,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         """Build settings from a mapping of variables; raise ConfigError naming a bad one."""
-        get = _Reader({**DEFAULTS, **{k: v for k, v in env.items() if k in DEFAULTS}})
+        get = _Reader({**DEFAULTS, **_renamed(env), **{k: v for k, v in env.items() if k in DEFAULTS}})
         url = get.text("REDIS_URL")
         check_url(url)
         fulfillment_group, email_group = get.text("FULFILLMENT_GROUP"), get.text("EMAIL_GROUP")
@@ -266,7 +270,7 @@ class Settings:
             stream_key=stream_key,
             fulfillment_group=fulfillment_group,
             email_group=email_group,
-            groups=get.names("GROUPS") or (fulfillment_group, email_group),
+            groups=get.names("CONSUMER_GROUPS") or (fulfillment_group, email_group),
             consumer_name=get.text("CONSUMER_NAME", empty_ok=True) or f"{socket.gethostname()}-{os.getpid()}",
             producer_id=get.text("PRODUCER_ID", empty_ok=True) or socket.gethostname(),
             batch_size=get.integer("BATCH_SIZE", low=1, high=10_000),
@@ -311,7 +315,7 @@ class Settings:
         if settings.fulfillment_group == settings.email_group:
             raise ConfigError("FULFILLMENT_GROUP and EMAIL_GROUP must differ, or they share the orders")
         if len(set(settings.groups)) != len(settings.groups):
-            raise ConfigError(f"GROUPS names a group twice: {','.join(settings.groups)}")
+            raise ConfigError(f"CONSUMER_GROUPS names a group twice: {','.join(settings.groups)}")
         if settings.dead_letter_stream == settings.stream_key:
             raise ConfigError("DEAD_LETTER_STREAM must differ from STREAM_KEY")
         if settings.partitioned and get.text("DEAD_LETTER_STREAM", empty_ok=True):
@@ -362,6 +366,11 @@ def host_and_port(address: str) -> tuple[str, int]:
     if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"not host:port: {address!r}")
     return host, int(port)
+
+
+def _renamed(env: Mapping[str, str]) -> dict[str, str]:
+    """The settings given by an old name, under their new one (the new one, if given, wins)."""
+    return {new: env[old] for old, new in RENAMED.items() if old in env}
 
 
 class _Reader:
@@ -420,9 +429,14 @@ def load_settings(env: Mapping[str, str] | None = None, env_file: str = ".env") 
 
 
 def lookalikes(names: Iterable[str]) -> list[str]:
-    """One line for each of `names` that is not a setting but looks like one (`BACTH_SIZE`)."""
+    """One line for each of `names` that is not a setting but looks like one (`BACTH_SIZE`), or is
+    a setting's old name."""
     lines = []
     for name in sorted(set(names) - DEFAULTS.keys()):
+        if name in RENAMED:
+            new = RENAMED[name]
+            lines.append(f"{name} is now called {new} ({RENAMED_WHY[name]}); read as {new} for now")
+            continue
         match = difflib.get_close_matches(name, DEFAULTS, n=1, cutoff=0.8)
         if match:
             lines.append(f"{name} is not a setting, so it is ignored; did you mean {match[0]}?")

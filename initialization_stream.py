@@ -39,7 +39,9 @@ async def initialize(redis: Redis, settings: Settings, start: str | None = None)
 async def retire(redis: Redis, settings: Settings, group: str) -> bool:
     """Delete a group that is no longer configured, so it stops holding back trimming; False if absent."""
     if group in settings.groups:
-        raise ConfigError(f"{group} is still in GROUPS ({','.join(settings.groups)}): remove it there first")
+        raise ConfigError(
+            f"{group} is still in CONSUMER_GROUPS ({','.join(settings.groups)}): remove it there first"
+        )
     destroyed = False
     for part in partitions(settings):
         try:
@@ -67,8 +69,9 @@ async def main(settings: Settings, args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m initialization_stream",
-        description="Create STREAM_KEY and every group in GROUPS that is missing, and load the Redis "
-        "function library the consumers call. Groups that exist are left as they are. Safe to run twice.",
+        description="Create STREAM_KEY and every group in CONSUMER_GROUPS that is missing, and load the "
+        "Redis function library the consumers call. Groups that exist are left as they are. "
+        "Safe to run twice.",
     )
     parser.add_argument(
         "--start",
@@ -80,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--retire",
         metavar="GROUP",
-        help="delete GROUP (already removed from GROUPS), so it no longer holds back trimming",
+        help="delete GROUP (already removed from CONSUMER_GROUPS), so it no longer holds back trimming",
     )
     return parser
 

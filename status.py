@@ -1,6 +1,6 @@
 """Stream, groups, consumers and dead letters at a glance, and a health check.
 
-Exit codes: 0 healthy; 3 unhealthy: the stream or a configured group (GROUPS) is missing, or a
+Exit codes: 0 healthy; 3 unhealthy: the stream or a configured group (CONSUMER_GROUPS) is missing, or a
 threshold given on the command line is exceeded; 1 Redis unreachable; 2 bad usage.
 """
 
@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m status",
         description="Show the stream, its groups and consumers, and the dead letters. Exit 3 when "
-        "the stream or a configured group (GROUPS) is missing or a threshold given here is exceeded "
+        "the stream or a configured group (CONSUMER_GROUPS) is missing or a threshold given here is exceeded "
         "(a health check for compose or Kubernetes).",
     )
     parser.add_argument("--json", action="store_true", help="one JSON document, for machines")

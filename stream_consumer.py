@@ -339,8 +339,8 @@ async def serve(
     """Run one consumer until SIGINT/SIGTERM: the first drains, a second exits at once."""
     if group not in settings.groups:
         raise ConfigError(
-            f"group {group} is not in GROUPS ({','.join(settings.groups)}): add it there, everywhere, "
-            "so trimming waits for it"
+            f"group {group} is not in CONSUMER_GROUPS ({','.join(settings.groups)}): add it there, "
+            "everywhere, so trimming waits for it"
         )
     stop = asyncio.Event()
     task = asyncio.current_task()

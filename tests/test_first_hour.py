@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -420,3 +422,17 @@ def test_redis_cluster_true_against_one_redis_says_so_at_once(redis_url: str) ->
         f"status: error: Redis at {redis_url} is not a Redis Cluster (cluster mode is not enabled on it): "
         "set REDIS_CLUSTER=false to use it as one Redis"
     ]
+
+
+def test_the_groups_setting_survives_a_bash_export_and_the_old_name_still_works(redis_url: str) -> None:
+    """bash owns GROUPS (`export GROUPS=...` is dropped): the setting is CONSUMER_GROUPS; the old
+    name, from .env or a container's environment, still works and says it was renamed."""
+    three = "fulfillment_group,email_group,analytics_group"
+    exported = subprocess.run(
+        ["bash", "-c", f"export CONSUMER_GROUPS={three}; exec {sys.executable} -m status --json"],
+        cwd=ROOT, env=script_env(redis_url), capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert "analytics_group" in {g["name"] for g in json.loads(exported.stdout)["groups"]}
+    old = run_script("status", script_env(redis_url, GROUPS=three), "--json")
+    assert "analytics_group" in {g["name"] for g in json.loads(old.stdout)["groups"]}
+    assert "GROUPS is now called CONSUMER_GROUPS" in old.stderr

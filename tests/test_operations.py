@@ -384,7 +384,7 @@ async def test_maintenance_command(redis: Redis, redis_url: str, settings: Setti
 async def test_status_names_a_missing_configured_group(redis: Redis, redis_url: str) -> None:
     for group in ("fulfillment_group", "email_group", "legacy"):
         await redis.xgroup_create(STREAM, group, id="0", mkstream=True)
-    env = script_env(redis_url, NO_COLOR="1", GROUPS="fulfillment_group,email_group,audit")
+    env = script_env(redis_url, NO_COLOR="1", CONSUMER_GROUPS="fulfillment_group,email_group,audit")
     result = run_script("status", env)
     assert result.returncode == 3, result.stderr
     rows = result.stdout.splitlines()

@@ -381,7 +381,7 @@ async def test_a_third_service_by_configuration_and_its_retirement(
     own_server: LocalRedis, scripts: Start
 ) -> None:
     three = "fulfillment_group,email_group,shipping_group"
-    env = script_env(own_server.url, GROUPS=three, MAINTENANCE_INTERVAL_MS="0")
+    env = script_env(own_server.url, CONSUMER_GROUPS=three, MAINTENANCE_INTERVAL_MS="0")
     redis = Redis.from_url(own_server.url)
     try:
         result = run_script("initialization_stream", env)
@@ -403,11 +403,11 @@ async def test_a_third_service_by_configuration_and_its_retirement(
         await wait_until(lambda: caught_up(redis, STREAM, groups[:2]), "the other two", 30)
         assert run_script("maintenance", env).returncode == 0
         assert await redis.xlen(STREAM) >= 50  # the stopped shipping service still needs them
-        # A configured group cannot be retired; one removed from GROUPS can.
+        # A configured group cannot be retired; one removed from CONSUMER_GROUPS can.
         refused = run_script("initialization_stream", env, "--retire", "shipping_group")
         assert refused.returncode == 2
-        assert "still in GROUPS" in refused.stderr
-        two = script_env(own_server.url, GROUPS="fulfillment_group,email_group")
+        assert "still in CONSUMER_GROUPS" in refused.stderr
+        two = script_env(own_server.url, CONSUMER_GROUPS="fulfillment_group,email_group")
         retired = run_script("initialization_stream", two, "--retire", "shipping_group")
         assert retired.returncode == 0, retired.stderr
         assert run_script("maintenance", two).returncode == 0
@@ -418,7 +418,7 @@ async def test_a_third_service_by_configuration_and_its_retirement(
 
 async def test_a_new_group_can_start_with_new_orders_only(redis: Redis, redis_url: str) -> None:
     await publish_many(redis, STREAM, sample_orders(5))
-    env = script_env(redis_url, GROUPS="fulfillment_group,email_group,audit_group")
+    env = script_env(redis_url, CONSUMER_GROUPS="fulfillment_group,email_group,audit_group")
     result = run_script("initialization_stream", env, "--start", "new")
     assert result.returncode == 0, result.stderr
     groups = {g["name"]: g for g in await redis.xinfo_groups(STREAM)}
@@ -430,7 +430,7 @@ def test_a_service_whose_group_is_not_configured_stops_with_one_line(redis_url: 
     env = script_env(redis_url, SERVICE_GROUP="unlisted_group")
     result = run_script("tests.slow_service", env)
     assert result.returncode == 2
-    assert "unlisted_group is not in GROUPS" in result.stderr
+    assert "unlisted_group is not in CONSUMER_GROUPS" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -479,13 +479,13 @@ async def test_a_typo_in_a_group_name_replays_nothing(own_server: LocalRedis, sc
         assert "20 entries" in errors[0]
         assert "--start new" in errors[0]
         assert "sending confirmation" not in stopped.stderr
-        peer = scripts("consumer1", {**typo, "CONSUMER_NAME": "f1"})  # GROUPS names emial_group too
+        peer = scripts("consumer1", {**typo, "CONSUMER_NAME": "f1"})  # CONSUMER_GROUPS names emial_group too
         await wait_until(lambda: caught_up(redis, STREAM, ["fulfillment_group"]), "the peer to run")
         await wait_until(lambda: "emial_group are missing" in peer.output(), "the peer's warning")
         assert b"emial_group" not in {g["name"] for g in await redis.xinfo_groups(STREAM)}
         created = run_script("initialization_stream", typo, "--start", "new")
         assert created.returncode == 0, created.stderr
-        refused = run_script("initialization_stream", {**env, "GROUPS": "email_group,audit_group"})
+        refused = run_script("initialization_stream", {**env, "CONSUMER_GROUPS": "email_group,audit_group"})
         assert refused.returncode == 2
         assert "audit_group does not exist" in refused.stderr
         service = scripts("consumer2", typo)

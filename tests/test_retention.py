@@ -83,7 +83,7 @@ async def test_one_pass_trims_everything_acked_in_bounded_calls(
 async def test_a_missing_configured_group_stops_all_trimming(
     small: Redis, small_server: LocalRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = make_settings(small_server.url, GROUPS="fulfillment_group,email_group,audit,billing")
+    settings = make_settings(small_server.url, CONSUMER_GROUPS="fulfillment_group,email_group,audit,billing")
     await fill(small, 500)
     await all_acked(small, "fulfillment_group", "email_group")
     with caplog.at_level(logging.WARNING, logger="maintenance"):

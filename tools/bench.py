@@ -135,7 +135,7 @@ def bench_settings(url: str, stream: str, batch: int) -> Settings:
             "REDIS_URL": url,
             "STREAM_KEY": stream,
             "DEAD_LETTER_STREAM": f"{stream}:dead-letter",
-            "GROUPS": ",".join(GROUPS),
+            "CONSUMER_GROUPS": ",".join(GROUPS),
             "BLOCK_MS": "100",
             "BATCH_SIZE": str(batch),
         }
@@ -395,7 +395,7 @@ async def workers(
         **os.environ,
         "REDIS_URL": settings.redis_url,
         "STREAM_KEY": settings.stream_key,
-        "GROUPS": ",".join(settings.groups),
+        "CONSUMER_GROUPS": ",".join(settings.groups),
         "REDIS_CLUSTER": str(settings.redis_cluster).lower(),
         "STREAM_PARTITIONS": str(settings.stream_partitions),
         "BATCH_SIZE": str(settings.batch_size),

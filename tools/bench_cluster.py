@@ -47,7 +47,7 @@ def settings_for(url: str, batch: int, cluster: bool, stream: str = bench.STREAM
         {
             "REDIS_URL": url,
             "STREAM_KEY": stream,
-            "GROUPS": ",".join(bench.GROUPS),
+            "CONSUMER_GROUPS": ",".join(bench.GROUPS),
             "BLOCK_MS": "100",
             "BATCH_SIZE": str(batch),
             "REDIS_CLUSTER": "true" if cluster else "false",
