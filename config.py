@@ -451,7 +451,7 @@ def configure_logging(level: str) -> None:
 def run_script(prog: str, main: Callable[[Settings], Coroutine[Any, Any, int]]) -> NoReturn:
     """Load settings, set up logging, run `main`; turn known failures into one line and an exit code.
 
-    A closed stdout pipe (`python -m status | head -3`) ends the script quietly with exit code 141.
+    A closed stdout pipe (`python3 -m status | head -3`) ends the script quietly with exit code 141.
     """
     code: int
     try:

@@ -246,7 +246,7 @@ async def main(settings: Settings, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m dashboard",
+        prog="python3 -m dashboard",
         description="Serve a web page of the stream, its groups and consumers, a live chart of lag and "
         "throughput, and the dead letters (redrive and purge need DASHBOARD_TOKEN).",
     )

@@ -207,7 +207,7 @@ async def confirm(question: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m deadletter",
+        prog="python3 -m deadletter",
         description="List, show, redrive or purge entries of DEAD_LETTER_STREAM. Each action is "
         "atomic per entry, idempotent, and safe to interrupt.",
     )

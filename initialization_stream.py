@@ -68,7 +68,7 @@ async def main(settings: Settings, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m initialization_stream",
+        prog="python3 -m initialization_stream",
         description="Create STREAM_KEY and every group in CONSUMER_GROUPS that is missing, and load the "
         "Redis function library the consumers call. Groups that exist are left as they are. "
         "Safe to run twice.",

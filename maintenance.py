@@ -1,7 +1,7 @@
 """Housekeeping that never loses an order: lossless trimming, removal of stale consumers, and each
 group's lag in Redis set right where Redis's own count went wrong (core/lag.py).
 
-Consumers run it every MAINTENANCE_INTERVAL_MS; `python -m maintenance` runs it by hand.
+Consumers run it every MAINTENANCE_INTERVAL_MS; `python3 -m maintenance` runs it by hand.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ async def safe_trim_point(redis: Redis, stream: str, required: Collection[str]) 
     missing = [name for name in required if name not in existing]
     if missing:
         log.warning(
-            "not trimming %s: configured groups %s do not exist (run python -m initialization_stream)",
+            "not trimming %s: configured groups %s do not exist (run python3 -m initialization_stream)",
             stream,
             ", ".join(missing),
         )
@@ -218,7 +218,7 @@ async def main(settings: Settings) -> int:
 
 if __name__ == "__main__":
     argparse.ArgumentParser(
-        prog="python -m maintenance",
+        prog="python3 -m maintenance",
         description="Trim entries every group has acked (respecting RETENTION_KEEP_MS and "
         "RETENTION_KEEP_ENTRIES), remove consumers idle longer than STALE_CONSUMER_MS that hold "
         "nothing, and set each group's lag in Redis (XINFO GROUPS, what autoscalers read) to the "

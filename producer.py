@@ -505,7 +505,8 @@ def payloads_of(lines: Iterable[bytes], source: str, max_bytes: int) -> Iterator
             continue
         if len(line) == _line_limit(max_bytes) and not line.endswith(b"\n"):  # cut off by _lines
             raise ConfigError(
-                f"{source} line {number}: more than {len(line):,} bytes, over the {max_bytes}-byte cap"
+                f"{source} line {number}: longer than the {max_bytes:,}-byte cap on an order "
+                "(MAX_PAYLOAD_BYTES)"
             )
         raw = line.rstrip(b"\r\n")
         try:
@@ -516,7 +517,7 @@ def payloads_of(lines: Iterable[bytes], source: str, max_bytes: int) -> Iterator
         if len(payload) > max_bytes:
             raise ConfigError(
                 f"{source} line {number}: the order is {len(payload)} bytes as sent ({len(raw)} in the "
-                f"file), over the {max_bytes}-byte cap"
+                f"file), over the {max_bytes:,}-byte cap on an order (MAX_PAYLOAD_BYTES)"
             )
         yield order.order_id, payload
 
@@ -800,7 +801,7 @@ def plural(count: int, noun: str = "order") -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m producer",
+        prog="python3 -m producer",
         description=(
             "Publish orders to the stream: sample orders, or real ones from a JSON-lines file. "
             "Every order is checked before the first is sent; a bad line publishes nothing. The same "

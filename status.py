@@ -348,7 +348,7 @@ def render(report: dict[str, Any], found: list[str], color: bool) -> str:
         lines.append(f"master {report['master_name']} at {report['master']} (as Redis Sentinel names it)")
     if not report["exists"]:
         lines.append(
-            mark(f"stream {report['stream']}: does not exist (run python -m initialization_stream)", True)
+            mark(f"stream {report['stream']}: does not exist (run python3 -m initialization_stream)", True)
         )
     else:
         lines.append(
@@ -363,7 +363,7 @@ def render(report: dict[str, Any], found: list[str], color: bool) -> str:
     for g in report["groups"]:
         if not g["exists"]:
             lines.append(
-                mark(f"  {g['name']:<22}{'missing':>10}  (run python -m initialization_stream)", True)
+                mark(f"  {g['name']:<22}{'missing':>10}  (run python3 -m initialization_stream)", True)
             )
             continue
         lag = "?" if g["lag"] is None else f"{'' if g['lag_exact'] else '~'}{g['lag']:,}"
@@ -444,7 +444,7 @@ def check_thresholds(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m status",
+        prog="python3 -m status",
         description="Show the stream, its groups and consumers, and the dead letters. Exit 3 when "
         "the stream or a configured group (CONSUMER_GROUPS) is missing or a threshold given here is exceeded "
         "(a health check for compose or Kubernetes).",

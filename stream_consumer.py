@@ -420,7 +420,7 @@ def run_service(
     """The whole `main` of a consumer script: pick its group from the settings and serve messages of
     `schema`'s type (orders by default) to `handler`."""
     argparse.ArgumentParser(
-        prog=f"python -m {prog}",
+        prog=f"python3 -m {prog}",
         description=f"{description} Runs until SIGINT/SIGTERM: the first finishes the batch in hand, "
         "a second exits at once. Settings come from the environment and .env (see .env.example).",
         epilog="Retries (RETRY_DELAY_MS, RETRY_BACKOFF, RETRY_MAX_DELAY_MS, MAX_DELIVERIES; defaults): "

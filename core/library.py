@@ -74,7 +74,7 @@ async def ensure_loaded(redis: Redis) -> None:
     except NoPermissionError:
         raise LibraryMissing(
             f"the Redis function library orders_{version()} is not loaded and this user may not load "
-            "it: run `python -m initialization_stream` as an admin user"
+            "it: run `python3 -m initialization_stream` as an admin user"
         ) from None
 
 

@@ -317,11 +317,11 @@ async def test_without_a_token_writes_are_off_and_the_page_says_so(
 def test_help_usage_errors_and_an_unreachable_redis(redis_url: str) -> None:
     helped = run_script("dashboard", script_env(redis_url), "--help")
     assert helped.returncode == 0
-    assert helped.stdout.startswith("usage: python -m dashboard")
+    assert helped.stdout.startswith("usage: python3 -m dashboard")
     for args in (["--port", "x"], ["--port", "70000"], ["--interval", "0"], ["--max-lag", "-1"]):
         bad = run_script("dashboard", script_env(redis_url), *args)
         assert bad.returncode == 2, args
-        assert bad.stderr.strip().splitlines()[-1].startswith("python -m dashboard: error: "), args
+        assert bad.stderr.strip().splitlines()[-1].startswith("python3 -m dashboard: error: "), args
     nowhere = f"redis://127.0.0.1:{free_port()}/0"
     unreachable = run_script("dashboard", script_env(nowhere, REDIS_CONNECT_TIMEOUT_MS="1000"), timeout=15)
     assert unreachable.returncode == 1

@@ -436,3 +436,13 @@ def test_the_groups_setting_survives_a_bash_export_and_the_old_name_still_works(
     old = run_script("status", script_env(redis_url, GROUPS=three), "--json")
     assert "analytics_group" in {g["name"] for g in json.loads(old.stdout)["groups"]}
     assert "GROUPS is now called CONSUMER_GROUPS" in old.stderr
+
+
+def test_a_line_far_over_the_cap_is_named_by_the_cap_alone(redis_url: str, tmp_path: Path) -> None:
+    """Not "more than 131,074 bytes, over the 65536-byte cap": the line is only read that far."""
+    orders = tmp_path / "orders.jsonl"
+    orders.write_text('{"order_id": "o-1", "customer_email": "a@b.co", "note": "' + "x" * 5000 + '"}\n')
+    result = run_script("producer", script_env(redis_url, MAX_PAYLOAD_BYTES="1000"), "--file", str(orders))
+    assert result.returncode == 2
+    [message] = result.stderr.splitlines()
+    assert "line 1: longer than the 1,000-byte cap on an order (MAX_PAYLOAD_BYTES)" in message

@@ -235,7 +235,7 @@ def test_every_script_has_help() -> None:
     for module in ("producer", "consumer1", "consumer2", "initialization_stream", "tools.demo"):
         result = run_script(module, dict(os.environ), "--help")
         assert result.returncode == 0, module
-        assert "usage: python -m " + module in result.stdout
+        assert "usage: python3 -m " + module in result.stdout  # as the README spells it
 
 
 async def test_a_signal_during_an_outage_stops_without_saying_redis_is_back(

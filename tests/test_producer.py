@@ -86,7 +86,8 @@ async def test_an_order_over_the_cap_as_sent_publishes_nothing(
         assert result.returncode == 2, result.stderr
         [message] = result.stderr.splitlines()
         assert message.endswith(
-            " line 2: the order is 202 bytes as sent (200 in the file), over the 200-byte cap; "
+            " line 2: the order is 202 bytes as sent (200 in the file), over the 200-byte cap on an order "
+            "(MAX_PAYLOAD_BYTES); "
             "nothing was published"
         )
     samples = run_script("producer", script_env(redis_url, MAX_PAYLOAD_BYTES="100"), "--count", "5")

@@ -1001,7 +1001,7 @@ def table(r: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tools.bench",
+        prog="python3 -m tools.bench",
         description="Measure publish, consume, end-to-end, latency and memory in one run, against "
         "redis-benchmark's XADD (the ceiling) and a one-await-per-order loop (the baseline). Uses "
         "REDIS_URL when it is set (keys bench:* and {bench:*}:*, deleted after), else a throwaway local "

@@ -1,4 +1,4 @@
-"""`python -m tools.bench --cluster`: one Redis against a 3-master Redis Cluster, same settings, one run.
+"""`python3 -m tools.bench --cluster`: one Redis against a 3-master Redis Cluster, same settings, one run.
 
 Both are throwaway servers on loopback started here: a redis-server, and a cluster of three
 (`local_redis.start_local_cluster`) with STREAM_PARTITIONS=3, one partition per master. It

@@ -1,7 +1,7 @@
 """A bounded chaos soak on this machine: publish under consumer and Redis crashes, then check every order.
 
 It starts its own redis-server (AOF, appendfsync always) on 127.0.0.1 and real consumer
-processes (`python -m consumer1`, `python -m consumer2`, two of each), publishes orders
+processes (`python3 -m consumer1`, `python3 -m consumer2`, two of each), publishes orders
 while a schedule kills consumers (SIGKILL, restarted under the same or a new name) and
 Redis (SIGKILL, restarted from its AOF) and partitions the consumers from Redis (iptables,
 inside a network namespace the soak makes for itself), heals, waits until both groups
@@ -429,7 +429,7 @@ async def shipments(redis: Redis, outbox: str) -> Counter[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tools.chaos",
+        prog="python3 -m tools.chaos",
         description="Publish orders while killing consumers and Redis on this machine (a redis-server "
         "of its own on 127.0.0.1), then check that no order was lost, invented or handled twice. "
         "Prints one line of figures; exit 0 only when lost, unexpected and duplicates are 0.",

@@ -302,7 +302,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tools.demo",
+        prog="python3 -m tools.demo",
         description="Run the pipeline end to end: init, 2 fulfillment consumers + 1 email consumer, "
         "publish sample orders, print who processed what. Uses REDIS_URL when it answers, "
         "else starts a throwaway local redis-server.",
