@@ -38,7 +38,7 @@ from core.keys import hash_tag, keys_for, partitions
 from core.replies import entries_of, text
 from initialization_stream import initialize
 from maintenance import trim
-from orders import Item, Order, serialize
+from orders import Item, Order, parse_order, serialize
 from producer import plural
 from redisPool import is_cluster, redis_connect
 from status import caught_up
@@ -618,6 +618,7 @@ async def run(url: str, sizes: Sizes, batch: int, own_server: bool) -> dict[str,
             await measure_publishing(redis, results, streams, sizes, users)
             await measure_consuming(redis, results, streams, sizes, users)
             await measure_memory(redis, results, streams.memory, sizes.memory)
+            results.update(decode_us(sizes.one * 10))
             await measure_tracing(redis, results, streams.bench, max(sizes.e2e // 2, 1))  # last: see there
         finally:
             await redis.delete("bench:ceiling")
@@ -792,6 +793,40 @@ async def calls_record(redis: Redis, settings: Settings) -> tuple[int, int]:
     return sum(sizes), int(await redis.hlen(keys[0]))
 
 
+# --- decoding -----------------------------------------------------------------------
+
+
+def decode_us(count: int) -> dict[str, float]:
+    """What parsing one order costs (us, best of 3): strictly as the producer does (before, consumers
+    did too), tolerantly as consumers do now, and tolerantly an order with a field they do not know
+    (the strict JSON parser's path, not msgspec's fast one)."""
+    payloads = [serialize(order) for order in bench_orders(count)]
+    extended = [payload[:-1] + b',"coupon":"SUMMER"}' for payload in payloads]
+    cases = {
+        "decode_strict_us": (payloads, True),
+        "decode_tolerant_us": (payloads, False),
+        "decode_tolerant_unknown_field_us": (extended, False),
+    }
+    out = {}
+    for key, (batch, strict) in cases.items():
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            for payload in batch:
+                parse_order(payload, 65536, strict=strict)
+            best = min(best, time.perf_counter() - started)
+        out[key] = best / len(batch) * 1e6
+    return out
+
+
+def decode_line(r: dict[str, Any]) -> str:
+    return (
+        f"parsing an order: strict (the producer; consumers before) {r['decode_strict_us']:.2f} us, "
+        f"tolerant (consumers now) {r['decode_tolerant_us']:.2f} us, tolerant with a field consumers do "
+        f"not know {r['decode_tolerant_unknown_field_us']:.2f} us (the strict JSON parser's path)"
+    )
+
+
 # --- tracing ------------------------------------------------------------------------
 
 
@@ -959,6 +994,7 @@ def table(r: dict[str, Any]) -> str:
         f"a transactional commit (2 staged writes per order per group) costs "
         f"{(1 / r['e2e_tx_per_s'] - 1 / r['e2e_safety_on_per_s']) * 1e6:.1f} us per order end to end "
         f"({r['e2e_tx_per_s'] / r['e2e_safety_on_per_s']:.0%} of the no-op handler's rate)",
+        decode_line(r),
         *tracing_lines(r, row),
         *publishing_lines(r),
         f"safety features: ours runs at {safety:.0%} of the hand-written loop's rate "
@@ -1055,12 +1091,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main() -> None:
-    parser = build_parser()
-    args = parser.parse_args()
-    if args.worker:
-        worker_main(args)
-        return
+def sizes_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Sizes:
+    """The run's sizes from --quick, --orders and --memory-orders (parser.error on bad ones)."""
     sizes = dataclasses.replace(QUICK if args.quick else FULL)
     if args.orders is not None:
         if args.orders < 1000:
@@ -1072,13 +1104,18 @@ def main() -> None:
         sizes.memory = args.memory_orders
     if not 1 <= args.batch_size <= 10_000:
         parser.error("--batch-size must be between 1 and 10000")
-    if args.cluster:
-        from tools import bench_cluster  # noqa: PLC0415 - it imports this module
+    return sizes
 
-        bench_cluster.main(
-            dataclasses.replace(sizes, e2e=min(sizes.e2e, 200_000)), args.batch_size, args.json
-        )
+
+def main() -> None:
+    parser = build_parser()
+    args = parser.parse_args()
+    if args.worker:
+        worker_main(args)
         return
+    sizes = sizes_of(parser, args)
+    if args.cluster:  # a run of its own (tools/bench_cluster.py, which builds on this module)
+        os.execv(sys.executable, [sys.executable, "-m", "tools.bench_cluster", *sys.argv[1:]])
     server = None
     url = os.environ.get("REDIS_URL")
     if not url:

@@ -215,3 +215,15 @@ def table(r: dict[str, Any]) -> str:
 def main(sizes: bench.Sizes, batch: int, as_json: bool) -> None:
     results = asyncio.run(run(sizes, batch))
     print(json.dumps(results, indent=2) if as_json else table(results))
+
+
+def cli() -> None:
+    """`python3 -m tools.bench --cluster` (bench's options; at most 200,000 orders end to end)."""
+    parser = bench.build_parser()
+    args = parser.parse_args()
+    sizes = bench.sizes_of(parser, args)
+    main(dataclasses.replace(sizes, e2e=min(sizes.e2e, 200_000)), args.batch_size, args.json)
+
+
+if __name__ == "__main__":
+    cli()
