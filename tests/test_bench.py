@@ -97,6 +97,9 @@ def results(production: float | None) -> dict[str, Any]:
         "bytes_per_order_foreign": 224.0,
         "stream_length_after_trim_foreign": 12,
         "tracing_off_us_per_order": 0.08,
+        "decode_strict_us": 1.8,
+        "decode_tolerant_us": 1.8,
+        "decode_tolerant_unknown_field_us": 6.2,
         "tracing_span_us_per_order": 9.0,
         "e2e_untraced_per_s": 30_000.0,
         "e2e_traced_per_s": 25_000.0,
@@ -117,6 +120,10 @@ def test_the_table_puts_the_production_rows_beside_the_admin_rows() -> None:
     text = "\n".join(lines)
     assert "publish at 90% of the admin's rate, end to end at 75%" in text
     assert "224.0 bytes each (112.0 per group" in text
+    assert (
+        "parsing an order: strict (the producer; consumers before) 1.80 us, tolerant (consumers now) 1.80 us"
+        in text
+    )
     assert "the producer's record of its calls: 480 bytes for 2 calls (it keeps the last 2,000)" in text
     assert (
         "publishing: publish_many at 20% of the ceiling; XADD IDMP: not measured, Redis 8.6+ only; " in text
