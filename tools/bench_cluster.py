@@ -12,6 +12,7 @@ cores is projected (a projection: the clients then need cores too).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import json
@@ -217,9 +218,14 @@ def main(sizes: bench.Sizes, batch: int, as_json: bool) -> None:
     print(json.dumps(results, indent=2) if as_json else table(results))
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """bench's options: `python3 -m tools.bench --cluster` runs this module with them."""
+    return bench.build_parser()
+
+
 def cli() -> None:
     """`python3 -m tools.bench --cluster` (bench's options; at most 200,000 orders end to end)."""
-    parser = bench.build_parser()
+    parser = build_parser()
     args = parser.parse_args()
     sizes = bench.sizes_of(parser, args)
     main(dataclasses.replace(sizes, e2e=min(sizes.e2e, 200_000)), args.batch_size, args.json)
