@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,12 +103,22 @@ class Reader:
             self.answered()
             return self._batch_of(reply)
         commit = self.ledger.take()
-        replies = await self._trip(
-            [commit, self._new_command(block_ms)] if commit else [self._new_command(block_ms)]
-        )
-        if commit:
-            await self._committed(replies[0])
-        return self._batch_of(_raised(replies[-1]))
+        commands = [commit, self._new_command(block_ms)] if commit else [self._new_command(block_ms)]
+        pool = self.redis.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        read_all = False
+        try:
+            await connection.send_packed_command(connection.pack_commands(commands))  # one write
+            if commit:  # answered at once, while the read may block: settled now, not with the read
+                await self._committed(await _reply(connection))
+            read = await _reply(connection)
+            read_all = True
+        finally:
+            if not read_all:  # replies may still be on their way: that connection is done
+                self.ledger.lost()
+                await connection.disconnect()
+            await pool.release(connection)
+        return self._batch_of(_raised(read))
 
     async def new_while(self, handle: Callable[[Batch], Awaitable[None]], batch: Batch) -> Batch:
         """Handle `batch` while Redis serves the read of the next one; commit it the moment it is
@@ -133,22 +143,6 @@ class Reader:
         if committed is not None:
             await self._committed(committed)
         return self._batch_of(_raised(read), ahead=True)
-
-    async def _trip(self, commands: list[Iterable[EncodableT]]) -> list[Any]:
-        """Send `commands` in one write and read every reply (an error reply as its exception)."""
-        pool = self.redis.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        replies: list[Any] = []
-        try:
-            await connection.send_packed_command(connection.pack_commands(commands))
-            for _ in commands:
-                replies.append(await _reply(connection))
-        finally:
-            if len(replies) < len(commands):
-                self.ledger.lost()
-                await connection.disconnect()
-            await pool.release(connection)
-        return replies
 
     async def _committed(self, reply: Any) -> None:
         """The reply to a commit sent with a read."""

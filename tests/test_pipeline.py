@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from conftest import IN_CI, wait_until
+from conftest import IN_CI, make_settings, wait_until
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from test_orders import BAD_PAYLOADS, READERS_ACCEPT
@@ -22,8 +22,9 @@ from core.groups import ensure_groups
 from initialization_stream import initialize
 from orders import Order, parse_order
 from producer import CHUNK, PublishError, publish, publish_many, sample_orders
+from redisPool import redis_connect
 from status import caught_up
-from stream_consumer import AnyHandler, Handler, Stats, consume
+from stream_consumer import AnyHandler, Handler, Hooks, Stats, StreamConsumer, consume
 from tools.local_redis import LocalRedis
 
 
@@ -122,6 +123,32 @@ async def test_fan_out_and_load_balancing(redis: Redis, settings: Settings) -> N
     assert shares["f1"] > 0
     assert shares["f2"] > 0
     assert shares["f1"] + shares["f2"] == len(published)
+
+
+async def test_a_commit_is_settled_when_redis_answers_it_not_when_the_next_order_comes(
+    redis: Redis, redis_url: str
+) -> None:
+    """The commit goes out with the next read, which then blocks for new orders. Redis answers the
+    commit at once, and the consumer settles it then (the `committed` hook, its counts), not when the
+    read returns: that waited for the next order or BLOCK_MS and tripled publish-to-ack latency."""
+    settings = make_settings(redis_url, BLOCK_MS="30000", SOCKET_TIMEOUT_MS="60000")
+    await initialize(redis, settings)
+    stream = settings.stream_key
+    settled: list[int] = []
+    hooks = Hooks(committed=settled.append)
+    async with redis_connect(settings) as client:
+        consumer = StreamConsumer(client, settings, "email_group", "c", Recorder().handler("c"), hooks=hooks)
+        task = asyncio.create_task(consumer.run())
+        try:
+            await wait_until(lambda: _reads(redis, stream, "email_group", "c"), "the consumer to read")
+            await publish_many(redis, stream, sample_orders(1))
+            await wait_until(lambda: sum(settled) == 1, "the commit settled while the read blocks", 10)
+            assert (await redis.xpending(stream, "email_group"))["pending"] == 0
+        finally:
+            consumer.stop.set()
+            await redis.xadd(stream, {"data": b"{}"})  # ends the blocked read: the consumer stops
+            async with asyncio.timeout(40):
+                await task
 
 
 async def test_failed_handler_leaves_entry_pending_and_it_is_retried(
