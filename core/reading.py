@@ -69,6 +69,7 @@ class Reader:
         self.one_trip = True  # the commit and the read in one write, and reading ahead: one Redis only
         self.claim_on_read = False  # Redis 8.4+: XREADGROUP ... CLAIM
         self.own_cursor = b"0"
+        self.at_start = True  # the first pass over its own entries: a process before may have run them
         self.head = ("XREADGROUP", "GROUP", fence.group, fence.consumer, "COUNT", settings.batch_size)
 
     def command(self, cursor: bytes | str, *options: EncodableT) -> tuple[EncodableT, ...]:
@@ -158,13 +159,20 @@ class Reader:
     async def own(self) -> Batch:
         """The next page of this consumer's own pending entries; empty once they are all read.
 
-        Those waiting for a retry stay waiting: only deliveries whose reply was lost run now.
+        Those waiting for a retry stay waiting: only deliveries whose reply was lost run now. At
+        start each counts as a delivery (a process before this one may have run it: XREADGROUP
+        from 0, which also registers the consumer). After a Redis failure in this process, the
+        delivery whose reply was lost never ran: each is delivered again with Redis's count as it
+        is (the library's `redeliver`), so neither that delivery nor a re-read whose reply is lost
+        too counts as a try.
         """
+        if not self.at_start:
+            return await self._own_again()
         reply = await self.redis.execute_command(*self.command(self.own_cursor), raw_reply=True)  # type: ignore[no-untyped-call]
         self.answered()
         entries = raw_entries_of(reply)
         if not entries:
-            self.own_cursor, self.schedule.own_due = b"0", False
+            self.own_cursor, self.schedule.own_due, self.at_start = b"0", False, False
             return EMPTY
         self.own_cursor = entries[-1][0]  # past what was read: an entry that keeps failing cannot spin
         entries = [entry for entry in entries if entry[0] not in self.schedule.waiting]
@@ -180,6 +188,33 @@ class Reader:
         )
         counts = {entry_id: times for entry_id, _, times in pending_rows_of(rows)}
         return Batch(entries, counts)
+
+    async def _own_again(self) -> Batch:
+        """A page of own entries after a Redis failure, each delivered again with its count as it is."""
+        rows = await self.redis.xpending_range(
+            self.fence.keys.stream,
+            self.fence.group,
+            min=b"-" if self.own_cursor == b"0" else b"(" + self.own_cursor,
+            max=b"+",
+            count=self.settings.batch_size,
+            consumername=self.fence.consumer,
+        )
+        self.answered()
+        pending = pending_rows_of(rows)
+        if not pending:
+            self.own_cursor, self.schedule.own_due = b"0", False
+            return EMPTY
+        self.own_cursor = pending[-1][0]
+        due = [(entry_id, times) for entry_id, _, times in pending if entry_id not in self.schedule.waiting]
+        if not due:
+            return EMPTY
+        entries: list[Entry] = []
+        deliveries: dict[bytes, int] = {}
+        for entry_id, fields, delivery in await self.fence.redeliver(due):
+            entries.append((entry_id, fields))
+            deliveries[entry_id] = delivery
+        self.stats.deleted_skipped += len(due) - len(entries)  # XCLAIM drops deleted entries
+        return Batch(entries, deliveries)
 
     async def retries(self, due: list[tuple[bytes, int]]) -> Batch:
         """Deliver again the entries due for a retry that are still this consumer's, each with the

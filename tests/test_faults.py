@@ -882,3 +882,43 @@ async def test_a_batch_read_ahead_is_not_handled_while_redis_is_away(
     finally:
         await direct.aclose()
         await gate.close()
+
+
+async def test_deliveries_whose_reply_was_lost_are_not_counted_as_tries(own_server: LocalRedis) -> None:
+    """The reply of a read that delivered orders is lost, then the reply of the read that takes them
+    again from the consumer's own pending entries: Redis counts each as a delivery, though no
+    handler ran. Every order here fails MAX_DELIVERIES - 1 times before it succeeds: none may be
+    dead-lettered, for deliveries that never ran are not tries (found by the generative suite)."""
+
+    def entries(name: bytes, reply: Any) -> bool:
+        """A read's reply with entries, or the library's redeliver's: [[id, fields, count], ...]."""
+        if name == b"XREADGROUP":
+            return isinstance(reply, dict) and bool(next(iter(reply.values()), []))
+        first = reply[0] if name == b"FCALL" and isinstance(reply, list) and reply else None
+        return isinstance(first, list) and len(first) == 3 and isinstance(first[0], bytes)
+
+    dropper = ReplyDropper(own_server.port, entries, limit=2)
+    port = await dropper.start()
+    settings = make_settings(f"redis://127.0.0.1:{port}/0", SOCKET_TIMEOUT_MS="500")
+    direct = Redis.from_url(own_server.url)
+    orders = sample_orders(5)
+    runs: Counter[str] = Counter()
+
+    async def handler(order: Order) -> None:
+        runs[order.order_id] += 1
+        if runs[order.order_id] < settings.max_deliveries:
+            raise RuntimeError("failing until its last try")
+
+    try:
+        await initialize(direct, settings)
+        member = ("email_group", "c", handler)
+        async with redis_connect(settings) as redis, running(redis, settings, member):
+            await wait_until(lambda: _blocked(direct, settings.consumer_name), "the consumer to block")
+            await publish_many(direct, STREAM, orders)
+            await wait_until(lambda: caught_up(direct, STREAM, ["email_group"]), "every order acked", 30)
+        assert dropper.dropped == 2
+        assert await direct.xlen(settings.dead_letter_stream) == 0
+        assert runs == {order.order_id: settings.max_deliveries for order in orders}
+    finally:
+        await direct.aclose()
+        await dropper.close()
