@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,29 +106,17 @@ class Reader:
             return self._batch_of(reply)
         commit = self.ledger.take()
         commands = [commit, self._new_command(block_ms)] if commit else [self._new_command(block_ms)]
-        pool = self.redis.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        read_all = False
-        try:
+        async with self._connection() as connection:
             await connection.send_packed_command(connection.pack_commands(commands))  # one write
             if commit:  # answered at once, while the read may block: settled now, not with the read
                 await self._committed(await _reply(connection))
             read = await _reply(connection)
-            read_all = True
-        finally:
-            if not read_all:  # replies may still be on their way: that connection is done
-                self.ledger.lost()
-                await connection.disconnect()
-            await pool.release(connection)
         return self._batch_of(_raised(read))
 
     async def new_while(self, handle: Callable[[Batch], Awaitable[None]], batch: Batch) -> Batch:
         """Handle `batch` while Redis serves the read of the next one; commit it the moment it is
         handled, on the same connection. The next batch, read ahead."""
-        pool = self.redis.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        read_all = False
-        try:
+        async with self._connection() as connection:
             await connection.send_command(*self._new_command(None))
             await handle(batch)
             commit = self.ledger.take()
@@ -135,15 +124,25 @@ class Reader:
                 await connection.send_command(*commit)
             read = await _reply(connection)
             committed = await _reply(connection) if commit else None
-            read_all = True
-        finally:
-            if not read_all:  # replies may still be on their way: that connection is done
-                self.ledger.lost()
-                await connection.disconnect()
-            await pool.release(connection)
         if committed is not None:
             await self._committed(committed)
         return self._batch_of(_raised(read), ahead=True)
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        """A pooled connection for commands sent and replies read by hand. If they are not all read
+        (an error, a cancel), replies may still be on their way: the commits sent are taken as lost
+        (sent again) and that connection is done."""
+        pool = self.redis.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            yield connection
+        except BaseException:
+            self.ledger.lost()
+            await connection.disconnect()
+            raise
+        finally:
+            await pool.release(connection)
 
     async def _committed(self, reply: Any) -> None:
         """The reply to a commit sent with a read."""
