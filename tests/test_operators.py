@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
 from test_dashboard import get, start_dashboard
-from test_security import make_certificates
+from test_security import make_certificates, start_tls_redis
 
 from config import ConfigError, Settings, redact_url
 from core.capabilities import detect
@@ -624,12 +624,8 @@ async def test_a_tls_key_passphrase_is_masked_wherever_the_url_is_shown(
     need_redis_server()
     certs = make_certificates(tmp_path)
     cert, key = client_certificate(certs, PASSPHRASE)
-    port = free_port()
-    tls_only = ["--port", "0", "--tls-port", str(port), "--tls-auth-clients", "yes"]
-    tls_only += ["--tls-cert-file", str(certs["server.crt"]), "--tls-key-file", str(certs["server.key"])]
-    tls_only += ["--tls-ca-cert-file", str(certs["ca.crt"])]
-    server = LocalRedis(port, tmp_path, tls_only, tls=True)
-    server.start()
+    server = start_tls_redis(tmp_path, certs, client_certificates=True)
+    port = server.port
     files = f"ssl_ca_certs={certs['ca.crt']}&ssl_certfile={cert}&ssl_keyfile={key}"
 
     def url(passphrase: str, at: int = port) -> str:

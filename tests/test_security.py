@@ -184,15 +184,30 @@ def make_certificates(directory: Path) -> dict[str, Path]:
     return files
 
 
-async def test_the_pipeline_runs_over_tls_and_a_wrong_ca_is_refused(tmp_path: Path) -> None:
-    need_redis_server()
-    certs = make_certificates(tmp_path)
+def start_tls_redis(tmp_path: Path, certs: dict[str, Path], client_certificates: bool) -> LocalRedis:
+    """A redis-server on TLS only (a free port), with the certificates of `make_certificates`;
+    `client_certificates`: clients must show one the CA signed."""
     port = free_port()
-    tls_only = ["--port", "0", "--tls-port", str(port), "--tls-auth-clients", "no"]
+    tls_only = [
+        "--port",
+        "0",
+        "--tls-port",
+        str(port),
+        "--tls-auth-clients",
+        "yes" if client_certificates else "no",
+    ]
     tls_only += ["--tls-cert-file", str(certs["server.crt"]), "--tls-key-file", str(certs["server.key"])]
     tls_only += ["--tls-ca-cert-file", str(certs["ca.crt"])]
     server = LocalRedis(port, tmp_path, tls_only, tls=True)
     server.start()
+    return server
+
+
+async def test_the_pipeline_runs_over_tls_and_a_wrong_ca_is_refused(tmp_path: Path) -> None:
+    need_redis_server()
+    certs = make_certificates(tmp_path)
+    server = start_tls_redis(tmp_path, certs, client_certificates=False)
+    port = server.port
     try:
         good = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={certs['ca.crt']}"
         env = script_env(good)
