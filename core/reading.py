@@ -207,30 +207,32 @@ class Reader:
         due = [(entry_id, times) for entry_id, _, times in pending if entry_id not in self.schedule.waiting]
         if not due:
             return EMPTY
-        entries: list[Entry] = []
-        deliveries: dict[bytes, int] = {}
-        for entry_id, fields, delivery in await self.fence.redeliver(due):
-            entries.append((entry_id, fields))
-            deliveries[entry_id] = delivery
-        self.stats.deleted_skipped += len(due) - len(entries)  # XCLAIM drops deleted entries
-        return Batch(entries, deliveries)
+        batch = await self._redeliver(due)
+        self.stats.deleted_skipped += len(due) - len(batch.entries)  # XCLAIM drops deleted entries
+        return batch
 
     async def retries(self, due: list[tuple[bytes, int]]) -> Batch:
         """Deliver again the entries due for a retry that are still this consumer's, each with the
         delivery count given (the deliveries that ran: a re-read or an outage adds nothing)."""
+        batch = await self._redeliver(due)
+        self.schedule.redelivered(entry_id for entry_id, _ in due)
+        gone = len(due) - len(batch.entries)  # taken over by another consumer, or deleted
+        if gone:
+            log.info(
+                "%d entries due for a retry were no longer this consumer's (taken over or deleted)", gone
+            )
+        batch.entries.sort(key=lambda entry: entry[0])
+        return batch
+
+    async def _redeliver(self, due: list[tuple[bytes, int]]) -> Batch:
+        """Those of `due` (entry id, delivery count) still this consumer's, delivered again with that
+        count (the library's `redeliver`: a reply lost and the call sent again adds nothing)."""
         entries: list[Entry] = []
         deliveries: dict[bytes, int] = {}
         for entry_id, fields, delivery in await self.fence.redeliver(due):
             entries.append((entry_id, fields))
             deliveries[entry_id] = delivery
         self.answered()
-        self.schedule.redelivered(entry_id for entry_id, _ in due)
-        gone = len(due) - len(entries)  # taken over by another consumer, or deleted
-        if gone:
-            log.info(
-                "%d entries due for a retry were no longer this consumer's (taken over or deleted)", gone
-            )
-        entries.sort(key=lambda entry: entry[0])
         return Batch(entries, deliveries)
 
     async def probe(self) -> Batch:
