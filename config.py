@@ -170,23 +170,19 @@ def _options_problem(parts: SplitResult) -> str | None:
     tls = sorted(name for name in value if name.startswith("ssl_"))
     if tls and parts.scheme != "rediss":
         return f"has TLS options {tls}: they need a rediss:// URL"
-    allowed = {
-        "db": "a database number, like db=0",
-        "protocol": "2 or 3",
-        "ssl_cert_reqs": "none, optional or required",
-        "ssl_check_hostname": "true or false",
-        "ssl_min_version": f"one of {', '.join(TLS_VERSIONS)} (the number of Python's ssl.TLSVersion)",
+    rules: dict[str, tuple[Callable[[str], bool], str]] = {
+        "db": (str.isdigit, "a database number, like db=0"),
+        "protocol": (("2", "3").__contains__, "2 or 3"),
+        "ssl_cert_reqs": (("none", "optional", "required").__contains__, "none, optional or required"),
+        "ssl_check_hostname": (("true", "false", "yes", "no", "1", "0").__contains__, "true or false"),
+        "ssl_min_version": (
+            TLS_VERSIONS.__contains__,
+            f"one of {', '.join(TLS_VERSIONS)} (the number of Python's ssl.TLSVersion)",
+        ),
     }
-    valid = {
-        "db": str.isdigit,
-        "protocol": ("2", "3").__contains__,
-        "ssl_cert_reqs": ("none", "optional", "required").__contains__,
-        "ssl_check_hostname": ("true", "false", "yes", "no", "1", "0").__contains__,
-        "ssl_min_version": TLS_VERSIONS.__contains__,
-    }
-    for name, ok in valid.items():
+    for name, (ok, allowed) in rules.items():
         if name in value and not ok(value[name]):
-            return f"option {name} must be {allowed[name]}"
+            return f"option {name} must be {allowed}"
     return None
 
 
