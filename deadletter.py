@@ -112,12 +112,12 @@ async def redrive(redis: Redis, settings: Settings, entry_id: str) -> str | None
 
 
 async def list_command(redis: Redis, settings: Settings, args: argparse.Namespace) -> None:
-    max_bytes = settings.max_payload_bytes
+    max_bytes, schema = settings.max_payload_bytes, schema_of(settings)
     parts = partitions(settings)
     rows = []
     for index, part in enumerate(parts):
         async for entry_id, fields in entries(redis, part, args.group):
-            row = describe(entry_id, fields, max_bytes, index, len(parts), schema_of(settings))
+            row = describe(entry_id, fields, max_bytes, index, len(parts), schema)
             if settings.partitioned:
                 row["partition"] = part.stream_key
             rows.append(row)

@@ -110,8 +110,9 @@ async def collect(
     dead_letters: Any = await redis.xrevrange(settings.dead_letter_stream, count=newest_dead_letters)
     report["dead_letter_stream"] = settings.dead_letter_stream
     report["dead_letters"] = await redis.xlen(settings.dead_letter_stream)
+    schema = schema_of(settings)
     report["newest_dead_letters"] = [
-        describe(i, f, settings.max_payload_bytes, *partition, schema_of(settings)) for i, f in dead_letters
+        describe(i, f, settings.max_payload_bytes, *partition, schema) for i, f in dead_letters
     ]
     return report
 
